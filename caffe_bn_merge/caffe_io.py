@@ -1,0 +1,275 @@
+"""Reading and writing Caffe files: the only module that touches files and protobuf.
+
+- A deploy prototxt is parsed whole into a `NetParameter` (it is small).
+- A caffemodel is memory-mapped and walked once at the wire level (`wire`): each layer's blobs
+  become read-only numpy views of the file's bytes, and on writing every layer we did not change
+  is copied verbatim, so a model where nothing folds comes out byte-identical.
+"""
+
+import mmap
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+from google.protobuf import text_format
+
+from . import proto, wire
+from .errors import InputError, OutputError
+
+# NetParameter field numbers of the two layer lists, and per list (name, blobs) field numbers.
+_LAYER_FIELDS = {100: (1, 7), 2: (4, 6)}  # 100: LayerParameter `layer`, 2: V1 `layers`
+_BLOB_DIMS, _BLOB_DATA, _BLOB_DOUBLE, _BLOB_SHAPE = (1, 2, 3, 4), 5, 8, 7
+_FLOAT32, _FLOAT64 = np.dtype("<f4"), np.dtype("<f8")
+
+
+@dataclass
+class WeightLayer:
+    """A layer's record in the caffemodel: blobs as numpy views, plus how each was stored."""
+
+    name: str
+    list_field: int  # 100 (`layer`) or 2 (V1 `layers`)
+    blobs: list[np.ndarray]
+    legacy_shape: list[bool]  # blob stored with num/channels/height/width instead of `shape`
+
+
+@dataclass(frozen=True)
+class LayerEdit:
+    """New blobs for a layer, and a change to its parameters (applied to both files' copies)."""
+
+    blobs: tuple[np.ndarray, ...]
+    update: Callable[[object], None] = lambda layer: None
+
+
+@dataclass
+class Weights:
+    """A caffemodel walked once: its top-level records and, by name, the layers holding blobs."""
+
+    path: Path
+    buffer: memoryview
+    records: list[wire.Field]
+    layers: dict[str, WeightLayer] = field(default_factory=dict)
+    record_names: list[str | None] = field(default_factory=list)
+
+
+def read_net(path: Path) -> object:
+    """Parse a text-format net (deploy prototxt) into a NetParameter."""
+    text = _read_text(path, "--model")
+    net = proto.NetParameter()
+    try:
+        text_format.Parse(text, net)
+    except text_format.ParseError as err:
+        raise InputError(f"{path}: not a Caffe net prototxt ({err}); check the --model file") from err
+    if not net.layer and not net.layers:
+        raise InputError(f"{path}: the prototxt defines no layers; is it a net (deploy) prototxt?")
+    return net
+
+
+def _read_text(path: Path, flag: str) -> str:
+    raw = _read_bytes(path, flag)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        hint = " (it looks like a caffemodel: pass it as --weights)" if b"\0" in raw[:4096] else ""
+        raise InputError(f"{path}: not a text prototxt{hint}") from err
+
+
+def _read_bytes(path: Path, flag: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError as err:
+        raise InputError(f"{path}: no such file (given as {flag})") from err
+    except OSError as err:
+        raise InputError(f"{path}: cannot read ({err.strerror}), given as {flag}") from err
+
+
+def read_weights(path: Path) -> Weights:
+    """Memory-map a caffemodel and index its layers' blobs without copying them."""
+    buffer = _map_file(path)
+    if bytes(buffer[:4096]).lstrip().startswith((b"name:", b"layer", b"input", b"#")):
+        raise InputError(f"{path}: this is a text prototxt, not a caffemodel: pass it as --model")
+    try:
+        records = list(wire.iter_fields(buffer))
+        weights = Weights(path, buffer, records)
+        for record in records:
+            weights.record_names.append(_index_layer(weights, record))
+    except wire.WireError as err:
+        raise InputError(f"{path}: not a readable caffemodel ({err})") from err
+    return weights
+
+
+def _map_file(path: Path) -> memoryview:
+    try:
+        with path.open("rb") as handle:
+            if os.fstat(handle.fileno()).st_size == 0:
+                raise InputError(f"{path}: the file is empty (given as --weights)")
+            return memoryview(mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ))
+    except FileNotFoundError as err:
+        raise InputError(f"{path}: no such file (given as --weights)") from err
+    except OSError as err:
+        raise InputError(f"{path}: cannot read ({err.strerror}), given as --weights") from err
+
+
+def _index_layer(weights: Weights, record: wire.Field) -> str | None:
+    """Record the layer stored in `record` (if it is one); return its name."""
+    if record.number not in _LAYER_FIELDS or record.wire_type != wire.LENGTH:
+        return None
+    name_field, blob_field = _LAYER_FIELDS[record.number]
+    name, blobs, legacy = "", [], []
+    for item in wire.iter_fields(weights.buffer, record.value_start, record.end):
+        if item.number == name_field and item.wire_type == wire.LENGTH:
+            name = bytes(weights.buffer[item.value_start : item.end]).decode("utf-8", "replace")
+        elif item.number == blob_field and item.wire_type == wire.LENGTH:
+            array, is_legacy = _decode_blob(weights.buffer, item)
+            blobs.append(array)
+            legacy.append(is_legacy)
+    weights.layers[name] = WeightLayer(name, record.number, blobs, legacy)
+    return name
+
+
+def _decode_blob(buf: memoryview, record: wire.Field) -> tuple[np.ndarray, bool]:
+    """A BlobProto's values as a shaped read-only view, and whether it used the legacy 4-D shape."""
+    legacy = [0, 0, 0, 0]
+    shape: list[int] | None = None
+    chunks: list[np.ndarray] = []
+    for item in wire.iter_fields(buf, record.value_start, record.end):
+        if item.number in _BLOB_DIMS and item.wire_type == wire.VARINT:
+            legacy[_BLOB_DIMS.index(item.number)] = item.value
+        elif item.number == _BLOB_SHAPE and item.wire_type == wire.LENGTH:
+            shape = _decode_dims(buf, item)
+        elif item.number in (_BLOB_DATA, _BLOB_DOUBLE):
+            chunks.append(_decode_values(buf, item))
+    values = _join(chunks)
+    is_legacy = shape is None and any(legacy)
+    dims = shape if shape is not None else (legacy if is_legacy else [values.size])
+    if int(np.prod(dims, dtype=np.int64)) != values.size:
+        raise wire.WireError(f"a blob declares shape {dims} but holds {values.size} values")
+    return values.reshape(dims), is_legacy
+
+
+def _decode_dims(buf: memoryview, shape_record: wire.Field) -> list[int]:
+    dims: list[int] = []
+    for item in wire.iter_fields(buf, shape_record.value_start, shape_record.end):
+        if item.number != 1:
+            continue
+        if item.wire_type == wire.VARINT:
+            dims.append(item.value)
+            continue
+        pos = item.value_start
+        while pos < item.end:
+            dim, pos = wire.read_varint(buf, pos, item.end)
+            dims.append(dim)
+    return dims
+
+
+def _decode_values(buf: memoryview, item: wire.Field) -> np.ndarray:
+    """Packed (LENGTH) or single (FIXED32/FIXED64) float or double values, as a view."""
+    dtype = _FLOAT32 if item.number == _BLOB_DATA else _FLOAT64
+    if (item.end - item.value_start) % dtype.itemsize:
+        raise wire.WireError("a blob's data length is not a whole number of values")
+    return np.frombuffer(buf, dtype, (item.end - item.value_start) // dtype.itemsize, item.value_start)
+
+
+def _join(chunks: list[np.ndarray]) -> np.ndarray:
+    if not chunks:
+        return np.zeros(0, _FLOAT32)
+    return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
+
+
+def write_net(net: object, path: Path) -> None:
+    """Write a NetParameter as text format, atomically."""
+    with atomic_output(path) as handle:
+        handle.write(text_format.MessageToString(net).encode("utf-8"))
+
+
+def write_weights(weights: Weights, edits: dict[str, LayerEdit], dropped: set[str], path: Path) -> None:
+    """Write `weights` with `edits` applied and `dropped` layers left out; other bytes verbatim."""
+    with atomic_output(path) as handle:
+        for record, name in zip(weights.records, weights.record_names, strict=True):
+            if name in dropped:
+                continue
+            if name in edits:
+                _write_edited_layer(handle, weights, record, edits[name])
+            else:
+                handle.write(weights.buffer[record.start : record.end])
+
+
+def _write_edited_layer(handle: BinaryIO, weights: Weights, record: wire.Field, edit: LayerEdit) -> None:
+    if record.number != 100:
+        raise InputError(f"{weights.path}: cannot rewrite V1 layer records yet (upgrade the caffemodel)")
+    blob_field = _LAYER_FIELDS[100][1]
+    kept = b"".join(
+        weights.buffer[item.start : item.end]
+        for item in wire.iter_fields(weights.buffer, record.value_start, record.end)
+        if item.number != blob_field
+    )
+    layer = proto.LayerParameter.FromString(kept)
+    edit.update(layer)
+    stored = weights.layers[layer.name]
+    legacy = [_is_legacy(stored, i, blob) for i, blob in enumerate(edit.blobs)]
+    _write_layer(handle, layer.SerializeToString(), edit.blobs, legacy)
+
+
+def write_new_weights(layers: list[tuple[str, str, list[np.ndarray]]], path: Path) -> None:
+    """Write a caffemodel from scratch: (name, type, blobs) per layer, blobs in their own dtype."""
+    with atomic_output(path) as handle:
+        for name, type_, blobs in layers:
+            head = proto.LayerParameter(name=name, type=type_).SerializeToString()
+            _write_layer(handle, head, blobs, [False] * len(blobs))
+
+
+def _write_layer(handle: BinaryIO, head: bytes, blobs: Sequence[np.ndarray], legacy: list[bool]) -> None:
+    """One `layer` record: its serialized non-blob fields, then its blobs, without joining them."""
+    encoded = [_encode_blob(blob, is_legacy) for blob, is_legacy in zip(blobs, legacy, strict=True)]
+    body_size = len(head) + sum(len(key) + len(payload) for key, payload in encoded)
+    handle.write(wire.encode_varint(100 << 3 | wire.LENGTH) + wire.encode_varint(body_size))
+    handle.write(head)
+    for key, payload in encoded:
+        handle.write(key)
+        handle.write(payload)
+
+
+def _is_legacy(stored: WeightLayer, index: int, blob: np.ndarray) -> bool:
+    """Keep a blob's legacy 4-D storage when it replaces one of the same shape."""
+    return index < len(stored.blobs) and stored.legacy_shape[index] and stored.blobs[index].shape == blob.shape
+
+
+def _encode_blob(array: np.ndarray, legacy: bool) -> tuple[bytes, bytes]:
+    """A BlobProto field (as key+length and payload) holding `array` in its own dtype."""
+    if legacy:
+        head = b"".join(wire.encode_varint_field(n, d) for n, d in zip(_BLOB_DIMS, array.shape, strict=True))
+    else:
+        dims = b"".join(wire.encode_varint(d) for d in array.shape)
+        shape = wire.encode_length_delimited(1, dims) + dims
+        head = wire.encode_length_delimited(_BLOB_SHAPE, shape) + shape
+    number, dtype = (_BLOB_DOUBLE, _FLOAT64) if array.dtype == np.float64 else (_BLOB_DATA, _FLOAT32)
+    data = np.ascontiguousarray(array, dtype).tobytes()
+    payload = head + wire.encode_length_delimited(number, data) + data
+    return wire.encode_length_delimited(_LAYER_FIELDS[100][1], payload), payload
+
+
+@contextmanager
+def atomic_output(path: Path) -> Iterator[BinaryIO]:
+    """Write to a temporary file beside `path`; rename it over `path` only when complete."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise OutputError(f"{path}: cannot write in {path.parent} ({err.strerror})") from err
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            yield handle
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

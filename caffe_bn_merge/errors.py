@@ -1,0 +1,23 @@
+"""One error hierarchy: the library raises these, only the CLI turns them into messages and exit codes."""
+
+
+class MergeError(Exception):
+    """Base of every error caffe-bn-merge raises on purpose."""
+
+    exit_code = 1
+
+
+class InputError(MergeError):
+    """The input files are unusable as given: the message says what, where and what to do."""
+
+    exit_code = 2
+
+
+class MismatchError(InputError):
+    """The prototxt and the caffemodel do not describe the same net."""
+
+
+class OutputError(MergeError):
+    """An output path cannot be written as asked."""
+
+    exit_code = 2

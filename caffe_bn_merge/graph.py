@@ -1,0 +1,142 @@
+"""The net as a graph of blob versions.
+
+Caffe resolves blob names in layer order and an in-place layer (top == bottom) writes a new
+version of its blob. `NetGraph` names every version by (blob name, producing layer), so "who reads
+this conv's output" has one exact answer even when BatchNorm and Scale run in place.
+Layers excluded from the TEST phase (train-only layers) are not part of the graph.
+"""
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from . import proto
+from .errors import InputError
+
+NET_INPUT = -1  # producer index of a net input blob
+
+
+@dataclass(frozen=True)
+class BlobVersion:
+    """One value of a named blob: the one written by layer `producer` (NET_INPUT for net inputs)."""
+
+    name: str
+    producer: int
+
+
+@dataclass
+class LayerNode:
+    """A layer taking part in the TEST-phase net, with the blob versions it reads and writes."""
+
+    index: int
+    param: object  # caffe LayerParameter, shared with the NetParameter (edits go through)
+    bottoms: list[BlobVersion]
+    tops: list[BlobVersion]
+
+    @property
+    def name(self) -> str:
+        return self.param.name
+
+    @property
+    def type(self) -> str:
+        return self.param.type
+
+
+@dataclass
+class NetGraph:
+    """Producers and readers of every blob version of a net."""
+
+    layers: list[LayerNode]
+    readers: dict[BlobVersion, list[LayerNode]] = field(default_factory=lambda: defaultdict(list))
+    inputs: list[BlobVersion] = field(default_factory=list)
+    outputs: list[BlobVersion] = field(default_factory=list)
+    _by_index: dict[int, LayerNode] = field(default_factory=dict, repr=False)
+
+    def producer(self, version: BlobVersion) -> LayerNode | None:
+        """The layer that wrote `version`, or None for a net input."""
+        return self.by_index.get(version.producer)
+
+    @property
+    def by_index(self) -> dict[int, LayerNode]:
+        """Layers by their index in the NetParameter."""
+        if len(self._by_index) != len(self.layers):
+            self._by_index = {node.index: node for node in self.layers}
+        return self._by_index
+
+    def sole_reader(self, version: BlobVersion) -> LayerNode | None:
+        """The only layer reading `version`, if exactly one does and it is not a net output."""
+        readers = self.readers.get(version, [])
+        if len(readers) != 1 or version in self.outputs:
+            return None
+        return readers[0]
+
+
+def build_graph(net: object) -> NetGraph:
+    """Resolve every bottom of the TEST-phase layers of `net` to the version it reads."""
+    if net.layers:
+        raise InputError("V1 prototxt (`layers { type: CONVOLUTION }`) is not supported yet; upgrade it first")
+    current: dict[str, BlobVersion] = {}
+    graph = NetGraph(layers=[])
+    for name in net.input:
+        current[name] = BlobVersion(name, NET_INPUT)
+        graph.inputs.append(current[name])
+    consumed: set[BlobVersion] = set()
+    names: set[str] = set()
+    for index, layer in enumerate(net.layer):
+        if not included_in_test(layer):
+            continue
+        if layer.name in names:
+            raise InputError(f"two layers are named '{layer.name}'; layer names must be unique")
+        names.add(layer.name)
+        bottoms = [_resolve(current, blob, layer) for blob in layer.bottom]
+        node = LayerNode(index, layer, bottoms, [BlobVersion(top, index) for top in layer.top])
+        for version in bottoms:
+            graph.readers[version].append(node)
+            consumed.add(version)
+        for version in node.tops:
+            current[version.name] = version
+        graph.layers.append(node)
+    graph.outputs = [v for v in current.values() if v not in consumed and v.producer != NET_INPUT]
+    return graph
+
+
+def _resolve(current: dict[str, BlobVersion], blob: str, layer: object) -> BlobVersion:
+    try:
+        return current[blob]
+    except KeyError:
+        raise InputError(
+            f"layer '{layer.name}' reads blob '{blob}' before any layer produces it; fix the prototxt"
+        ) from None
+
+
+def included_in_test(layer: object) -> bool:
+    """Caffe's include/exclude rules, evaluated for the default TEST state (level 0, no stages)."""
+    state = proto.NetState(phase=proto.TEST)
+    if layer.include:
+        return any(_meets(rule, state) for rule in layer.include)
+    return not any(_meets(rule, state) for rule in layer.exclude)
+
+
+def _meets(rule: object, state: object) -> bool:
+    if rule.HasField("phase") and rule.phase != state.phase:
+        return False
+    if rule.HasField("min_level") and state.level < rule.min_level:
+        return False
+    if rule.HasField("max_level") and state.level > rule.max_level:
+        return False
+    return not rule.stage and not (set(rule.not_stage) & set(state.stage))
+
+
+def input_shapes(net: object) -> dict[str, tuple[int, ...]]:
+    """Shapes of the net's inputs, from `input_shape`, `input_dim` or Input layers."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for i, name in enumerate(net.input):
+        if i < len(net.input_shape):
+            shapes[name] = tuple(net.input_shape[i].dim)
+        elif net.input_dim:
+            shapes[name] = tuple(net.input_dim[4 * i : 4 * i + 4])
+    for layer in net.layer:
+        if layer.type == "Input" and included_in_test(layer):
+            for i, top in enumerate(layer.top):
+                dims = layer.input_param.shape[min(i, len(layer.input_param.shape) - 1)].dim
+                shapes[top] = tuple(dims)
+    return shapes

@@ -1,0 +1,94 @@
+"""Normalisation layers (BatchNorm, Scale, Bias) read as per-channel affine maps, or refused with
+the reason they are not one. Caffe semantics: see SEMANTICS of each reader."""
+
+from collections.abc import Callable
+
+from .affine import ChannelAffine, batchnorm_affine, bias_affine, scale_affine
+from .caffe_io import WeightLayer
+from .errors import MismatchError
+from .reasons import Reason, Refusal
+
+NORM_TYPES = ("BatchNorm", "Scale", "Bias")
+
+
+def own_refusal(layer: object) -> Refusal | None:
+    """A reason found in the layer alone (no neighbours, no weights) why it can never fold."""
+    if layer.type == "BatchNorm":
+        param = layer.batch_norm_param
+        if param.HasField("use_global_stats") and not param.use_global_stats:
+            return Refusal(Reason.BATCH_STATS)
+    elif len(layer.bottom) != 1:
+        return Refusal(Reason.TWO_BOTTOMS)
+    return None
+
+
+def read_affine(layer: object, stored: WeightLayer | None, channels: int, rank: int | None) -> ChannelAffine | Refusal:
+    """The map `layer` applies to a blob of `channels` channels (axis 1) and rank `rank`."""
+    refusal = own_refusal(layer)
+    if refusal:
+        return refusal
+    if stored is None:
+        raise MismatchError(f"layer '{layer.name}' ({layer.type}) has no blobs in the caffemodel")
+    return _READERS[layer.type](layer, stored, channels, rank)
+
+
+def _batchnorm(layer: object, stored: WeightLayer, channels: int, rank: int | None) -> ChannelAffine | Refusal:
+    """BVLC BatchNorm: blobs mean*s, var*s, s; eps from batch_norm_param (default 1e-5)."""
+    blobs = stored.blobs
+    if len(blobs) != 3 or blobs[2].size != 1:
+        shapes = [list(b.shape) for b in blobs]
+        return Refusal(Reason.UNKNOWN_LAYOUT, f"BatchNorm blobs {shapes}, expected mean, variance, factor")
+    _check_size(layer, blobs[0].size == channels and blobs[1].size == channels, channels)
+    return batchnorm_affine(blobs[0], blobs[1], float(blobs[2].ravel()[0]), layer.batch_norm_param.eps)
+
+
+def _scale(layer: object, stored: WeightLayer, channels: int, rank: int | None) -> ChannelAffine | Refusal:
+    """Scale: gamma over bottom.shape[axis : axis+num_axes], plus beta when bias_term."""
+    param = layer.scale_param
+    expected = 2 if param.bias_term else 1
+    if len(stored.blobs) != expected:
+        raise MismatchError(
+            f"layer '{layer.name}': Scale with bias_term {str(param.bias_term).lower()} needs "
+            f"{expected} blob(s), the caffemodel has {len(stored.blobs)}"
+        )
+    gamma = stored.blobs[0]
+    refusal = _per_channel(param.axis, param.num_axes, gamma.size, channels, rank)
+    if refusal:
+        return refusal
+    beta = stored.blobs[1] if param.bias_term else None
+    _check_size(layer, beta is None or beta.size == gamma.size, channels)
+    return scale_affine(gamma, beta, channels)
+
+
+def _bias(layer: object, stored: WeightLayer, channels: int, rank: int | None) -> ChannelAffine | Refusal:
+    """Bias: beta over bottom.shape[axis : axis+num_axes]."""
+    param = layer.bias_param
+    if len(stored.blobs) != 1:
+        raise MismatchError(f"layer '{layer.name}': Bias needs 1 blob, the caffemodel has {len(stored.blobs)}")
+    refusal = _per_channel(param.axis, param.num_axes, stored.blobs[0].size, channels, rank)
+    return refusal or bias_affine(stored.blobs[0], channels)
+
+
+def _per_channel(axis: int, num_axes: int, size: int, channels: int, rank: int | None) -> Refusal | None:
+    """None when a parameter blob of `size` values over [axis, axis+num_axes) is per channel."""
+    if num_axes == 0 and size == 1:
+        return None  # one scalar for the whole blob
+    if axis < 0:
+        if rank is None:
+            return Refusal(Reason.NOT_PER_CHANNEL, f"axis {axis} on a blob of unknown rank")
+        axis += rank
+    if axis != 1 or size != channels:
+        return Refusal(Reason.NOT_PER_CHANNEL, f"axis {axis}, {size} values for {channels} channels")
+    return None
+
+
+def _check_size(layer: object, ok: bool, channels: int) -> None:
+    if not ok:
+        raise MismatchError(f"layer '{layer.name}': blob sizes do not match the {channels} channels of its input")
+
+
+_READERS: dict[str, Callable[[object, WeightLayer, int, int | None], ChannelAffine | Refusal]] = {
+    "BatchNorm": _batchnorm,
+    "Scale": _scale,
+    "Bias": _bias,
+}

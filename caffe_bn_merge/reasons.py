@@ -1,0 +1,34 @@
+"""Why a BatchNorm / Scale / Bias layer was not folded: one named reason per refusal."""
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class Reason(StrEnum):
+    """Short, stable codes (used in the JSON report) with the text shown to users."""
+
+    BATCH_STATS = "uses batch statistics (use_global_stats: false), not a fixed map"
+    TWO_BOTTOMS = "takes its scale from a second bottom at run time"
+    NOT_PER_CHANNEL = "is not per channel on axis 1"
+    UNKNOWN_LAYOUT = "has a blob layout this version does not know"
+    NET_INPUT = "reads a net input, not a layer output"
+    SHARED_INPUT = "its input is also read by another layer"
+    BEHIND_KEPT = "follows a layer that stays"
+    NONLINEAR_BETWEEN = "a non-affine layer sits between it and the host"
+    NO_HOST = "does not follow a Convolution, Deconvolution or InnerProduct"
+    HOST_UNSUITABLE = "its host cannot take it"
+
+    @property
+    def code(self) -> str:
+        return self.name.lower()
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A reason plus the specifics (which layer, which blob)."""
+
+    reason: Reason
+    detail: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.reason.value} ({self.detail})" if self.detail else self.reason.value

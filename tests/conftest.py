@@ -1,0 +1,21 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+SHARED = ROOT.parent / "shared"
+REAL_NETS = SHARED / "real_nets"
+
+
+@pytest.fixture
+def real_nets() -> Path:
+    """`../shared/real_nets`; skipped only outside CI when the folder is missing."""
+    if not REAL_NETS.is_dir():
+        if os.environ.get("CI"):
+            pytest.fail(f"{REAL_NETS} is missing in CI")
+        pytest.skip("../shared/real_nets is not beside the repo")
+    return REAL_NETS

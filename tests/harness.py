@@ -1,0 +1,68 @@
+"""One numeric harness for the tests: build or take a net, merge it, run both on OpenCV, compare."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import reference
+
+from caffe_bn_merge import caffe_io, merge
+from caffe_bn_merge.graph import build_graph
+from caffe_bn_merge.merge import MergeResult
+from caffe_bn_merge.synth import NetBuilder
+from caffe_bn_merge.verify import BlobError, compare_models
+
+TOLERANCE = 1e-5  # max error relative to the output's magnitude
+
+
+@dataclass
+class Merged:
+    """A merge and its numeric check."""
+
+    result: MergeResult
+    errors: list[BlobError]
+    original: tuple[Path, Path]
+    merged: tuple[Path, Path]
+
+    @property
+    def removed(self) -> set[str]:
+        return self.result.plan.removed
+
+    @property
+    def kept(self) -> dict[str, str]:
+        """Kept layer name -> reason code."""
+        return {k.layer: k.refusal.reason.code for k in self.result.plan.kept}
+
+    def layer_count(self, type_: str) -> tuple[int, int]:
+        return self.result.layers_before[type_], self.result.layers_after[type_]
+
+
+def save(builder: NetBuilder, folder: Path) -> tuple[Path, Path]:
+    prototxt, caffemodel = folder / f"{builder.net.name}.prototxt", folder / f"{builder.net.name}.caffemodel"
+    builder.save(prototxt, caffemodel)
+    return prototxt, caffemodel
+
+
+def merge_and_check(source: NetBuilder | tuple[Path, Path], folder: Path, engine: str | None = "opencv") -> Merged:
+    """Merge into `folder`, then compare merged and original to TOLERANCE on `engine`: "opencv"
+    (OpenCV dnn, fusion off), "reference" (our float64 evaluator, for layers OpenCV lacks) or None."""
+    original = save(source, folder) if isinstance(source, NetBuilder) else source
+    merged = (folder / "merged.prototxt", folder / "merged.caffemodel")
+    result = merge(*original, *merged)
+    errors = {"opencv": compare_models, "reference": compare_reference, None: lambda *_: []}[engine](original, merged)
+    for error in errors:
+        assert error.scale > 1e-3, f"{error.blob}: the original output is ~0, the check could not fail"
+        assert error.relative <= TOLERANCE, f"{error.blob}: relative error {error.relative:.3g}"
+    return Merged(result, errors, original, merged)
+
+
+def compare_reference(original: tuple[Path, Path], merged: tuple[Path, Path]) -> list[BlobError]:
+    """Compare the net outputs of both models evaluated by `reference` in float64."""
+    inputs = reference.random_inputs(original[0])
+    want, got = reference.evaluate(*original, inputs), reference.evaluate(*merged, inputs)
+    outputs = [v.name for v in build_graph(caffe_io.read_net(original[0])).outputs]
+    return [BlobError(n, float(np.max(np.abs(want[n] - got[n]))), float(np.max(np.abs(want[n])))) for n in outputs]
+
+
+def seeded_input(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)

@@ -1,0 +1,102 @@
+"""A float64 evaluator of the Caffe layers we fold, written from Caffe's layer definitions.
+
+Used where OpenCV dnn does not implement a layer as Caffe does (it has no Bias layer and ignores
+InnerProduct `transpose`), and by the property tests of the fold maths."""
+
+from pathlib import Path
+
+import numpy as np
+
+from caffe_bn_merge import caffe_io
+from caffe_bn_merge.graph import input_shapes
+
+
+def conv2d(x, w, b, stride=1, pad=0, dilation=1, group=1):
+    n, _, h, wd = x.shape
+    o, cg, kh, kw = w.shape
+    og = o // group
+    xp = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    oh = (h + 2 * pad - (dilation * (kh - 1) + 1)) // stride + 1
+    ow = (wd + 2 * pad - (dilation * (kw - 1) + 1)) // stride + 1
+    out = np.zeros((n, o, oh, ow))
+    for g in range(group):
+        xs = xp[:, g * cg : (g + 1) * cg]
+        for i in range(kh):
+            for j in range(kw):
+                patch = xs[:, :, i * dilation :: stride, j * dilation :: stride][:, :, :oh, :ow]
+                out[:, g * og : (g + 1) * og] += np.einsum("ncij,oc->noij", patch, w[g * og : (g + 1) * og, :, i, j])
+    return out + (0 if b is None else b.reshape(1, -1, 1, 1))
+
+
+def deconv2d(x, w, b, stride=1, pad=0, dilation=1, group=1):
+    n, c, h, wd = x.shape
+    cg, og, kh, kw = c // group, w.shape[1], w.shape[2], w.shape[3]
+    full = np.zeros(
+        (n, og * group, (h - 1) * stride + dilation * (kh - 1) + 1, (wd - 1) * stride + dilation * (kw - 1) + 1)
+    )
+    for g in range(group):
+        xs = x[:, g * cg : (g + 1) * cg]
+        for i in range(kh):
+            for j in range(kw):
+                rows = slice(i * dilation, i * dilation + stride * (h - 1) + 1, stride)
+                cols = slice(j * dilation, j * dilation + stride * (wd - 1) + 1, stride)
+                full[:, g * og : (g + 1) * og, rows, cols] += np.einsum(
+                    "ncij,co->noij", xs, w[g * cg : (g + 1) * cg, :, i, j]
+                )
+    out = full[:, :, pad : full.shape[2] - pad, pad : full.shape[3] - pad]
+    return out + (0 if b is None else b.reshape(1, -1, 1, 1))
+
+
+def _broadcast(param: np.ndarray, x: np.ndarray, axis: int, num_axes: int) -> np.ndarray:
+    axis %= x.ndim
+    count = x.ndim - axis if num_axes == -1 else num_axes
+    return param.reshape((1,) * axis + x.shape[axis : axis + count] + (1,) * (x.ndim - axis - count))
+
+
+def _conv_args(p):
+    first = lambda values, default: values[0] if values else default  # noqa: E731
+    return {"stride": first(p.stride, 1), "pad": first(p.pad, 0), "dilation": first(p.dilation, 1), "group": p.group}
+
+
+def _run_layer(layer, bottoms, blobs):
+    x = bottoms[0]
+    t = layer.type
+    if t in ("Convolution", "Deconvolution"):
+        fn = conv2d if t == "Convolution" else deconv2d
+        return fn(x, blobs[0], blobs[1] if len(blobs) > 1 else None, **_conv_args(layer.convolution_param))
+    if t == "InnerProduct":
+        p = layer.inner_product_param
+        w = blobs[0].reshape(-1, p.num_output) if p.transpose else blobs[0].reshape(p.num_output, -1).T
+        return x.reshape(x.shape[0], -1) @ w + (blobs[1].ravel() if len(blobs) > 1 else 0)
+    if t == "BatchNorm":
+        f = 0.0 if blobs[2].ravel()[0] == 0 else 1.0 / blobs[2].ravel()[0]
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        mean, var = (blobs[0] * f).reshape(shape), (blobs[1] * f).reshape(shape)
+        return (x - mean) / np.sqrt(var + layer.batch_norm_param.eps)
+    if t == "Scale":
+        p = layer.scale_param
+        out = x * _broadcast(blobs[0], x, p.axis, p.num_axes)
+        return out + (_broadcast(blobs[1], x, p.axis, p.num_axes) if p.bias_term else 0)
+    if t == "Bias":
+        return x + _broadcast(blobs[0], x, layer.bias_param.axis, layer.bias_param.num_axes)
+    if t == "ReLU":
+        return np.maximum(x, 0)
+    raise NotImplementedError(t)
+
+
+def evaluate(prototxt: Path, caffemodel: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Final value of every blob after running the net in float64."""
+    net = caffe_io.read_net(prototxt)
+    stored = caffe_io.read_weights(caffemodel).layers
+    values = {name: np.asarray(value, np.float64) for name, value in inputs.items()}
+    for layer in net.layer:
+        if layer.type == "Input":
+            continue
+        blobs = [np.asarray(b, np.float64) for b in stored[layer.name].blobs] if layer.name in stored else []
+        values[layer.top[0]] = _run_layer(layer, [values[b] for b in layer.bottom], blobs)
+    return values
+
+
+def random_inputs(prototxt: Path, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {name: rng.standard_normal(shape) for name, shape in input_shapes(caffe_io.read_net(prototxt)).items()}

@@ -1,0 +1,73 @@
+"""Reading and writing caffemodels: legacy 4-D shapes, double_data, unpacked floats, atomic writes."""
+
+import numpy as np
+import pytest
+from harness import merge_and_check
+
+from caffe_bn_merge import caffe_io, proto, wire
+from caffe_bn_merge.synth import NetBuilder
+
+
+def _conv_bn_net() -> NetBuilder:
+    b = NetBuilder("t", (1, 3, 8, 8), seed=5)
+    b.scale(b.bn(b.conv("data", 4, name="c"), name="bn"), name="sc")
+    return b
+
+
+def _write_with_protobuf(b: NetBuilder, path, legacy: bool, double: bool) -> None:
+    """The same weights as b's, stored the old way (legacy num/channels/height/width, double_data)."""
+    net = proto.NetParameter()
+    types = {layer.name: layer.type for layer in b.net.layer}
+    for name, blobs in b.blobs.items():
+        layer = net.layer.add(name=name, type=types[name])
+        for array in blobs:
+            blob = layer.blobs.add()
+            if legacy:
+                dims = (1,) * (4 - array.ndim) + array.shape
+                blob.num, blob.channels, blob.height, blob.width = dims
+            else:
+                blob.shape.dim.extend(array.shape)
+            (blob.double_data if double else blob.data).extend(np.asarray(array).ravel().tolist())
+    path.write_bytes(net.SerializeToString())
+
+
+@pytest.mark.parametrize(("legacy", "double"), [(True, False), (False, True), (True, True)])
+def test_old_blob_storage_is_read_and_kept(legacy: bool, double: bool, tmp_path) -> None:
+    b = _conv_bn_net()
+    prototxt, caffemodel = tmp_path / "t.prototxt", tmp_path / "t.caffemodel"
+    b.save(prototxt, tmp_path / "unused.caffemodel")
+    _write_with_protobuf(b, caffemodel, legacy, double)
+    merged = merge_and_check((prototxt, caffemodel), tmp_path, "reference")
+    assert merged.removed == {"bn", "sc"}
+    conv = caffe_io.read_weights(merged.merged[1]).layers["c"]
+    assert conv.legacy_shape == [legacy, legacy]
+    assert conv.blobs[0].dtype == (np.float64 if double else np.float32)
+
+
+def test_unpacked_floats_are_read(tmp_path) -> None:
+    values = np.arange(6, dtype="<f4")
+    dims = wire.encode_varint(2) + wire.encode_varint(3)
+    shape = wire.encode_length_delimited(1, dims) + dims
+    blob = wire.encode_length_delimited(7, shape) + shape
+    blob += b"".join(wire.encode_varint(5 << 3 | wire.FIXED32) + v.tobytes() for v in values)
+    layer = proto.LayerParameter(name="x", type="Scale").SerializeToString()
+    layer += wire.encode_length_delimited(7, blob) + blob
+    path = tmp_path / "w.caffemodel"
+    path.write_bytes(wire.encode_length_delimited(100, layer) + layer)
+    stored = caffe_io.read_weights(path).layers["x"]
+    np.testing.assert_array_equal(stored.blobs[0], values.reshape(2, 3))
+
+
+def test_failed_write_leaves_nothing(tmp_path) -> None:
+    target = tmp_path / "out.bin"
+    with pytest.raises(RuntimeError), caffe_io.atomic_output(target) as handle:
+        handle.write(b"partial")
+        raise RuntimeError("killed mid-write")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_blob_views_are_zero_copy(tmp_path) -> None:
+    b = _conv_bn_net()
+    b.save(tmp_path / "t.prototxt", tmp_path / "t.caffemodel")
+    blob = caffe_io.read_weights(tmp_path / "t.caffemodel").layers["c"].blobs[0]
+    assert not blob.flags.writeable and not blob.flags.owndata

@@ -1,0 +1,112 @@
+"""The command line: flags, default names, one-line errors with exit 2, inputs never touched."""
+
+import hashlib
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+from caffe_bn_merge.cli import build_parser, main
+
+SAMPLE = ROOT / "sample_nets" / "resnet_mini"
+
+
+def _copy_sample(folder: Path) -> tuple[Path, Path]:
+    model, weights = folder / "net.prototxt", folder / "net.caffemodel"
+    model.write_bytes(SAMPLE.with_suffix(".prototxt").read_bytes())
+    weights.write_bytes(SAMPLE.with_suffix(".caffemodel").read_bytes())
+    return model, weights
+
+
+def _digest(*paths: Path) -> list[str]:
+    return [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths]
+
+
+def test_help_documents_every_flag(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    readme = (ROOT / "README.md").read_text()
+    for action in build_parser()._actions:
+        for flag in action.option_strings:
+            assert flag in text
+            assert flag in readme, f"README does not document {flag}"
+
+
+def test_default_outputs_sit_beside_the_inputs(tmp_path, capsys) -> None:
+    model, weights = _copy_sample(tmp_path)
+    before = _digest(model, weights)
+    assert main(["--model", str(model), "--weights", str(weights)]) == 0
+    assert (tmp_path / "net_merged.prototxt").is_file() and (tmp_path / "net_merged.caffemodel").is_file()
+    assert _digest(model, weights) == before
+    out = capsys.readouterr().out
+    assert "BatchNorm: 10 -> 0" in out and "net_merged.caffemodel" in out
+
+
+def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ROOT / "scripts" / "merge_bn.py"), *args]
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def test_classic_script_converts(tmp_path) -> None:
+    model, weights = _copy_sample(tmp_path)
+    done = _run(["--model", model.name, "--weights", weights.name, "-q"], tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == ""
+    assert (tmp_path / "net_merged.caffemodel").is_file()
+
+
+BAD = {
+    "missing model": (["--model", "nope.prototxt", "--weights", "net.caffemodel"], r"nope\.prototxt: no such file"),
+    "missing weights": (["--model", "net.prototxt", "--weights", "nope.caffemodel"], r"nope\.caffemodel: no such file"),
+    "swapped": (["--model", "net.caffemodel", "--weights", "net.prototxt"], r"pass it as --weights"),
+    "prototxt as weights": (["--model", "net.prototxt", "--weights", "net.prototxt"], r"pass it as --model"),
+    "other net's weights": (["--model", "net.prototxt", "--weights", "other.caffemodel"], r"same net"),
+    "output is an input": (
+        ["--model", "net.prototxt", "--weights", "net.caffemodel", "--output-weights", "net.caffemodel"],
+        r"equals an input",
+    ),
+    "output folder missing": (
+        ["--model", "net.prototxt", "--weights", "net.caffemodel", "--output-model", "no/dir/x.prototxt"],
+        r"does not exist",
+    ),
+    "merged prototxt, unmerged weights": (
+        ["--model", "merged.prototxt", "--weights", "net.caffemodel"],
+        r"expects 2 blob\(s\).*caffemodel has 1",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD, ids=list(BAD))
+def test_bad_input_gets_one_line_and_exit_2(case: str, tmp_path) -> None:
+    model, weights = _copy_sample(tmp_path)
+    (tmp_path / "other.caffemodel").write_bytes((ROOT / "sample_nets" / "no_bn.caffemodel").read_bytes())
+    assert (
+        main(
+            [
+                "--model",
+                str(model),
+                "--weights",
+                str(weights),
+                "-q",
+                "--output-model",
+                str(tmp_path / "merged.prototxt"),
+                "--output-weights",
+                str(tmp_path / "merged.caffemodel"),
+            ]
+        )
+        == 0
+    )
+    before = {p.name: _digest(p) for p in tmp_path.iterdir()}
+    args, message = BAD[case]
+    done = _run(args, tmp_path)
+    assert done.returncode == 2
+    assert done.stdout == ""
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr
+    assert re.search(message, lines[0]), lines[0]
+    assert {p.name: _digest(p) for p in tmp_path.iterdir()} == before  # nothing written, nothing touched

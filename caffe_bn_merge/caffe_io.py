@@ -187,7 +187,8 @@ def write_net(net: object, path: Path) -> None:
 
 
 def write_weights(weights: Weights, edits: dict[str, LayerEdit], dropped: set[str], path: Path) -> None:
-    """Write `weights` with `edits` applied and `dropped` layers left out; other bytes verbatim."""
+    """Write `weights` with `edits` applied and `dropped` layers left out; other bytes verbatim.
+    An edit for a layer the caffemodel does not hold (a Power layer turned Scale) adds a record."""
     with atomic_output(path) as handle:
         for record, name in zip(weights.records, weights.record_names, strict=True):
             if name in dropped:
@@ -196,6 +197,11 @@ def write_weights(weights: Weights, edits: dict[str, LayerEdit], dropped: set[st
                 _write_edited_layer(handle, weights, record, edits[name])
             else:
                 handle.write(weights.buffer[record.start : record.end])
+        for name, edit in edits.items():
+            if name not in weights.layers:
+                layer = proto.LayerParameter(name=name)
+                edit.update(layer)
+                _write_layer(handle, layer.SerializeToString(), edit.blobs, [False] * len(edit.blobs))
 
 
 def _write_edited_layer(handle: BinaryIO, weights: Weights, record: wire.Field, edit: LayerEdit) -> None:

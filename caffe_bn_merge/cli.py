@@ -3,12 +3,14 @@
 import argparse
 import logging
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
 from .errors import MergeError
-from .merge import MergeResult, merge
+from .merge import MergeOptions, MergeResult, merge
+from .plan import Rule
 
 log = logging.getLogger("caffe_bn_merge")
 
@@ -31,6 +33,18 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="merged caffemodel to write (default: <weights>_merged.caffemodel beside --weights)",
     )
+    rules = parser.add_argument_group("rules (all on by default; turn off for the classic behaviour)")
+    rules.add_argument(
+        "--no-backward", action="store_true", help="do not fold a BatchNorm/Scale chain into the layer reading it"
+    )
+    rules.add_argument(
+        "--keep-standalone",
+        action="store_true",
+        help="do not merge a chain that folds nowhere (e.g. BatchNorm+Scale after Concat) into one Scale",
+    )
+    rules.add_argument(
+        "--keep-identity", action="store_true", help="keep Dropout, Split and layers that compute the identity"
+    )
     verbosity = parser.add_mutually_exclusive_group()
     verbosity.add_argument("-v", "--verbose", action="store_true", help="log every fold and every layer kept")
     verbosity.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
@@ -45,7 +59,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = logging.INFO if args.verbose else logging.ERROR if args.quiet else logging.WARNING
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
     try:
-        result = merge(args.model, args.weights, args.output_model, args.output_weights)
+        options = MergeOptions(
+            identity=not args.keep_identity, backward=not args.no_backward, standalone=not args.keep_standalone
+        )
+        result = merge(args.model, args.weights, args.output_model, args.output_weights, options)
     except MergeError as err:
         if args.debug:
             raise
@@ -65,11 +82,13 @@ def summary(result: MergeResult) -> str:
     """A few lines: what was folded, layer counts before/after, what was kept and why."""
     plan = result.plan
     before, after = sum(result.layers_before.values()), sum(result.layers_after.values())
-    lines = [f"folded {len(plan.removed)} layer(s) into {len(plan.folds)} host(s): {before} -> {after} layers"]
+    counts = Counter(action.rule for action in plan.actions)
+    done = ", ".join(f"{counts[rule]} {rule}" for rule in Rule if counts[rule]) or "nothing to fold"
+    lines = [f"{before} -> {after} layers ({done})"]
     for type_ in sorted(set(result.layers_before) | set(result.layers_after)):
         if result.layers_before[type_] != result.layers_after[type_]:
             lines.append(f"  {type_}: {result.layers_before[type_]} -> {result.layers_after[type_]}")
     for kept in plan.kept:
-        lines.append(f"kept {kept.type} '{kept.layer}': {kept.refusal}")
+        lines.append(f"kept {kept.type} '{kept.layer}': {kept}")
     lines.append(f"wrote {result.output_model} and {result.output_weights}")
     return "\n".join(lines)

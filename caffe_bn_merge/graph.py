@@ -23,7 +23,7 @@ class BlobVersion:
     producer: int
 
 
-@dataclass
+@dataclass(eq=False)
 class LayerNode:
     """A layer taking part in the TEST-phase net, with the blob versions it reads and writes."""
 

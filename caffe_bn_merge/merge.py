@@ -1,4 +1,4 @@
-"""The whole job: load -> graph -> plan -> rewrite -> write, as one library call."""
+"""The whole job: load -> graph -> plan -> rewrite (rule by rule) -> write, as one library call."""
 
 import logging
 from collections import Counter
@@ -10,10 +10,58 @@ from .errors import MismatchError, OutputError
 from .graph import NetGraph, build_graph
 from .hosts import HOST_TYPES, read_host
 from .norms import NORM_TYPES
-from .plan import FoldPlan, plan_folds
-from .rewrite import apply_plan
+from .plan import IDENTITY_TYPES, RULES, Action, Rule
+from .reasons import Refusal
+from .rewrite import Rewrite
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    """Which rules run besides the classic forward fold."""
+
+    identity: bool = True  # remove Dropout, Split and exact identities
+    backward: bool = True  # fold a chain into the layer reading it
+    standalone: bool = True  # merge a chain that folds nowhere into one Scale
+
+    def rules(self) -> list[Rule]:
+        wanted = {Rule.IDENTITY: self.identity, Rule.FORWARD: True, Rule.BACKWARD: self.backward}
+        wanted[Rule.STANDALONE] = self.standalone
+        return [rule for rule, on in wanted.items() if on]
+
+
+@dataclass(frozen=True)
+class Kept:
+    """A BatchNorm / Scale / Bias / Power (or identity) layer left as it was, and why."""
+
+    layer: str
+    type: str
+    refusals: tuple[Refusal, ...]
+
+    @property
+    def refusal(self) -> Refusal:
+        """The main reason: the first rule's."""
+        return self.refusals[0]
+
+    def __str__(self) -> str:
+        return "; ".join(str(r) for r in self.refusals)
+
+
+@dataclass(frozen=True)
+class FoldPlan:
+    """Every action applied, in order, and every candidate layer left as it was."""
+
+    actions: tuple[Action, ...]
+    kept: tuple[Kept, ...]
+
+    @property
+    def removed(self) -> set[str]:
+        """Names of the layers taken out of the net."""
+        return {name for action in self.actions for name in action.removed}
+
+    def by_rule(self, rule: Rule) -> list[Action]:
+        return [a for a in self.actions if a.rule is rule]
 
 
 @dataclass(frozen=True)
@@ -40,6 +88,7 @@ def merge(
     weights: Path,
     output_model: Path | None = None,
     output_weights: Path | None = None,
+    options: MergeOptions = MergeOptions(),  # frozen, so one shared default is safe
     *,
     write: bool = True,
 ) -> MergeResult:
@@ -52,23 +101,50 @@ def merge(
     stored = caffe_io.read_weights(weights)
     if write:
         _check_outputs((model, weights), (output_model, output_weights))
-    graph = build_graph(net)
-    _check_pairing(graph, stored, model, weights)
-    plan = plan_folds(graph, stored)
-    merged, edits = apply_plan(net, graph, plan)
-    for fold in plan.folds:
-        log.info("folded %s into '%s'", " + ".join(f"'{n}'" for n in fold.chain), fold.host.name)
+    _check_pairing(build_graph(net), stored, model, weights)
+    rewrite, plan = _run_rules(net, stored, options)
+    for action in plan.actions:
+        log.info("%s: %s%s", action.rule, " + ".join(action.layers), f" -> {action.target}" if action.target else "")
     for kept in plan.kept:
-        log.info("kept %s '%s': %s", kept.type, kept.layer, kept.refusal)
+        log.info("kept %s '%s': %s", kept.type, kept.layer, kept)
     if write:
-        _write(merged, stored, edits, plan.removed, output_model, output_weights)
+        dropped = rewrite.removed & set(stored.layers)
+        _write(rewrite.net, stored, rewrite.edits, dropped, output_model, output_weights)
     return MergeResult(
         plan,
         Counter(layer.type for layer in net.layer),
-        Counter(layer.type for layer in merged.layer),
+        Counter(layer.type for layer in rewrite.net.layer),
         output_model if write else None,
         output_weights if write else None,
     )
+
+
+def _run_rules(net: object, stored: caffe_io.Weights, options: MergeOptions) -> tuple[Rewrite, FoldPlan]:
+    """Each rule plans on the net as the rules before it left it; identity repeats until done."""
+    rewrite = Rewrite(net, dict(stored.layers))
+    actions: list[Action] = []
+    refusals: dict[str, list[Refusal]] = {}
+    for rule in options.rules():
+        while True:
+            graph = build_graph(rewrite.net)
+            result = RULES[rule](graph, rewrite.layers)
+            for name, refusal in result.refusals.items():
+                refusals.setdefault(name, []).append(refusal)
+            rewrite.apply(graph, result.actions)
+            actions += result.actions
+            if rule is not Rule.IDENTITY or not result.actions:
+                break
+    changed = {a.target for a in actions if a.rule is Rule.STANDALONE} | {n for a in actions for n in a.removed}
+    kept = tuple(
+        Kept(node.name, node.type, _distinct(refusals[node.name]))
+        for node in build_graph(rewrite.net).layers
+        if node.name not in changed and node.name in refusals and node.type in (*NORM_TYPES, *IDENTITY_TYPES)
+    )
+    return rewrite, FoldPlan(tuple(actions), kept)
+
+
+def _distinct(refusals: list[Refusal]) -> tuple[Refusal, ...]:
+    return tuple(dict.fromkeys(refusals))
 
 
 def _check_outputs(inputs: tuple[Path, Path], outputs: tuple[Path, Path]) -> None:
@@ -85,7 +161,11 @@ def _check_outputs(inputs: tuple[Path, Path], outputs: tuple[Path, Path]) -> Non
 def _check_pairing(graph: NetGraph, stored: caffe_io.Weights, model: Path, weights: Path) -> None:
     """Refuse a caffemodel that does not hold this prototxt's weights: one that shares no weighted
     layer with it, lacks normalisation layers' statistics, or has host blobs that do not fit."""
-    weighted = [n for n in graph.layers if n.type in HOST_TYPES or (n.type in NORM_TYPES and len(n.bottoms) == 1)]
+    weighted = [
+        n
+        for n in graph.layers
+        if n.type in HOST_TYPES or (n.type in NORM_TYPES and n.type != "Power" and len(n.bottoms) == 1)
+    ]
     present = [n for n in weighted if n.name in stored.layers]
     missing = [n.name for n in weighted if n.name not in stored.layers and (n.type in NORM_TYPES or not present)]
     if missing:

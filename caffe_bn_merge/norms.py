@@ -1,14 +1,16 @@
-"""Normalisation layers (BatchNorm, Scale, Bias) read as per-channel affine maps, or refused with
-the reason they are not one. Caffe semantics: see SEMANTICS of each reader."""
+"""Affine layers (BatchNorm, Scale, Bias, Power with power 1) read as per-channel affine maps, or
+refused with the reason they are not one. Caffe's semantics are in each reader's docstring."""
 
 from collections.abc import Callable
+
+import numpy as np
 
 from .affine import ChannelAffine, batchnorm_affine, bias_affine, scale_affine
 from .caffe_io import WeightLayer
 from .errors import MismatchError
 from .reasons import Reason, Refusal
 
-NORM_TYPES = ("BatchNorm", "Scale", "Bias")
+NORM_TYPES = ("BatchNorm", "Scale", "Bias", "Power")
 
 
 def own_refusal(layer: object) -> Refusal | None:
@@ -17,8 +19,23 @@ def own_refusal(layer: object) -> Refusal | None:
         param = layer.batch_norm_param
         if param.HasField("use_global_stats") and not param.use_global_stats:
             return Refusal(Reason.BATCH_STATS)
+    elif layer.type == "Power":
+        if layer.power_param.power != 1:
+            return Refusal(Reason.NOT_AFFINE, f"power {layer.power_param.power:g}")
     elif len(layer.bottom) != 1:
         return Refusal(Reason.TWO_BOTTOMS)
+    return None
+
+
+def channels_of(layer: object, stored: WeightLayer | None) -> int | None:
+    """The channel count a layer's own blobs reveal (None for scalar maps or missing blobs)."""
+    if stored is None or not stored.blobs or layer.type == "Power":
+        return None
+    if layer.type == "BatchNorm":
+        return stored.blobs[0].size
+    param = layer.scale_param if layer.type == "Scale" else layer.bias_param
+    if param.axis == 1 and param.num_axes == 1:
+        return stored.blobs[0].size
     return None
 
 
@@ -27,6 +44,9 @@ def read_affine(layer: object, stored: WeightLayer | None, channels: int, rank: 
     refusal = own_refusal(layer)
     if refusal:
         return refusal
+    if layer.type == "Power":
+        param = layer.power_param
+        return scale_affine(np.array([param.scale]), np.array([param.shift]), channels)
     if stored is None:
         raise MismatchError(f"layer '{layer.name}' ({layer.type}) has no blobs in the caffemodel")
     return _READERS[layer.type](layer, stored, channels, rank)

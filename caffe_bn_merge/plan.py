@@ -1,108 +1,226 @@
-"""Deciding what folds where. The plan is a value: every decision is made here, nothing is changed.
+"""Deciding what folds where. Each rule turns a graph into a list of `Action`s (values: nothing is
+changed here) and a `Refusal` for every candidate it could not take. `merge` runs the rules in
+order, applying each rule's actions before the next rule looks at the net:
 
-Forward fold (the classic one):
-
-    Before:  host -> v0 -> N1 -> v1 -> ... -> Nk -> vk      (N = BatchNorm / Scale / Bias)
-    After:   host' -> vk                                     (host' computes N_k(...N_1(host)))
-
-Conditions, checked for each N_j in turn (the chain stops at the first that fails):
-  1. the host is a Convolution, Deconvolution or InnerProduct with one top and readable weights;
-  2. v_{j-1} has exactly one reader, N_j, and is not a net output (nobody else sees the pre-fold value);
-  3. N_j is a fixed per-channel affine map (BatchNorm with global statistics, Scale/Bias with one
-     bottom, per channel on axis 1).
-Every normalisation layer that is not folded gets a `Refusal` saying why.
+1. identity  (Dropout, Split, Power(1, 1, 0), a Scale/Bias/BatchNorm that is exactly the identity)
+       Before: P -> a -> I -> b -> R        After: P -> a -> R
+   Conditions: the readers of b can read a instead (nothing rewrites `a` before them); when b is a
+   net output, the producer of a has I as its only reader and is renamed to write b.
+2. forward   (the classic fold)
+       Before: host -> v0 -> N1 -> ... -> Nk -> vk      After: host' -> vk
+   Conditions: (1) host is a Convolution / Deconvolution / InnerProduct with one top and readable
+   weights; (2) each v_{j-1} has exactly one reader, N_j, and is not a net output; (3) each N_j is a
+   fixed per-channel affine map (BatchNorm with global statistics, Scale / Bias / Power(power 1)
+   with one bottom, per channel on axis 1).
+3. backward  (a chain before a layer)
+       Before: v0 -> N1 -> ... -> Nk -> vk -> C         After: v0 -> C'
+   Conditions: each v_j (j >= 1) has one reader; C is an InnerProduct or a Convolution with no
+   padding (zero padding of a*x+b is not zero) and one bottom; its input channels match the chain's;
+   nothing rewrites the blob v0 between N1 and C.
+4. standalone  (a chain that cannot fold anywhere)
+       Before: v0 -> N1 -> ... -> Nk -> vk              After: v0 -> Scale -> vk
+   Conditions: two or more layers, or a BatchNorm / Bias / Power; the channel count is known.
 """
 
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
 
 from .affine import ChannelAffine
-from .caffe_io import Weights
-from .graph import LayerNode, NetGraph
+from .caffe_io import WeightLayer
+from .fold_math import HOST_LAYOUTS
+from .graph import BlobVersion, LayerNode, NetGraph
 from .hosts import HOST_TYPES, Host, read_host
-from .norms import NORM_TYPES, own_refusal, read_affine
+from .norms import NORM_TYPES, channels_of, own_refusal, read_affine
 from .reasons import Reason, Refusal
 
-
-@dataclass(frozen=True)
-class Fold:
-    """Fold `chain` (layer names, in order) into `host`; the host then writes `top`."""
-
-    host: Host
-    chain: tuple[str, ...]
-    affine: ChannelAffine
-    top: str
-    rule: str = "forward"
+Layers = Mapping[str, WeightLayer]
+IDENTITY_TYPES = ("Dropout", "Split")
 
 
-@dataclass(frozen=True)
-class Kept:
-    """A normalisation layer left in the net, and why."""
-
-    layer: str
-    type: str
-    refusal: Refusal
+class Rule(StrEnum):
+    IDENTITY = "identity"
+    FORWARD = "forward"
+    BACKWARD = "backward"
+    STANDALONE = "standalone"
 
 
 @dataclass(frozen=True)
-class FoldPlan:
-    """All folds to apply and all normalisation layers left as they are."""
+class Rewire:
+    """Set bottom (or top) number `slot` of the layer at NetParameter index `layer` to `blob`."""
 
-    folds: tuple[Fold, ...]
-    kept: tuple[Kept, ...]
+    layer: int
+    slot: int
+    blob: str
+
+
+@dataclass(frozen=True)
+class Action:
+    """One rewrite. `layers` are the layers it takes away (STANDALONE keeps the first, as a Scale)."""
+
+    rule: Rule
+    layers: tuple[str, ...]
+    target: str = ""  # the host (FORWARD / BACKWARD) or the Scale layer left (STANDALONE)
+    host: Host | None = None
+    affine: ChannelAffine | None = None
+    bottoms: tuple[Rewire, ...] = ()
+    tops: tuple[Rewire, ...] = ()
 
     @property
-    def removed(self) -> set[str]:
-        """Names of the layers the plan removes."""
-        return {name for fold in self.folds for name in fold.chain}
+    def removed(self) -> tuple[str, ...]:
+        return self.layers[1:] if self.rule is Rule.STANDALONE else self.layers
 
 
-def plan_folds(graph: NetGraph, weights: Weights) -> FoldPlan:
-    """Find every forward fold in `graph`; explain every normalisation layer left over."""
-    folds: list[Fold] = []
-    refusals: dict[str, Refusal] = {}
+@dataclass
+class RuleResult:
+    """What one rule decided: actions to apply, and refusals by layer name."""
+
+    actions: list[Action] = field(default_factory=list)
+    refusals: dict[str, Refusal] = field(default_factory=dict)
+
+
+# --- chains of affine layers ------------------------------------------------------------------
+
+
+def _walk(graph: NetGraph, version: BlobVersion, first: LayerNode | None = None) -> list[LayerNode]:
+    """Affine-type layers from `version` on, each the sole reader of the previous one's output.
+    `first`, when given, starts the walk without having to be the sole reader of its input."""
+    nodes = [first] if first else []
+    current = first.tops[0] if first else version
+    while (reader := graph.sole_reader(current)) and reader.type in NORM_TYPES and len(reader.tops) == 1:
+        nodes.append(reader)
+        current = reader.tops[0]
+    return nodes
+
+
+def _read_chain(
+    nodes: list[LayerNode], layers: Layers, channels: int, rank: int | None, refusals: dict[str, Refusal]
+) -> tuple[list[LayerNode], ChannelAffine | None]:
+    """The longest prefix of `nodes` that reads as affine maps, and their composition."""
+    affine: ChannelAffine | None = None
+    for i, node in enumerate(nodes):
+        step = read_affine(node.param, layers.get(node.name), channels, rank)
+        if isinstance(step, Refusal):
+            refusals[node.name] = step
+            return nodes[:i], affine
+        affine = step if affine is None else affine.then(step)
+    return nodes, affine
+
+
+def _chain_channels(nodes: list[LayerNode], layers: Layers) -> int | None:
+    return next((c for n in nodes if (c := channels_of(n.param, layers.get(n.name))) is not None), None)
+
+
+def _run_starts(graph: NetGraph) -> list[LayerNode]:
+    """Affine-type layers that do not continue a chain (their input is not a sole-read affine output)."""
+    starts = []
     for node in graph.layers:
-        if node.type in HOST_TYPES and _first_norm_reader(graph, node):
-            fold = _forward_chain(graph, weights, node, refusals)
-            if fold:
-                folds.append(fold)
-    folded = {name for fold in folds for name in fold.chain}
-    kept = tuple(
-        Kept(node.name, node.type, refusals.get(node.name) or _explain(graph, node))
-        for node in graph.layers
-        if node.type in NORM_TYPES and node.name not in folded
+        if node.type not in NORM_TYPES or len(node.bottoms) != 1 or len(node.tops) != 1:
+            continue
+        producer = graph.producer(node.bottoms[0])
+        if not (producer and producer.type in NORM_TYPES and graph.sole_reader(node.bottoms[0]) is node):
+            starts.append(node)
+    return starts
+
+
+# --- rule 1: identity -----------------------------------------------------------------------
+
+
+def plan_identity(graph: NetGraph, layers: Layers) -> RuleResult:
+    """Remove the first identity layer that can be removed (merge repeats the rule until none)."""
+    result = RuleResult()
+    for node in graph.layers:
+        if not _is_identity(node, layers):
+            continue
+        rewires = _bypass(graph, node)
+        if isinstance(rewires, Refusal):
+            result.refusals[node.name] = rewires
+            continue
+        bottoms, tops = rewires
+        result.actions.append(Action(Rule.IDENTITY, (node.name,), bottoms=bottoms, tops=tops))
+        return result
+    return result
+
+
+def _is_identity(node: LayerNode, layers: Layers) -> bool:
+    if node.type in IDENTITY_TYPES:
+        return len(node.bottoms) == 1
+    if node.type not in NORM_TYPES or len(node.bottoms) != 1 or len(node.tops) != 1:
+        return False
+    channels = channels_of(node.param, layers.get(node.name)) or 1
+    affine = read_affine(node.param, layers.get(node.name), channels, None)
+    return isinstance(affine, ChannelAffine) and affine.is_identity()
+
+
+def _bypass(graph: NetGraph, node: LayerNode) -> tuple[tuple[Rewire, ...], tuple[Rewire, ...]] | Refusal:
+    """Rewires that let every reader of `node`'s tops read its bottom instead."""
+    source = node.bottoms[0]
+    bottoms: list[Rewire] = []
+    tops: list[Rewire] = []
+    for top in node.tops:
+        if top.name == source.name:
+            continue
+        readers = graph.readers.get(top, [])
+        if not readers or top in graph.outputs:
+            rename = _rename_producer(graph, source, node, top.name)
+            if rename is None:
+                return Refusal(Reason.OUTPUT_NAME, f"'{top.name}' is a net output")
+            tops.append(rename)
+            continue
+        last = max(r.index for r in readers)
+        if _rewritten(graph, source.name, node.index, last):
+            return Refusal(Reason.OUTPUT_NAME, f"'{source.name}' is rewritten before '{top.name}' is read")
+        bottoms += [Rewire(r.index, i, source.name) for r in readers for i, b in enumerate(r.bottoms) if b == top]
+    return tuple(bottoms), tuple(tops)
+
+
+def _rename_producer(graph: NetGraph, source: BlobVersion, node: LayerNode, name: str) -> Rewire | None:
+    producer = graph.producer(source)
+    if producer is None or producer.type == "Input" or graph.sole_reader(source) is not node:
+        return None
+    return Rewire(producer.index, producer.tops.index(source), name)
+
+
+def _rewritten(graph: NetGraph, blob: str, after: int, until: int, going: tuple[LayerNode, ...] = ()) -> bool:
+    """True when a layer between indices `after` and `until` (inclusive), other than the `going`
+    ones (about to be removed), writes `blob`."""
+    return any(
+        after < n.index <= until and n not in going and any(t.name == blob for t in n.tops) for n in graph.layers
     )
-    return FoldPlan(tuple(folds), kept)
+
+
+# --- rule 2: forward ------------------------------------------------------------------------
+
+
+def plan_forward(graph: NetGraph, layers: Layers) -> RuleResult:
+    """Fold each chain of affine layers into the host it follows."""
+    result = RuleResult()
+    for node in graph.layers:
+        first = _first_norm_reader(graph, node)
+        if node.type not in HOST_TYPES or first is None:
+            continue
+        host = read_host(node.param, layers.get(node.name))
+        if isinstance(host, Refusal):
+            result.refusals[first.name] = host
+            continue
+        chain, affine = _read_chain(_walk(graph, node.tops[0]), layers, host.c_out, host.rank, result.refusals)
+        if chain:
+            top = Rewire(node.index, 0, chain[-1].tops[0].name)
+            result.actions.append(Action(Rule.FORWARD, _names(chain), node.name, host, affine, tops=(top,)))
+    folded = {name for action in result.actions for name in action.layers}
+    for node in graph.layers:
+        if node.type in NORM_TYPES and node.name not in folded and node.name not in result.refusals:
+            result.refusals[node.name] = _explain(graph, node)
+    return result
 
 
 def _first_norm_reader(graph: NetGraph, node: LayerNode) -> LayerNode | None:
-    """The normalisation layer reading the host's output, if any does."""
     readers = [r for top in node.tops for r in graph.readers.get(top, [])]
     return next((r for r in readers if r.type in NORM_TYPES), None)
 
 
-def _forward_chain(graph: NetGraph, weights: Weights, node: LayerNode, refusals: dict[str, Refusal]) -> Fold | None:
-    """Grow the chain of normalisation layers after `node` as far as conditions 1-3 hold."""
-    host = read_host(node.param, weights.layers.get(node.name))
-    first = _first_norm_reader(graph, node)
-    if isinstance(host, Refusal):
-        refusals[first.name] = host
-        return None
-    version, chain, affine = node.tops[0], [], None
-    while (reader := graph.sole_reader(version)) and reader.type in NORM_TYPES:
-        step = read_affine(reader.param, weights.layers.get(reader.name), host.c_out, host.rank)
-        if isinstance(step, Refusal):
-            refusals[reader.name] = step
-            break
-        affine = step if affine is None else affine.then(step)
-        chain.append(reader.name)
-        version = reader.tops[0]
-    if not chain:
-        return None
-    return Fold(host, tuple(chain), affine, version.name)
-
-
 def _explain(graph: NetGraph, node: LayerNode) -> Refusal:
-    """Why a normalisation layer that no chain reached cannot fold forward."""
+    """Why an affine layer that no forward chain reached cannot fold forward."""
     own = own_refusal(node.param)
     if own:
         return own
@@ -123,10 +241,101 @@ def _explain(graph: NetGraph, node: LayerNode) -> Refusal:
 
 def _host_upstream(graph: NetGraph, node: LayerNode) -> LayerNode | None:
     """The host found by walking up single-input layers from `node`, if one is there."""
-    seen = 0
-    while node is not None and len(node.bottoms) == 1 and seen < len(graph.layers):
+    for _ in graph.layers:
+        if node is None or len(node.bottoms) != 1:
+            return None
         node = graph.producer(node.bottoms[0])
-        seen += 1
         if node is not None and node.type in HOST_TYPES:
             return node
     return None
+
+
+# --- rule 3: backward -----------------------------------------------------------------------
+
+
+def plan_backward(graph: NetGraph, layers: Layers) -> RuleResult:
+    """Fold each chain of affine layers into the one layer reading its output, where exact."""
+    result = RuleResult()
+    for start in _run_starts(graph):
+        nodes = _walk(graph, start.bottoms[0], start)
+        end = nodes[-1].tops[0]
+        consumer = graph.sole_reader(end)
+        host = _consumer_host(graph, consumer, nodes, layers)
+        if isinstance(host, Refusal):
+            result.refusals[nodes[-1].name] = host
+            continue
+        channels = _chain_channels(nodes, layers) or _input_channels(host)
+        chain, affine = _read_chain(nodes, layers, channels, None, result.refusals)
+        if len(chain) != len(nodes):
+            continue
+        if not _takes_channels(host, channels):
+            detail = f"'{host.name}' takes {_input_channels(host)} input values, the chain has {channels} channels"
+            result.refusals[nodes[-1].name] = Refusal(Reason.CONSUMER_UNSUITABLE, detail)
+            continue
+        bottom = Rewire(consumer.index, 0, start.bottoms[0].name)
+        result.actions.append(Action(Rule.BACKWARD, _names(chain), host.name, host, affine, bottoms=(bottom,)))
+    return result
+
+
+def _consumer_host(
+    graph: NetGraph, consumer: LayerNode | None, nodes: list[LayerNode], layers: Layers
+) -> Host | Refusal:
+    """The consumer as a host that can take a chain on its input, or why it cannot."""
+    if consumer is None or consumer.type not in HOST_TYPES:
+        what = "several layers or none" if consumer is None else f"'{consumer.name}' ({consumer.type})"
+        return Refusal(Reason.CONSUMER_UNSUITABLE, f"its output goes to {what}")
+    host = read_host(consumer.param, layers.get(consumer.name))
+    if isinstance(host, Refusal):
+        return host
+    if len(consumer.bottoms) != 1 or not HOST_LAYOUTS[host.layout].backward_ok:
+        return Refusal(Reason.CONSUMER_UNSUITABLE, f"'{consumer.name}' ({consumer.type}) cannot take it exactly")
+    if host.padded:
+        return Refusal(Reason.CONSUMER_UNSUITABLE, f"'{consumer.name}' is padded: a*0+b is not 0 at its borders")
+    source = nodes[0].bottoms[0].name
+    if _rewritten(graph, source, nodes[0].index - 1, consumer.index - 1, tuple(nodes)):
+        return Refusal(Reason.OUTPUT_NAME, f"'{source}' is rewritten before '{consumer.name}' reads it")
+    return host
+
+
+def _input_channels(host: Host) -> int:
+    """Channels (Convolution) or input values (InnerProduct) the host reads."""
+    w = host.weights
+    return w.shape[1] * host.groups if host.layout == "conv" else w.size // host.c_out
+
+
+def _takes_channels(host: Host, channels: int) -> bool:
+    """A Convolution reads exactly `channels`; an InnerProduct reads channels x spatial positions."""
+    size = _input_channels(host)
+    return size == channels if host.layout == "conv" else size % channels == 0
+
+
+# --- rule 4: standalone ---------------------------------------------------------------------
+
+
+def plan_standalone(graph: NetGraph, layers: Layers) -> RuleResult:
+    """Merge each remaining chain of affine layers into one Scale layer with bias."""
+    result = RuleResult()
+    for start in _run_starts(graph):
+        nodes = _walk(graph, start.bottoms[0], start)
+        channels = _chain_channels(nodes, layers)
+        if channels is None:
+            result.refusals[start.name] = Refusal(Reason.UNKNOWN_CHANNELS)
+            continue
+        chain, affine = _read_chain(nodes, layers, channels, None, result.refusals)
+        if len(chain) < 2 and not (chain and chain[0].type == "BatchNorm"):
+            continue
+        top = Rewire(chain[0].index, 0, chain[-1].tops[0].name)
+        result.actions.append(Action(Rule.STANDALONE, _names(chain), chain[0].name, affine=affine, tops=(top,)))
+    return result
+
+
+def _names(nodes: list[LayerNode]) -> tuple[str, ...]:
+    return tuple(node.name for node in nodes)
+
+
+RULES: dict[Rule, Callable[[NetGraph, Layers], RuleResult]] = {
+    Rule.IDENTITY: plan_identity,
+    Rule.FORWARD: plan_forward,
+    Rule.BACKWARD: plan_backward,
+    Rule.STANDALONE: plan_standalone,
+}

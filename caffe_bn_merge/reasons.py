@@ -11,12 +11,17 @@ class Reason(StrEnum):
     TWO_BOTTOMS = "takes its scale from a second bottom at run time"
     NOT_PER_CHANNEL = "is not per channel on axis 1"
     UNKNOWN_LAYOUT = "has a blob layout this version does not know"
+    NOT_AFFINE = "is not an affine map"
+    UNKNOWN_CHANNELS = "its channel count is unknown (scalar maps only)"
     NET_INPUT = "reads a net input, not a layer output"
     SHARED_INPUT = "its input is also read by another layer"
     BEHIND_KEPT = "follows a layer that stays"
     NONLINEAR_BETWEEN = "a non-affine layer sits between it and the host"
     NO_HOST = "does not follow a Convolution, Deconvolution or InnerProduct"
     HOST_UNSUITABLE = "its host cannot take it"
+    CONSUMER_UNSUITABLE = "the layer reading it cannot take it"
+    OUTPUT_NAME = "removing it would rename a net output or a blob rewritten later"
+    OPTION_OFF = "the rule that would remove it is turned off"
 
     @property
     def code(self) -> str:

@@ -1,42 +1,80 @@
-"""Applying a FoldPlan: new host weights, folded layers removed, tops rewired. Nothing is decided here."""
+"""Applying a rule's actions: new blobs, rewired bottoms and tops, removed layers. Nothing is
+decided here; every change was planned (`plan`)."""
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from . import proto
-from .caffe_io import LayerEdit
-from .fold_math import fold_forward
+from .caffe_io import LayerEdit, WeightLayer
+from .fold_math import fold_backward, fold_forward
 from .graph import NetGraph, build_graph
-from .hosts import host_param
-from .plan import Fold, FoldPlan
+from .hosts import Host, host_param
+from .plan import Action, Rule
 
 
-def apply_plan(net: object, graph: NetGraph, plan: FoldPlan) -> tuple[object, dict[str, LayerEdit]]:
-    """The merged NetParameter and the caffemodel edits; `net` itself is left unchanged."""
-    merged = proto.NetParameter()
-    merged.CopyFrom(net)
-    index_of = {node.name: node.index for node in graph.layers}
-    edits: dict[str, LayerEdit] = {}
-    for fold in plan.folds:
-        edit = _host_edit(fold)
-        layer = merged.layer[index_of[fold.host.name]]
-        edit.update(layer)
-        layer.top[0] = fold.top
-        edits[fold.host.name] = edit
-    removed = {index_of[name] for name in plan.removed}
-    kept = [layer for i, layer in enumerate(merged.layer) if i not in removed]
-    del merged.layer[:]
-    merged.layer.extend(kept)
-    build_graph(merged)  # the result must still be a well-formed net
-    return merged, edits
+@dataclass
+class Rewrite:
+    """The net as rewritten so far, and the caffemodel edits that go with it."""
+
+    net: object
+    layers: dict[str, WeightLayer]  # the caffemodel's layers as they are after the edits
+    edits: dict[str, LayerEdit] = field(default_factory=dict)
+    removed: set[str] = field(default_factory=set)
+
+    def apply(self, graph: NetGraph, actions: list[Action]) -> None:
+        """Apply `actions`, all planned on `graph` (the graph of `self.net`)."""
+        net = proto.NetParameter()
+        net.CopyFrom(self.net)
+        index_of = {node.name: node.index for node in graph.layers}
+        for action in actions:
+            _APPLY[action.rule](self, net, index_of, action)
+            for rewire in action.bottoms:
+                net.layer[rewire.layer].bottom[rewire.slot] = rewire.blob
+            for rewire in action.tops:
+                net.layer[rewire.layer].top[rewire.slot] = rewire.blob
+        gone = {index_of[name] for action in actions for name in action.removed}
+        kept = [layer for i, layer in enumerate(net.layer) if i not in gone]
+        del net.layer[:]
+        net.layer.extend(kept)
+        build_graph(net)  # every stage must leave a well-formed net
+        self.net = net
+        self.removed |= {name for action in actions for name in action.removed}
+
+    def edit(self, name: str, blobs: tuple[np.ndarray, ...], update: Callable[[object], None]) -> None:
+        """Record new blobs and a parameter change for layer `name` (composed with earlier ones)."""
+        earlier = self.edits.get(name)
+        if earlier is not None:
+            update = _compose(earlier.update, update)
+        self.edits[name] = LayerEdit(blobs, update)
+        self.layers[name] = WeightLayer(name, 100, list(blobs), [False] * len(blobs))
 
 
-def _host_edit(fold: Fold) -> LayerEdit:
-    """The host's folded blobs, cast once to their stored dtype, in their stored shapes."""
-    host = fold.host
-    weights, bias = fold_forward(host.weights, host.bias, fold.affine, host.layout, host.groups)
+def _compose(first: Callable[[object], None], second: Callable[[object], None]) -> Callable[[object], None]:
+    def both(layer: object) -> None:
+        first(layer)
+        second(layer)
+
+    return both
+
+
+def _apply_host_fold(rewrite: Rewrite, net: object, index_of: dict[str, int], action: Action) -> None:
+    host = action.host
+    if action.rule is Rule.FORWARD:
+        weights, bias = fold_forward(host.weights, host.bias, action.affine, host.layout, host.groups)
+    else:
+        weights, bias = fold_backward(host.weights, host.bias, action.affine, host.layout, host.groups, host.c_out)
+    blobs = _cast(host, weights, bias)
+    _take_bias(net.layer[index_of[host.name]])
+    rewrite.edit(host.name, blobs, _take_bias)
+
+
+def _cast(host: Host, weights: np.ndarray, bias: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Cast once to the stored dtype, in the stored shapes."""
     dtype = host.weights.dtype
     bias_shape = host.bias.shape if host.bias is not None else (host.c_out,)
-    return LayerEdit((weights.astype(dtype), np.asarray(bias, dtype).reshape(bias_shape)), _take_bias)
+    return weights.astype(dtype), np.asarray(bias, dtype).reshape(bias_shape)
 
 
 def _take_bias(layer: object) -> None:
@@ -44,3 +82,33 @@ def _take_bias(layer: object) -> None:
     host_param(layer).bias_term = True
     for spec in layer.param:
         spec.ClearField("name")
+
+
+def _apply_standalone(rewrite: Rewrite, net: object, index_of: dict[str, int], action: Action) -> None:
+    first = action.layers[0]
+    stored = [b for name in action.layers if name in rewrite.layers for b in rewrite.layers[name].blobs]
+    dtype = stored[0].dtype if stored else np.dtype(np.float32)
+    blobs = (action.affine.scale.astype(dtype), action.affine.shift.astype(dtype))
+    _become_scale(net.layer[index_of[first]])
+    rewrite.edit(first, blobs, _become_scale)
+
+
+def _become_scale(layer: object) -> None:
+    """Turn a BatchNorm / Scale / Bias / Power layer into a per-channel Scale with bias."""
+    layer.type = "Scale"
+    for name in ("batch_norm_param", "bias_param", "power_param", "scale_param"):
+        layer.ClearField(name)
+    layer.scale_param.bias_term = True
+    del layer.param[:]
+
+
+def _apply_identity(rewrite: Rewrite, net: object, index_of: dict[str, int], action: Action) -> None:
+    """Nothing beyond the rewires and the removal."""
+
+
+_APPLY = {
+    Rule.FORWARD: _apply_host_fold,
+    Rule.BACKWARD: _apply_host_fold,
+    Rule.STANDALONE: _apply_standalone,
+    Rule.IDENTITY: _apply_identity,
+}

@@ -8,7 +8,7 @@ import reference
 
 from caffe_bn_merge import caffe_io, merge
 from caffe_bn_merge.graph import build_graph
-from caffe_bn_merge.merge import MergeResult
+from caffe_bn_merge.merge import MergeOptions, MergeResult
 from caffe_bn_merge.synth import NetBuilder
 from caffe_bn_merge.verify import BlobError, compare_models
 
@@ -43,12 +43,20 @@ def save(builder: NetBuilder, folder: Path) -> tuple[Path, Path]:
     return prototxt, caffemodel
 
 
-def merge_and_check(source: NetBuilder | tuple[Path, Path], folder: Path, engine: str | None = "opencv") -> Merged:
+CLASSIC = MergeOptions(identity=False, backward=False, standalone=False)  # forward folds only
+
+
+def merge_and_check(
+    source: NetBuilder | tuple[Path, Path],
+    folder: Path,
+    engine: str | None = "opencv",
+    options: MergeOptions = MergeOptions(),  # noqa: B008
+) -> Merged:
     """Merge into `folder`, then compare merged and original to TOLERANCE on `engine`: "opencv"
     (OpenCV dnn, fusion off), "reference" (our float64 evaluator, for layers OpenCV lacks) or None."""
     original = save(source, folder) if isinstance(source, NetBuilder) else source
     merged = (folder / "merged.prototxt", folder / "merged.caffemodel")
-    result = merge(*original, *merged)
+    result = merge(*original, *merged, options)
     errors = {"opencv": compare_models, "reference": compare_reference, None: lambda *_: []}[engine](original, merged)
     for error in errors:
         assert error.scale > 1e-3, f"{error.blob}: the original output is ~0, the check could not fail"

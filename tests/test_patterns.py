@@ -1,9 +1,11 @@
-"""Each fold pattern and each refusal on a net built for it, checked on OpenCV dnn (fusion off).
+"""Each forward-fold pattern and each refusal on a net built for it, checked on OpenCV dnn (fusion
+off). Refusals are checked with the forward rule alone; what the other rules make of the layers
+left is tested in test_rules.py.
 
 Every positive case has a must-not-fold twin; both check numbers, and both check layer counts."""
 
 import pytest
-from harness import merge_and_check
+from harness import CLASSIC, merge_and_check
 
 from caffe_bn_merge import caffe_io
 from caffe_bn_merge.synth import NetBuilder
@@ -122,7 +124,7 @@ def test_refusal(case: str, tmp_path) -> None:
     build, kept = REFUSALS[case]
     b = net()
     build(b)
-    merged = merge_and_check(b, tmp_path, "reference" if case in REFUSAL_REFERENCE_ONLY else "opencv")
+    merged = merge_and_check(b, tmp_path, "reference" if case in REFUSAL_REFERENCE_ONLY else "opencv", CLASSIC)
     assert merged.removed == set()
     assert merged.kept == kept
     assert merged.result.layers_before == merged.result.layers_after
@@ -159,7 +161,7 @@ def test_host_with_two_tops_is_refused(tmp_path) -> None:
     layer.top.append("c_second")
     b.shapes["c_second"] = b.shapes["c"]
     b.bn("c", name="bn")
-    merged = merge_and_check(b, tmp_path, engine=None)
+    merged = merge_and_check(b, tmp_path, None, CLASSIC)
     assert merged.kept == {"bn": "host_unsuitable"}
 
 

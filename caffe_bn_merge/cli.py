@@ -1,18 +1,28 @@
-"""`merge-bn`: the command line. The only module that prints and exits."""
+"""`merge-bn`: the command line. The only module that prints and exits.
+
+Exit codes: 0 done; 1 internal error; 2 bad input or usage; 3 --verify found the merged model
+further from the original than --tolerance.
+"""
 
 import argparse
+import json
 import logging
 import sys
-from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .errors import MergeError
-from .merge import MergeOptions, MergeResult, merge
-from .plan import Rule
+
+if TYPE_CHECKING:  # the heavy modules load only once there is work to do, so --help is fast
+    from .pipeline import MergeResult
+    from .verification import VerifyResult
 
 log = logging.getLogger("caffe_bn_merge")
+EXIT_VERIFY_FAILED = 3
+DEFAULT_TOLERANCE = 1e-4  # also verification.DEFAULT_TOLERANCE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,7 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="merge-bn",
         description="Fold BatchNorm/Scale layers of a Caffe deploy net into the Convolution, "
         "Deconvolution and InnerProduct layers they follow. Writes a new prototxt + caffemodel "
-        "that compute the same function with fewer layers; the inputs are never modified.",
+        "that compute the same function with fewer layers; the inputs are never modified. "
+        "`merge-bn batch --help` converts whole folders.",
+        epilog="exit codes: 0 done, 1 internal error, 2 bad input or usage, 3 --verify failed",
     )
     parser.add_argument("--model", required=True, type=Path, help="deploy .prototxt of the net")
     parser.add_argument("--weights", required=True, type=Path, help="trained .caffemodel matching --model")
@@ -33,6 +45,20 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="merged caffemodel to write (default: <weights>_merged.caffemodel beside --weights)",
     )
+    _add_rule_flags(parser)
+    _add_verify_flags(parser)
+    out = parser.add_argument_group("reporting")
+    out.add_argument("--dry-run", action="store_true", help="plan and print the decisions; write no model files")
+    out.add_argument("--report", type=Path, help="write a JSON report of every decision (schema: README)")
+    verbosity = out.add_mutually_exclusive_group()
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="show every decision, and log each step")
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    out.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def _add_rule_flags(parser: argparse.ArgumentParser) -> None:
     rules = parser.add_argument_group("rules (all on by default; turn off for the classic behaviour)")
     rules.add_argument(
         "--no-backward", action="store_true", help="do not fold a BatchNorm/Scale chain into the layer reading it"
@@ -45,24 +71,47 @@ def build_parser() -> argparse.ArgumentParser:
     rules.add_argument(
         "--keep-identity", action="store_true", help="keep Dropout, Split and layers that compute the identity"
     )
-    verbosity = parser.add_mutually_exclusive_group()
-    verbosity.add_argument("-v", "--verbose", action="store_true", help="log every fold and every layer kept")
-    verbosity.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
-    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    return parser
+
+
+def _add_verify_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("verification")
+    group.add_argument("--verify", action="store_true", help="run original and merged model and compare outputs")
+    group.add_argument(
+        "--backend",
+        choices=("auto", "opencv", "caffe"),
+        default="auto",
+        help="engine for --verify: pycaffe (scripts/install_pycaffe.sh) or OpenCV dnn "
+        "(pip install 'caffe-bn-merge[verify]'); auto prefers pycaffe when installed",
+    )
+    group.add_argument(
+        "--tolerance",
+        type=float,
+        default=DEFAULT_TOLERANCE,
+        help=f"largest error allowed, relative to each output's magnitude (default {DEFAULT_TOLERANCE:g})",
+    )
+    group.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="an input for --verify: a .npy array or an image (BGR pixels, resized); repeatable; "
+        "inputs not given are seeded random normal",
+    )
+    group.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; return the exit code (0 ok, 2 bad input or usage)."""
+    """Run the command line; return the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["batch"]:
+        from .batch import main as batch_main
+
+        return batch_main(argv[1:])
     args = build_parser().parse_args(argv)
     level = logging.INFO if args.verbose else logging.ERROR if args.quiet else logging.WARNING
-    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
     try:
-        options = MergeOptions(
-            identity=not args.keep_identity, backward=not args.no_backward, standalone=not args.keep_standalone
-        )
-        result = merge(args.model, args.weights, args.output_model, args.output_weights, options)
+        return _run(args)
     except MergeError as err:
         if args.debug:
             raise
@@ -73,22 +122,73 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"merge-bn: internal error: {type(err).__name__}: {err} (rerun with --debug)", file=sys.stderr)
         return 1
-    if not args.quiet:
-        print(summary(result))
-    return 0
 
 
-def summary(result: MergeResult) -> str:
-    """A few lines: what was folded, layer counts before/after, what was kept and why."""
-    plan = result.plan
-    before, after = sum(result.layers_before.values()), sum(result.layers_after.values())
-    counts = Counter(action.rule for action in plan.actions)
-    done = ", ".join(f"{counts[rule]} {rule}" for rule in Rule if counts[rule]) or "nothing to fold"
-    lines = [f"{before} -> {after} layers ({done})"]
-    for type_ in sorted(set(result.layers_before) | set(result.layers_after)):
-        if result.layers_before[type_] != result.layers_after[type_]:
-            lines.append(f"  {type_}: {result.layers_before[type_]} -> {result.layers_after[type_]}")
-    for kept in plan.kept:
-        lines.append(f"kept {kept.type} '{kept.layer}': {kept}")
-    lines.append(f"wrote {result.output_model} and {result.output_weights}")
-    return "\n".join(lines)
+def _run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from .caffe_io import atomic_output
+    from .pipeline import MergeOptions, merge
+    from .report import TABLE_WIDTH, build_report
+
+    console = Console(width=TABLE_WIDTH, quiet=args.quiet)
+    options = MergeOptions(
+        identity=not args.keep_identity, backward=not args.no_backward, standalone=not args.keep_standalone
+    )
+    with _progress(console, args.quiet) as step:
+        result = merge(
+            args.model, args.weights, args.output_model, args.output_weights, options,
+            write=not args.dry_run, on_step=step,
+        )  # fmt: skip
+        checked = None
+        if args.verify:
+            if args.dry_run:
+                log.warning("--verify needs the merged model: nothing verified in a --dry-run")
+            else:
+                step("verifying")
+                checked = _verify(args, result)
+    _print(console, result, checked, args.verbose or args.dry_run)
+    if args.report:
+        report = build_report(result, str(args.model), str(args.weights), checked)
+        with atomic_output(args.report) as handle:
+            handle.write(json.dumps(report, indent=2).encode())
+    return EXIT_VERIFY_FAILED if checked is not None and not checked.passed else 0
+
+
+def _verify(args: argparse.Namespace, result: "MergeResult") -> "VerifyResult":
+    from .verification import verify
+
+    original = (args.model, args.weights)
+    merged = (result.output_model, result.output_weights)
+    return verify(original, merged, args.backend, args.tolerance, args.input, args.seed)
+
+
+@contextmanager
+def _progress(console: object, quiet: bool) -> Iterator[Callable[[str], None]]:
+    """A spinner naming the current step (shown on terminals only, so slow steps are visible)."""
+    if quiet or not console.is_terminal:
+        yield lambda name: log.info("%s ...", name)
+        return
+    with console.status("starting") as status:
+
+        def step(name: str) -> None:
+            log.info("%s ...", name)
+            status.update(f"{name} ...")
+
+        yield step
+
+
+def _print(console: object, result: "MergeResult", checked: "VerifyResult | None", everything: bool) -> None:
+    from .report import counts_table, decisions_table, verify_table
+
+    console.print(counts_table(result))
+    table = decisions_table(result, everything)
+    if table.row_count:
+        console.print(table)
+    if checked is not None:
+        console.print(verify_table(checked))
+    if result.output_model is not None:
+        console.print(f"wrote {result.output_model} and {result.output_weights}")
+    if checked is not None and not checked.passed:
+        console.print("the merged model differs from the original: rerun with --no-backward or "
+                      "--keep-standalone to narrow it down, and please report it")  # fmt: skip

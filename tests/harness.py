@@ -8,9 +8,9 @@ import reference
 
 from caffe_bn_merge import caffe_io, merge
 from caffe_bn_merge.graph import build_graph
-from caffe_bn_merge.merge import MergeOptions, MergeResult
+from caffe_bn_merge.pipeline import MergeOptions, MergeResult
 from caffe_bn_merge.synth import NetBuilder
-from caffe_bn_merge.verify import BlobError, compare_models
+from caffe_bn_merge.verification import BlobError, compare_models
 
 TOLERANCE = 1e-5  # max error relative to the output's magnitude
 
@@ -58,7 +58,7 @@ def merge_and_check(
     merged = (folder / "merged.prototxt", folder / "merged.caffemodel")
     result = merge(*original, *merged, options)
     errors = {"opencv": compare_models, "reference": compare_reference, None: lambda *_: []}[engine](original, merged)
-    for error in errors:
+    for error in (e for e in errors if e.gating):
         assert error.scale > 1e-3, f"{error.blob}: the original output is ~0, the check could not fail"
         assert error.relative <= TOLERANCE, f"{error.blob}: relative error {error.relative:.3g}"
     return Merged(result, errors, original, merged)

@@ -37,6 +37,15 @@ def test_help_documents_every_flag(capsys) -> None:
             assert flag in readme, f"README does not document {flag}"
 
 
+def test_help_needs_no_numpy_and_tolerances_agree() -> None:
+    code = "import sys; from caffe_bn_merge.cli import build_parser; build_parser(); print('numpy' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
+    from caffe_bn_merge import cli, verification
+
+    assert cli.DEFAULT_TOLERANCE == verification.DEFAULT_TOLERANCE
+
+
 def test_default_outputs_sit_beside_the_inputs(tmp_path, capsys) -> None:
     model, weights = _copy_sample(tmp_path)
     before = _digest(model, weights)
@@ -44,7 +53,7 @@ def test_default_outputs_sit_beside_the_inputs(tmp_path, capsys) -> None:
     assert (tmp_path / "net_merged.prototxt").is_file() and (tmp_path / "net_merged.caffemodel").is_file()
     assert _digest(model, weights) == before
     out = capsys.readouterr().out
-    assert "BatchNorm: 10 -> 0" in out and "net_merged.caffemodel" in out
+    assert re.search(r"BatchNorm\s+.\s+10\s+.\s+0 ", out) and "net_merged.caffemodel" in out
 
 
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:

@@ -5,7 +5,7 @@ import pytest
 from harness import merge_and_check
 
 from caffe_bn_merge import caffe_io
-from caffe_bn_merge.merge import MergeOptions
+from caffe_bn_merge.pipeline import MergeOptions
 from caffe_bn_merge.plan import Rule
 from caffe_bn_merge.synth import NetBuilder
 

@@ -2,7 +2,8 @@
 
 import logging
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import caffe_io
@@ -50,10 +51,13 @@ class Kept:
 
 @dataclass(frozen=True)
 class FoldPlan:
-    """Every action applied, in order, and every candidate layer left as it was."""
+    """Every action applied, in order, every candidate layer left as it was, and for every layer
+    any rule refused, its reasons (a collapsed chain keeps the reasons it could not fold)."""
 
     actions: tuple[Action, ...]
     kept: tuple[Kept, ...]
+    reasons: dict[str, tuple[Refusal, ...]] = field(default_factory=dict)
+    types: dict[str, str] = field(default_factory=dict)  # every layer of the input net, in order
 
     @property
     def removed(self) -> set[str]:
@@ -91,23 +95,28 @@ def merge(
     options: MergeOptions = MergeOptions(),  # frozen, so one shared default is safe
     *,
     write: bool = True,
+    on_step: Callable[[str], None] = lambda step: None,
 ) -> MergeResult:
-    """Fold the BatchNorm/Scale layers of `model` + `weights`; write the merged pair unless `write` is False."""
+    """Fold the BatchNorm/Scale layers of `model` + `weights`; write the merged pair unless `write`
+    is False. `on_step` hears the name of each step as it starts (for progress displays)."""
     model, weights = Path(model), Path(weights)
     defaults = default_outputs(model, weights)
     output_model = Path(output_model or defaults[0])
     output_weights = Path(output_weights or defaults[1])
+    on_step("reading")
     net = caffe_io.read_net(model)
     stored = caffe_io.read_weights(weights)
     if write:
         _check_outputs((model, weights), (output_model, output_weights))
     _check_pairing(build_graph(net), stored, model, weights)
+    on_step("folding")
     rewrite, plan = _run_rules(net, stored, options)
     for action in plan.actions:
         log.info("%s: %s%s", action.rule, " + ".join(action.layers), f" -> {action.target}" if action.target else "")
     for kept in plan.kept:
         log.info("kept %s '%s': %s", kept.type, kept.layer, kept)
     if write:
+        on_step("writing")
         dropped = rewrite.removed & set(stored.layers)
         _write(rewrite.net, stored, rewrite.edits, dropped, output_model, output_weights)
     return MergeResult(
@@ -140,7 +149,8 @@ def _run_rules(net: object, stored: caffe_io.Weights, options: MergeOptions) -> 
         for node in build_graph(rewrite.net).layers
         if node.name not in changed and node.name in refusals and node.type in (*NORM_TYPES, *IDENTITY_TYPES)
     )
-    return rewrite, FoldPlan(tuple(actions), kept)
+    reasons = {name: _distinct(found) for name, found in refusals.items()}
+    return rewrite, FoldPlan(tuple(actions), kept, reasons, {layer.name: layer.type for layer in net.layer})
 
 
 def _distinct(refusals: list[Refusal]) -> tuple[Refusal, ...]:

@@ -248,6 +248,8 @@ def _encode_blob(array: np.ndarray, legacy: bool) -> tuple[bytes, bytes]:
     """A BlobProto field (as key+length and payload) holding `array` in its own dtype."""
     if legacy:
         head = b"".join(wire.encode_varint_field(n, d) for n, d in zip(_BLOB_DIMS, array.shape, strict=True))
+    elif array.ndim == 0:
+        head = b""  # a scalar: Caffe writes no shape at all
     else:
         dims = b"".join(wire.encode_varint(d) for d in array.shape)
         shape = wire.encode_length_delimited(1, dims) + dims

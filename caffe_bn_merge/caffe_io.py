@@ -8,6 +8,7 @@
 
 import mmap
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -18,13 +19,16 @@ from typing import BinaryIO
 import numpy as np
 from google.protobuf import text_format
 
-from . import proto, wire
+from . import proto, prototxt, wire
 from .errors import InputError, OutputError
+from .upgrade import upgrade_layer
 
 # NetParameter field numbers of the two layer lists, and per list (name, blobs) field numbers.
 _LAYER_FIELDS = {100: (1, 7), 2: (4, 6)}  # 100: LayerParameter `layer`, 2: V1 `layers`
 _BLOB_DIMS, _BLOB_DATA, _BLOB_DOUBLE, _BLOB_SHAPE = (1, 2, 3, 4), 5, 8, 7
-_FLOAT32, _FLOAT64 = np.dtype("<f4"), np.dtype("<f8")
+_BLOB_RAW_TYPE, _BLOB_RAW = 10, 12  # NVIDIA Caffe: raw bytes of the type named by raw_data_type
+_FLOAT32, _FLOAT64, _FLOAT16 = np.dtype("<f4"), np.dtype("<f8"), np.dtype("<f2")
+_RAW_TYPES = {0: _FLOAT64, 1: _FLOAT32, 2: _FLOAT16}  # caffe.Type: DOUBLE, FLOAT, FLOAT16
 
 
 @dataclass
@@ -57,16 +61,47 @@ class Weights:
 
 
 def read_net(path: Path) -> object:
-    """Parse a text-format net (deploy prototxt) into a NetParameter."""
+    """Parse a text-format net (deploy or train_val prototxt) into a NetParameter (`layer` form)."""
+    return read_net_text(path).net
+
+
+def read_net_text(path: Path, schema: prototxt.Schema | None = None) -> prototxt.NetText:
+    """Parse a net prototxt, keeping its text and which layers our schema cannot fully read."""
     text = _read_text(path, "--model")
-    net = proto.NetParameter()
+    schema = schema or our_schema()
     try:
-        text_format.Parse(text, net)
+        parsed = prototxt.parse_net_text(text, schema)
     except text_format.ParseError as err:
-        raise InputError(f"{path}: not a Caffe net prototxt ({err}); check the --model file") from err
-    if not net.layer and not net.layers:
-        raise InputError(f"{path}: the prototxt defines no layers; is it a net (deploy) prototxt?")
-    return net
+        raise InputError(f"{path}: {_not_a_net(text, err)}") from err
+    if not parsed.net.layer:
+        raise InputError(f"{path}: {_not_a_net(text, None)}")
+    return parsed
+
+
+def our_schema() -> prototxt.Schema:
+    return prototxt.Schema(proto.NetParameter, proto.LayerParameter)
+
+
+def _not_a_net(text: str, err: text_format.ParseError | None) -> str:
+    """Why text that does not parse as a net is not one, and what to do."""
+    try:
+        solver = text_format.Parse(text, proto.SolverParameter(), allow_unknown_field=True)
+    except text_format.ParseError:
+        solver = None
+    if solver is not None and (solver.base_lr or solver.HasField("net") or solver.HasField("train_net")):
+        named = solver.net or solver.train_net
+        return f"this is a solver file, not a net; pass the net prototxt it names{f' ({named})' if named else ''}"
+    if re.search(r"\blayers\s*\{\s*layer\s*\{", text):
+        return "this is a V0 net (`layers { layer { ... } }`); upgrade it with Caffe's upgrade_net_proto_text"
+    if err is None:
+        return "the prototxt defines no layers; is it a net (deploy) prototxt?"
+    return f"not a Caffe net prototxt ({err}); check the --model file"
+
+
+def write_net_text(original: prototxt.NetText, net: object, origin: Sequence[int], path: Path) -> None:
+    """Write `net` in the original's text: untouched layers verbatim (`prototxt.render_net_text`)."""
+    with atomic_output(path) as handle:
+        handle.write(prototxt.render_net_text(original, net, origin).encode("utf-8"))
 
 
 def _read_text(path: Path, flag: str) -> str:
@@ -136,6 +171,8 @@ def _decode_blob(buf: memoryview, record: wire.Field) -> tuple[np.ndarray, bool]
     legacy = [0, 0, 0, 0]
     shape: list[int] | None = None
     chunks: list[np.ndarray] = []
+    raw: wire.Field | None = None
+    raw_type = 1
     for item in wire.iter_fields(buf, record.value_start, record.end):
         if item.number in _BLOB_DIMS and item.wire_type == wire.VARINT:
             legacy[_BLOB_DIMS.index(item.number)] = item.value
@@ -143,6 +180,12 @@ def _decode_blob(buf: memoryview, record: wire.Field) -> tuple[np.ndarray, bool]
             shape = _decode_dims(buf, item)
         elif item.number in (_BLOB_DATA, _BLOB_DOUBLE):
             chunks.append(_decode_values(buf, item))
+        elif item.number == _BLOB_RAW_TYPE and item.wire_type == wire.VARINT:
+            raw_type = item.value
+        elif item.number == _BLOB_RAW and item.wire_type == wire.LENGTH:
+            raw = item
+    if raw is not None and not chunks:
+        chunks.append(_decode_raw(buf, raw, raw_type))
     values = _join(chunks)
     is_legacy = shape is None and any(legacy)
     dims = shape if shape is not None else (legacy if is_legacy else [values.size])
@@ -174,27 +217,32 @@ def _decode_values(buf: memoryview, item: wire.Field) -> np.ndarray:
     return np.frombuffer(buf, dtype, (item.end - item.value_start) // dtype.itemsize, item.value_start)
 
 
+def _decode_raw(buf: memoryview, item: wire.Field, raw_type: int) -> np.ndarray:
+    """NVIDIA Caffe's `raw_data` (float16 / float / double bytes), as a view."""
+    if raw_type not in _RAW_TYPES:
+        raise wire.WireError(f"a blob stores raw_data of type {raw_type}, which is not a float type")
+    dtype = _RAW_TYPES[raw_type]
+    if (item.end - item.value_start) % dtype.itemsize:
+        raise wire.WireError("a blob's raw_data length is not a whole number of values")
+    return np.frombuffer(buf, dtype, (item.end - item.value_start) // dtype.itemsize, item.value_start)
+
+
 def _join(chunks: list[np.ndarray]) -> np.ndarray:
     if not chunks:
         return np.zeros(0, _FLOAT32)
     return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
 
 
-def write_net(net: object, path: Path) -> None:
-    """Write a NetParameter as text format, atomically."""
-    with atomic_output(path) as handle:
-        handle.write(text_format.MessageToString(net).encode("utf-8"))
-
-
 def write_weights(weights: Weights, edits: dict[str, LayerEdit], dropped: set[str], path: Path) -> None:
     """Write `weights` with `edits` applied and `dropped` layers left out; other bytes verbatim.
     An edit for a layer the caffemodel does not hold (a Power layer turned Scale) adds a record."""
+    upgrade_v1 = any(r.number == 2 for r in weights.records)  # V1 input: written in today's form
     with atomic_output(path) as handle:
         for record, name in zip(weights.records, weights.record_names, strict=True):
             if name in dropped:
                 continue
-            if name in edits:
-                _write_edited_layer(handle, weights, record, edits[name])
+            if name in edits or (upgrade_v1 and record.number == 2):
+                _write_edited_layer(handle, weights, record, weights.layers[name], edits.get(name))
             else:
                 handle.write(weights.buffer[record.start : record.end])
         for name, edit in edits.items():
@@ -204,18 +252,25 @@ def write_weights(weights: Weights, edits: dict[str, LayerEdit], dropped: set[st
                 _write_layer(handle, layer.SerializeToString(), edit.blobs, [False] * len(edit.blobs))
 
 
-def _write_edited_layer(handle: BinaryIO, weights: Weights, record: wire.Field, edit: LayerEdit) -> None:
-    if record.number != 100:
-        raise InputError(f"{weights.path}: cannot rewrite V1 layer records yet (upgrade the caffemodel)")
-    blob_field = _LAYER_FIELDS[100][1]
+def _write_edited_layer(
+    handle: BinaryIO, weights: Weights, record: wire.Field, stored: WeightLayer, edit: LayerEdit | None
+) -> None:
+    """Re-encode one layer record: its non-blob fields through the schema (unknown fields kept),
+    its blobs from `edit` (or as stored). A V1 record is written in today's `layer` form: a file
+    must not mix the two, since Caffe's upgrade then ignores the `layer` records."""
+    blob_field = _LAYER_FIELDS[record.number][1]
     kept = b"".join(
         weights.buffer[item.start : item.end]
         for item in wire.iter_fields(weights.buffer, record.value_start, record.end)
         if item.number != blob_field
     )
-    layer = proto.LayerParameter.FromString(kept)
+    if record.number == 100:
+        layer = proto.LayerParameter.FromString(kept)
+    else:
+        layer = upgrade_layer(proto.V1LayerParameter.FromString(kept))
+    if edit is None:
+        edit = LayerEdit(tuple(stored.blobs))
     edit.update(layer)
-    stored = weights.layers[layer.name]
     legacy = [_is_legacy(stored, i, blob) for i, blob in enumerate(edit.blobs)]
     _write_layer(handle, layer.SerializeToString(), edit.blobs, legacy)
 
@@ -254,6 +309,10 @@ def _encode_blob(array: np.ndarray, legacy: bool) -> tuple[bytes, bytes]:
         dims = b"".join(wire.encode_varint(d) for d in array.shape)
         shape = wire.encode_length_delimited(1, dims) + dims
         head = wire.encode_length_delimited(_BLOB_SHAPE, shape) + shape
+    if array.dtype == np.float16:  # kept as NVIDIA Caffe stores it
+        data = np.ascontiguousarray(array, _FLOAT16).tobytes()
+        payload = head + wire.encode_varint_field(_BLOB_RAW_TYPE, 2) + wire.encode_length_delimited(_BLOB_RAW, data)
+        return wire.encode_length_delimited(_LAYER_FIELDS[100][1], payload + data), payload + data
     number, dtype = (_BLOB_DOUBLE, _FLOAT64) if array.dtype == np.float64 else (_BLOB_DATA, _FLOAT32)
     data = np.ascontiguousarray(array, dtype).tobytes()
     payload = head + wire.encode_length_delimited(number, data) + data

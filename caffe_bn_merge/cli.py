@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="merged caffemodel to write (default: <weights>_merged.caffemodel beside --weights)",
     )
     _add_rule_flags(parser)
+    _add_fork_flags(parser)
     _add_verify_flags(parser)
     out = parser.add_argument_group("reporting")
     out.add_argument("--dry-run", action="store_true", help="plan and print the decisions; write no model files")
@@ -70,6 +71,31 @@ def _add_rule_flags(parser: argparse.ArgumentParser) -> None:
     )
     rules.add_argument(
         "--keep-identity", action="store_true", help="keep Dropout, Split and layers that compute the identity"
+    )
+
+
+def _add_fork_flags(parser: argparse.ArgumentParser) -> None:
+    forks = parser.add_argument_group("Caffe forks")
+    forks.add_argument(
+        "--bn-flavour",
+        choices=("auto", "bvlc", "nvcaffe", "nvcaffe-0.15", "bn"),
+        default="auto",
+        help="BatchNorm blob layout, when detection from parameters and blob shapes is not enough "
+        "(README: BatchNorm variants)",
+    )
+    forks.add_argument(
+        "--conv-like",
+        action="append",
+        default=[],
+        metavar="TYPE",
+        help="a layer type that is a Convolution under another name (repeatable; "
+        "DepthwiseConvolution and ConvolutionDepthwise are always included)",
+    )
+    forks.add_argument(
+        "--caffe-proto",
+        type=Path,
+        help="the fork's caffe.proto, to read and write its prototxt fields by name "
+        "(pip install 'caffe-bn-merge[schema]')",
     )
 
 
@@ -128,12 +154,18 @@ def _run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from .caffe_io import atomic_output
+    from .hosts import DEFAULT_CONV_LIKE
     from .pipeline import MergeOptions, merge
     from .report import TABLE_WIDTH, build_report
 
     console = Console(width=TABLE_WIDTH, quiet=args.quiet)
     options = MergeOptions(
-        identity=not args.keep_identity, backward=not args.no_backward, standalone=not args.keep_standalone
+        identity=not args.keep_identity,
+        backward=not args.no_backward,
+        standalone=not args.keep_standalone,
+        bn_flavour=args.bn_flavour,
+        conv_like=(*DEFAULT_CONV_LIKE, *args.conv_like),
+        caffe_proto=args.caffe_proto,
     )
     with _progress(console, args.quiet) as step:
         result = merge(

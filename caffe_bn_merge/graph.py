@@ -81,13 +81,15 @@ def build_graph(net: object) -> NetGraph:
         graph.inputs.append(current[name])
     consumed: set[BlobVersion] = set()
     names: set[str] = set()
+    train_only: set[str] = set()
     for index, layer in enumerate(net.layer):
         if not included_in_test(layer):
+            train_only.update(layer.top)
             continue
         if layer.name in names:
             raise InputError(f"two layers are named '{layer.name}'; layer names must be unique")
         names.add(layer.name)
-        bottoms = [_resolve(current, blob, layer) for blob in layer.bottom]
+        bottoms = [_resolve(current, blob, layer, train_only) for blob in layer.bottom]
         node = LayerNode(index, layer, bottoms, [BlobVersion(top, index) for top in layer.top])
         for version in bottoms:
             graph.readers[version].append(node)
@@ -99,13 +101,15 @@ def build_graph(net: object) -> NetGraph:
     return graph
 
 
-def _resolve(current: dict[str, BlobVersion], blob: str, layer: object) -> BlobVersion:
-    try:
+def _resolve(current: dict[str, BlobVersion], blob: str, layer: object, train_only: set[str]) -> BlobVersion:
+    if blob in current:
         return current[blob]
-    except KeyError:
+    if blob in train_only:
         raise InputError(
-            f"layer '{layer.name}' reads blob '{blob}' before any layer produces it; fix the prototxt"
-        ) from None
+            f"layer '{layer.name}' reads blob '{blob}', which only TRAIN-phase layers produce: "
+            "this is a train prototxt; pass the deploy (or train_val / test) prototxt"
+        )
+    raise InputError(f"layer '{layer.name}' reads blob '{blob}' before any layer produces it; fix the prototxt")
 
 
 def included_in_test(layer: object) -> bool:

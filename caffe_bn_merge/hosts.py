@@ -10,6 +10,8 @@ from .errors import MismatchError
 from .reasons import Reason, Refusal
 
 HOST_TYPES = {"Convolution": "conv", "Deconvolution": "deconv", "InnerProduct": "ip"}
+# Forks' depthwise convolutions: the same parameters and weights as Convolution (`--conv-like` adds more).
+DEFAULT_CONV_LIKE = ("DepthwiseConvolution", "ConvolutionDepthwise")
 
 
 @dataclass(frozen=True)
@@ -27,7 +29,8 @@ class Host:
 
 
 def read_host(layer: object, stored: WeightLayer | None) -> Host | Refusal:
-    """Read a host layer and check its blobs against its parameters."""
+    """Read a host layer and check its blobs against its parameters. A type not in HOST_TYPES is
+    read as a Convolution (the caller has decided it is one under another name)."""
     if len(layer.top) != 1:
         return Refusal(Reason.HOST_UNSUITABLE, f"'{layer.name}' has {len(layer.top)} tops")
     if layer.type == "InnerProduct":
@@ -38,7 +41,8 @@ def read_host(layer: object, stored: WeightLayer | None) -> Host | Refusal:
     else:
         param = layer.convolution_param
         spatial = 2 if param.HasField("kernel_h") else len(param.kernel_size)
-        layout, groups, rank = HOST_TYPES[layer.type], param.group, (2 + spatial if spatial > 1 else None)
+        layout = HOST_TYPES.get(layer.type, "conv")
+        groups, rank = param.group, (2 + spatial if spatial > 1 else None)
         padded = any(param.pad) or param.pad_h > 0 or param.pad_w > 0
     blobs = _host_blobs(layer, stored, param.bias_term)
     host = Host(layer.name, layout, groups, param.num_output, rank, padded, *blobs)

@@ -5,12 +5,13 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .affine import ChannelAffine, batchnorm_affine, bias_affine, scale_affine
+from . import bn_variants
+from .affine import ChannelAffine, bias_affine, scale_affine
 from .caffe_io import WeightLayer
 from .errors import MismatchError
 from .reasons import Reason, Refusal
 
-NORM_TYPES = ("BatchNorm", "Scale", "Bias", "Power")
+NORM_TYPES = ("BatchNorm", "BN", "Scale", "Bias", "Power")
 
 
 def own_refusal(layer: object) -> Refusal | None:
@@ -19,6 +20,8 @@ def own_refusal(layer: object) -> Refusal | None:
         param = layer.batch_norm_param
         if param.HasField("use_global_stats") and not param.use_global_stats:
             return Refusal(Reason.BATCH_STATS)
+    elif layer.type == "BN":
+        return None  # the BN forks use their stored statistics in the TEST phase
     elif layer.type == "Power":
         if layer.power_param.power != 1:
             return Refusal(Reason.NOT_AFFINE, f"power {layer.power_param.power:g}")
@@ -31,16 +34,20 @@ def channels_of(layer: object, stored: WeightLayer | None) -> int | None:
     """The channel count a layer's own blobs reveal (None for scalar maps or missing blobs)."""
     if stored is None or not stored.blobs or layer.type == "Power":
         return None
-    if layer.type == "BatchNorm":
-        return stored.blobs[0].size
+    if layer.type in ("BatchNorm", "BN"):
+        variant = bn_variants.detect(layer, stored.blobs)
+        return None if isinstance(variant, Refusal) else bn_variants.statistics(variant, stored.blobs)[0].size
     param = layer.scale_param if layer.type == "Scale" else layer.bias_param
     if param.axis == 1 and param.num_axes == 1:
         return stored.blobs[0].size
     return None
 
 
-def read_affine(layer: object, stored: WeightLayer | None, channels: int, rank: int | None) -> ChannelAffine | Refusal:
-    """The map `layer` applies to a blob of `channels` channels (axis 1) and rank `rank`."""
+def read_affine(
+    layer: object, stored: WeightLayer | None, channels: int, rank: int | None, bn_flavour: str = "auto"
+) -> ChannelAffine | Refusal:
+    """The map `layer` applies to a blob of `channels` channels (axis 1) and rank `rank`;
+    `bn_flavour` overrides the detected BatchNorm layout (`bn_variants`)."""
     refusal = own_refusal(layer)
     if refusal:
         return refusal
@@ -49,17 +56,19 @@ def read_affine(layer: object, stored: WeightLayer | None, channels: int, rank: 
         return scale_affine(np.array([param.scale]), np.array([param.shift]), channels)
     if stored is None:
         raise MismatchError(f"layer '{layer.name}' ({layer.type}) has no blobs in the caffemodel")
+    if layer.type in ("BatchNorm", "BN"):
+        return _batchnorm(layer, stored, channels, bn_flavour)
     return _READERS[layer.type](layer, stored, channels, rank)
 
 
-def _batchnorm(layer: object, stored: WeightLayer, channels: int, rank: int | None) -> ChannelAffine | Refusal:
-    """BVLC BatchNorm: blobs mean*s, var*s, s; eps from batch_norm_param (default 1e-5)."""
-    blobs = stored.blobs
-    if len(blobs) != 3 or blobs[2].size != 1:
-        shapes = [list(b.shape) for b in blobs]
-        return Refusal(Reason.UNKNOWN_LAYOUT, f"BatchNorm blobs {shapes}, expected mean, variance, factor")
-    _check_size(layer, blobs[0].size == channels and blobs[1].size == channels, channels)
-    return batchnorm_affine(blobs[0], blobs[1], float(blobs[2].ravel()[0]), layer.batch_norm_param.eps)
+def _batchnorm(layer: object, stored: WeightLayer, channels: int, flavour: str) -> ChannelAffine | Refusal:
+    """Any BatchNorm layout (`bn_variants`); eps from the layer's parameters."""
+    variant = bn_variants.detect(layer, stored.blobs, flavour)
+    if isinstance(variant, Refusal):
+        return variant
+    per_channel = [b for b in bn_variants.statistics(variant, stored.blobs)[:4] if b is not None]
+    _check_size(layer, all(b.size == channels for b in per_channel), channels)
+    return bn_variants.affine(variant, layer, stored.blobs, channels)
 
 
 def _scale(layer: object, stored: WeightLayer, channels: int, rank: int | None) -> ChannelAffine | Refusal:
@@ -108,7 +117,6 @@ def _check_size(layer: object, ok: bool, channels: int) -> None:
 
 
 _READERS: dict[str, Callable[[object, WeightLayer, int, int | None], ChannelAffine | Refusal]] = {
-    "BatchNorm": _batchnorm,
     "Scale": _scale,
     "Bias": _bias,
 }

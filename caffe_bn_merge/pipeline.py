@@ -8,23 +8,27 @@ from pathlib import Path
 
 from . import caffe_io
 from .errors import MismatchError, OutputError
-from .graph import NetGraph, build_graph
-from .hosts import HOST_TYPES, read_host
+from .graph import NetGraph, build_graph, included_in_test
+from .hosts import DEFAULT_CONV_LIKE, HOST_TYPES, read_host
 from .norms import NORM_TYPES
-from .plan import IDENTITY_TYPES, RULES, Action, Rule
+from .plan import IDENTITY_TYPES, RULES, Action, Context, Rule
 from .reasons import Refusal
 from .rewrite import Rewrite
+from .user_schema import compile_schema
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class MergeOptions:
-    """Which rules run besides the classic forward fold."""
+    """Which rules run besides the classic forward fold, and how to read forks' nets."""
 
     identity: bool = True  # remove Dropout, Split and exact identities
     backward: bool = True  # fold a chain into the layer reading it
     standalone: bool = True  # merge a chain that folds nowhere into one Scale
+    bn_flavour: str = "auto"  # BatchNorm layout: auto or one of bn_variants.VARIANTS
+    conv_like: tuple[str, ...] = DEFAULT_CONV_LIKE  # layer types that are Convolutions under another name
+    caffe_proto: Path | None = None  # the fork's caffe.proto, to read its prototxt fields by name
 
     def rules(self) -> list[Rule]:
         wanted = {Rule.IDENTITY: self.identity, Rule.FORWARD: True, Rule.BACKWARD: self.backward}
@@ -104,13 +108,16 @@ def merge(
     output_model = Path(output_model or defaults[0])
     output_weights = Path(output_weights or defaults[1])
     on_step("reading")
-    net = caffe_io.read_net(model)
+    schema = compile_schema(options.caffe_proto) if options.caffe_proto else None
+    net_text = caffe_io.read_net_text(model, schema)
+    net = net_text.net
     stored = caffe_io.read_weights(weights)
     if write:
         _check_outputs((model, weights), (output_model, output_weights))
-    _check_pairing(build_graph(net), stored, model, weights)
+    _check_pairing(build_graph(net), stored, model, weights, options.conv_like)
+    _log_input(net_text)
     on_step("folding")
-    rewrite, plan = _run_rules(net, stored, options)
+    rewrite, plan = _run_rules(net, stored, options, net_text.frozen)
     for action in plan.actions:
         log.info("%s: %s%s", action.rule, " + ".join(action.layers), f" -> {action.target}" if action.target else "")
     for kept in plan.kept:
@@ -118,7 +125,7 @@ def merge(
     if write:
         on_step("writing")
         dropped = rewrite.removed & set(stored.layers)
-        _write(rewrite.net, stored, rewrite.edits, dropped, output_model, output_weights)
+        _write(net_text, rewrite, stored, dropped, output_model, output_weights)
     return MergeResult(
         plan,
         Counter(layer.type for layer in net.layer),
@@ -128,7 +135,25 @@ def merge(
     )
 
 
-def _run_rules(net: object, stored: caffe_io.Weights, options: MergeOptions) -> tuple[Rewrite, FoldPlan]:
+def _log_input(net_text: object) -> None:
+    if net_text.blocks is None:
+        log.warning("the prototxt is written anew (V1 `layers` upgraded, or its layout was not followed)")
+    if net_text.frozen:
+        names = ", ".join(sorted(net_text.frozen)[:3])
+        log.warning(
+            "%d layer(s) use fields our schema does not know (%s ...): kept exactly as written; "
+            "--caffe-proto with the fork's caffe.proto lets them fold",
+            len(net_text.frozen),
+            names,
+        )
+    trained = sum(1 for layer in net_text.net.layer if not included_in_test(layer))
+    if trained:
+        log.warning("%d train-only layer(s) kept as they are; folding follows the TEST phase", trained)
+
+
+def _run_rules(
+    net: object, stored: caffe_io.Weights, options: MergeOptions, frozen: frozenset[str]
+) -> tuple[Rewrite, FoldPlan]:
     """Each rule plans on the net as the rules before it left it; identity repeats until done."""
     rewrite = Rewrite(net, dict(stored.layers))
     actions: list[Action] = []
@@ -136,7 +161,8 @@ def _run_rules(net: object, stored: caffe_io.Weights, options: MergeOptions) -> 
     for rule in options.rules():
         while True:
             graph = build_graph(rewrite.net)
-            result = RULES[rule](graph, rewrite.layers)
+            ctx = Context(rewrite.layers, options.bn_flavour, frozenset(options.conv_like), frozen)
+            result = RULES[rule](graph, ctx)
             for name, refusal in result.refusals.items():
                 refusals.setdefault(name, []).append(refusal)
             rewrite.apply(graph, result.actions)
@@ -168,13 +194,17 @@ def _check_outputs(inputs: tuple[Path, Path], outputs: tuple[Path, Path]) -> Non
         raise OutputError(f"{outputs[0]}: the output model and weights paths are the same")
 
 
-def _check_pairing(graph: NetGraph, stored: caffe_io.Weights, model: Path, weights: Path) -> None:
+def _check_pairing(
+    graph: NetGraph, stored: caffe_io.Weights, model: Path, weights: Path, conv_like: tuple[str, ...]
+) -> None:
     """Refuse a caffemodel that does not hold this prototxt's weights: one that shares no weighted
     layer with it, lacks normalisation layers' statistics, or has host blobs that do not fit."""
     weighted = [
         n
         for n in graph.layers
-        if n.type in HOST_TYPES or (n.type in NORM_TYPES and n.type != "Power" and len(n.bottoms) == 1)
+        if n.type in HOST_TYPES
+        or n.type in conv_like
+        or (n.type in NORM_TYPES and n.type != "Power" and len(n.bottoms) == 1)
     ]
     present = [n for n in weighted if n.name in stored.layers]
     missing = [n.name for n in weighted if n.name not in stored.layers and (n.type in NORM_TYPES or not present)]
@@ -185,17 +215,17 @@ def _check_pairing(graph: NetGraph, stored: caffe_io.Weights, model: Path, weigh
             f"({listed}{', ...' if len(missing) > 3 else ''}); are they from the same net?"
         )
     for node in present:
-        if node.type in HOST_TYPES:
+        if node.type in HOST_TYPES or node.type in conv_like:
             read_host(node.param, stored.layers[node.name])  # raises on blob count or shape mismatch
 
 
 def _write(
-    merged: object, stored: caffe_io.Weights, edits: dict, removed: set[str], model: Path, weights: Path
+    net_text: object, rewrite: Rewrite, stored: caffe_io.Weights, removed: set[str], model: Path, weights: Path
 ) -> None:
     """Write the caffemodel, then the prototxt; never leave one without the other."""
-    caffe_io.write_weights(stored, edits, removed, weights)
+    caffe_io.write_weights(stored, rewrite.edits, removed, weights)
     try:
-        caffe_io.write_net(merged, model)
+        caffe_io.write_net_text(net_text, rewrite.net, rewrite.origin, model)
     except BaseException:
         weights.unlink(missing_ok=True)
         raise

@@ -38,6 +38,35 @@ Layers = Mapping[str, WeightLayer]
 IDENTITY_TYPES = ("Dropout", "Split")
 
 
+@dataclass(frozen=True)
+class Context:
+    """What the rules read besides the graph: the weights as the earlier rules left them, the
+    user's choices, and the layers that must not change (they hold fields our schema lacks)."""
+
+    layers: Layers
+    bn_flavour: str = "auto"
+    conv_like: frozenset[str] = frozenset()
+    frozen: frozenset[str] = frozenset()
+
+    def is_host(self, node: LayerNode) -> bool:
+        return node.type in HOST_TYPES or node.type in self.conv_like
+
+    def host(self, node: LayerNode) -> Host | Refusal:
+        """The host `node` as folding sees it, or why it cannot take a fold."""
+        if node.name in self.frozen:
+            return Refusal(Reason.UNKNOWN_FIELDS, f"'{node.name}'")
+        return read_host(node.param, self.layers.get(node.name))
+
+    def affine(self, node: LayerNode, channels: int, rank: int | None) -> ChannelAffine | Refusal:
+        """The map an affine-type layer computes, or why it is not a fixed one."""
+        if node.name in self.frozen:
+            return Refusal(Reason.UNKNOWN_FIELDS, f"'{node.name}'")
+        return read_affine(node.param, self.layers.get(node.name), channels, rank, self.bn_flavour)
+
+    def channels(self, node: LayerNode) -> int | None:
+        return channels_of(node.param, self.layers.get(node.name))
+
+
 class Rule(StrEnum):
     IDENTITY = "identity"
     FORWARD = "forward"
@@ -94,12 +123,12 @@ def _walk(graph: NetGraph, version: BlobVersion, first: LayerNode | None = None)
 
 
 def _read_chain(
-    nodes: list[LayerNode], layers: Layers, channels: int, rank: int | None, refusals: dict[str, Refusal]
+    nodes: list[LayerNode], ctx: Context, channels: int, rank: int | None, refusals: dict[str, Refusal]
 ) -> tuple[list[LayerNode], ChannelAffine | None]:
     """The longest prefix of `nodes` that reads as affine maps, and their composition."""
     affine: ChannelAffine | None = None
     for i, node in enumerate(nodes):
-        step = read_affine(node.param, layers.get(node.name), channels, rank)
+        step = ctx.affine(node, channels, rank)
         if isinstance(step, Refusal):
             refusals[node.name] = step
             return nodes[:i], affine
@@ -107,8 +136,8 @@ def _read_chain(
     return nodes, affine
 
 
-def _chain_channels(nodes: list[LayerNode], layers: Layers) -> int | None:
-    return next((c for n in nodes if (c := channels_of(n.param, layers.get(n.name))) is not None), None)
+def _chain_channels(nodes: list[LayerNode], ctx: Context) -> int | None:
+    return next((c for n in nodes if (c := ctx.channels(n)) is not None), None)
 
 
 def _run_starts(graph: NetGraph) -> list[LayerNode]:
@@ -126,13 +155,13 @@ def _run_starts(graph: NetGraph) -> list[LayerNode]:
 # --- rule 1: identity -----------------------------------------------------------------------
 
 
-def plan_identity(graph: NetGraph, layers: Layers) -> RuleResult:
+def plan_identity(graph: NetGraph, ctx: Context) -> RuleResult:
     """Remove the first identity layer that can be removed (merge repeats the rule until none)."""
     result = RuleResult()
     for node in graph.layers:
-        if not _is_identity(node, layers):
+        if node.name in ctx.frozen or not _is_identity(node, ctx):
             continue
-        rewires = _bypass(graph, node)
+        rewires = _bypass(graph, node, ctx)
         if isinstance(rewires, Refusal):
             result.refusals[node.name] = rewires
             continue
@@ -142,17 +171,16 @@ def plan_identity(graph: NetGraph, layers: Layers) -> RuleResult:
     return result
 
 
-def _is_identity(node: LayerNode, layers: Layers) -> bool:
+def _is_identity(node: LayerNode, ctx: Context) -> bool:
     if node.type in IDENTITY_TYPES:
         return len(node.bottoms) == 1
     if node.type not in NORM_TYPES or len(node.bottoms) != 1 or len(node.tops) != 1:
         return False
-    channels = channels_of(node.param, layers.get(node.name)) or 1
-    affine = read_affine(node.param, layers.get(node.name), channels, None)
+    affine = ctx.affine(node, ctx.channels(node) or 1, None)
     return isinstance(affine, ChannelAffine) and affine.is_identity()
 
 
-def _bypass(graph: NetGraph, node: LayerNode) -> tuple[tuple[Rewire, ...], tuple[Rewire, ...]] | Refusal:
+def _bypass(graph: NetGraph, node: LayerNode, ctx: Context) -> tuple[tuple[Rewire, ...], tuple[Rewire, ...]] | Refusal:
     """Rewires that let every reader of `node`'s tops read its bottom instead."""
     source = node.bottoms[0]
     bottoms: list[Rewire] = []
@@ -162,11 +190,14 @@ def _bypass(graph: NetGraph, node: LayerNode) -> tuple[tuple[Rewire, ...], tuple
             continue
         readers = graph.readers.get(top, [])
         if not readers or top in graph.outputs:
-            rename = _rename_producer(graph, source, node, top.name)
+            rename = _rename_producer(graph, source, node, top.name, ctx)
             if rename is None:
                 return Refusal(Reason.OUTPUT_NAME, f"'{top.name}' is a net output")
             tops.append(rename)
             continue
+        frozen = [r.name for r in readers if r.name in ctx.frozen]
+        if frozen:
+            return Refusal(Reason.UNKNOWN_FIELDS, f"its reader '{frozen[0]}' cannot be rewired")
         last = max(r.index for r in readers)
         if _rewritten(graph, source.name, node.index, last):
             return Refusal(Reason.OUTPUT_NAME, f"'{source.name}' is rewritten before '{top.name}' is read")
@@ -174,9 +205,11 @@ def _bypass(graph: NetGraph, node: LayerNode) -> tuple[tuple[Rewire, ...], tuple
     return tuple(bottoms), tuple(tops)
 
 
-def _rename_producer(graph: NetGraph, source: BlobVersion, node: LayerNode, name: str) -> Rewire | None:
+def _rename_producer(graph: NetGraph, source: BlobVersion, node: LayerNode, name: str, ctx: Context) -> Rewire | None:
     producer = graph.producer(source)
-    if producer is None or producer.type == "Input" or graph.sole_reader(source) is not node:
+    if producer is None or producer.type == "Input" or producer.name in ctx.frozen:
+        return None
+    if graph.sole_reader(source) is not node:
         return None
     return Rewire(producer.index, producer.tops.index(source), name)
 
@@ -192,25 +225,25 @@ def _rewritten(graph: NetGraph, blob: str, after: int, until: int, going: tuple[
 # --- rule 2: forward ------------------------------------------------------------------------
 
 
-def plan_forward(graph: NetGraph, layers: Layers) -> RuleResult:
+def plan_forward(graph: NetGraph, ctx: Context) -> RuleResult:
     """Fold each chain of affine layers into the host it follows."""
     result = RuleResult()
     for node in graph.layers:
         first = _first_norm_reader(graph, node)
-        if node.type not in HOST_TYPES or first is None:
+        if not ctx.is_host(node) or first is None:
             continue
-        host = read_host(node.param, layers.get(node.name))
+        host = ctx.host(node)
         if isinstance(host, Refusal):
             result.refusals[first.name] = host
             continue
-        chain, affine = _read_chain(_walk(graph, node.tops[0]), layers, host.c_out, host.rank, result.refusals)
+        chain, affine = _read_chain(_walk(graph, node.tops[0]), ctx, host.c_out, host.rank, result.refusals)
         if chain:
             top = Rewire(node.index, 0, chain[-1].tops[0].name)
             result.actions.append(Action(Rule.FORWARD, _names(chain), node.name, host, affine, tops=(top,)))
     folded = {name for action in result.actions for name in action.layers}
     for node in graph.layers:
         if node.type in NORM_TYPES and node.name not in folded and node.name not in result.refusals:
-            result.refusals[node.name] = _explain(graph, node)
+            result.refusals[node.name] = _explain(graph, node, ctx)
     return result
 
 
@@ -219,7 +252,7 @@ def _first_norm_reader(graph: NetGraph, node: LayerNode) -> LayerNode | None:
     return next((r for r in readers if r.type in NORM_TYPES), None)
 
 
-def _explain(graph: NetGraph, node: LayerNode) -> Refusal:
+def _explain(graph: NetGraph, node: LayerNode, ctx: Context) -> Refusal:
     """Why an affine layer that no forward chain reached cannot fold forward."""
     own = own_refusal(node.param)
     if own:
@@ -233,19 +266,19 @@ def _explain(graph: NetGraph, node: LayerNode) -> Refusal:
         return Refusal(Reason.SHARED_INPUT, f"'{version.name}' is also read by " + ", ".join(f"'{n}'" for n in others))
     if producer.type in NORM_TYPES:
         return Refusal(Reason.BEHIND_KEPT, f"'{producer.name}'")
-    host = _host_upstream(graph, producer)
+    host = _host_upstream(graph, producer, ctx)
     if host:
         return Refusal(Reason.NONLINEAR_BETWEEN, f"'{producer.name}' ({producer.type}) after '{host.name}'")
     return Refusal(Reason.NO_HOST, f"its input comes from '{producer.name}' ({producer.type})")
 
 
-def _host_upstream(graph: NetGraph, node: LayerNode) -> LayerNode | None:
+def _host_upstream(graph: NetGraph, node: LayerNode, ctx: Context) -> LayerNode | None:
     """The host found by walking up single-input layers from `node`, if one is there."""
     for _ in graph.layers:
         if node is None or len(node.bottoms) != 1:
             return None
         node = graph.producer(node.bottoms[0])
-        if node is not None and node.type in HOST_TYPES:
+        if node is not None and ctx.is_host(node):
             return node
     return None
 
@@ -253,19 +286,19 @@ def _host_upstream(graph: NetGraph, node: LayerNode) -> LayerNode | None:
 # --- rule 3: backward -----------------------------------------------------------------------
 
 
-def plan_backward(graph: NetGraph, layers: Layers) -> RuleResult:
+def plan_backward(graph: NetGraph, ctx: Context) -> RuleResult:
     """Fold each chain of affine layers into the one layer reading its output, where exact."""
     result = RuleResult()
     for start in _run_starts(graph):
         nodes = _walk(graph, start.bottoms[0], start)
         end = nodes[-1].tops[0]
         consumer = graph.sole_reader(end)
-        host = _consumer_host(graph, consumer, nodes, layers)
+        host = _consumer_host(graph, consumer, nodes, ctx)
         if isinstance(host, Refusal):
             result.refusals[nodes[-1].name] = host
             continue
-        channels = _chain_channels(nodes, layers) or _input_channels(host)
-        chain, affine = _read_chain(nodes, layers, channels, None, result.refusals)
+        channels = _chain_channels(nodes, ctx) or _input_channels(host)
+        chain, affine = _read_chain(nodes, ctx, channels, None, result.refusals)
         if len(chain) != len(nodes):
             continue
         if not _takes_channels(host, channels):
@@ -277,14 +310,12 @@ def plan_backward(graph: NetGraph, layers: Layers) -> RuleResult:
     return result
 
 
-def _consumer_host(
-    graph: NetGraph, consumer: LayerNode | None, nodes: list[LayerNode], layers: Layers
-) -> Host | Refusal:
+def _consumer_host(graph: NetGraph, consumer: LayerNode | None, nodes: list[LayerNode], ctx: Context) -> Host | Refusal:
     """The consumer as a host that can take a chain on its input, or why it cannot."""
-    if consumer is None or consumer.type not in HOST_TYPES:
+    if consumer is None or not ctx.is_host(consumer):
         what = "several layers or none" if consumer is None else f"'{consumer.name}' ({consumer.type})"
         return Refusal(Reason.CONSUMER_UNSUITABLE, f"its output goes to {what}")
-    host = read_host(consumer.param, layers.get(consumer.name))
+    host = ctx.host(consumer)
     if isinstance(host, Refusal):
         return host
     if len(consumer.bottoms) != 1 or not HOST_LAYOUTS[host.layout].backward_ok:
@@ -312,17 +343,17 @@ def _takes_channels(host: Host, channels: int) -> bool:
 # --- rule 4: standalone ---------------------------------------------------------------------
 
 
-def plan_standalone(graph: NetGraph, layers: Layers) -> RuleResult:
+def plan_standalone(graph: NetGraph, ctx: Context) -> RuleResult:
     """Merge each remaining chain of affine layers into one Scale layer with bias."""
     result = RuleResult()
     for start in _run_starts(graph):
         nodes = _walk(graph, start.bottoms[0], start)
-        channels = _chain_channels(nodes, layers)
+        channels = _chain_channels(nodes, ctx)
         if channels is None:
             result.refusals[start.name] = Refusal(Reason.UNKNOWN_CHANNELS)
             continue
-        chain, affine = _read_chain(nodes, layers, channels, None, result.refusals)
-        if len(chain) < 2 and not (chain and chain[0].type == "BatchNorm"):
+        chain, affine = _read_chain(nodes, ctx, channels, None, result.refusals)
+        if len(chain) < 2 and not (chain and chain[0].type in ("BatchNorm", "BN")):
             continue
         top = Rewire(chain[0].index, 0, chain[-1].tops[0].name)
         result.actions.append(Action(Rule.STANDALONE, _names(chain), chain[0].name, affine=affine, tops=(top,)))
@@ -333,7 +364,7 @@ def _names(nodes: list[LayerNode]) -> tuple[str, ...]:
     return tuple(node.name for node in nodes)
 
 
-RULES: dict[Rule, Callable[[NetGraph, Layers], RuleResult]] = {
+RULES: dict[Rule, Callable[[NetGraph, Context], RuleResult]] = {
     Rule.IDENTITY: plan_identity,
     Rule.FORWARD: plan_forward,
     Rule.BACKWARD: plan_backward,

@@ -21,7 +21,7 @@ class Reason(StrEnum):
     HOST_UNSUITABLE = "its host cannot take it"
     CONSUMER_UNSUITABLE = "the layer reading it cannot take it"
     OUTPUT_NAME = "removing it would rename a net output or a blob rewritten later"
-    OPTION_OFF = "the rule that would remove it is turned off"
+    UNKNOWN_FIELDS = "a layer involved has fields our schema does not know, so it is kept as written"
 
     @property
     def code(self) -> str:

@@ -22,6 +22,10 @@ class Rewrite:
     layers: dict[str, WeightLayer]  # the caffemodel's layers as they are after the edits
     edits: dict[str, LayerEdit] = field(default_factory=dict)
     removed: set[str] = field(default_factory=set)
+    origin: list[int] = field(default_factory=list)  # for each layer now, its index in the input net
+
+    def __post_init__(self) -> None:
+        self.origin = self.origin or list(range(len(self.net.layer)))
 
     def apply(self, graph: NetGraph, actions: list[Action]) -> None:
         """Apply `actions`, all planned on `graph` (the graph of `self.net`)."""
@@ -38,6 +42,7 @@ class Rewrite:
         kept = [layer for i, layer in enumerate(net.layer) if i not in gone]
         del net.layer[:]
         net.layer.extend(kept)
+        self.origin = [origin for i, origin in enumerate(self.origin) if i not in gone]
         build_graph(net)  # every stage must leave a well-formed net
         self.net = net
         self.removed |= {name for action in actions for name in action.removed}
@@ -71,8 +76,9 @@ def _apply_host_fold(rewrite: Rewrite, net: object, index_of: dict[str, int], ac
 
 
 def _cast(host: Host, weights: np.ndarray, bias: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Cast once to the stored dtype, in the stored shapes."""
-    dtype = host.weights.dtype
+    """Cast once to the stored dtype, in the stored shapes. Folded float16 blobs are written as
+    float32: rounding them to float16 again would add far more than float32 noise."""
+    dtype = np.dtype(np.float32) if host.weights.dtype == np.float16 else host.weights.dtype
     bias_shape = host.bias.shape if host.bias is not None else (host.c_out,)
     return weights.astype(dtype), np.asarray(bias, dtype).reshape(bias_shape)
 
@@ -87,7 +93,7 @@ def _take_bias(layer: object) -> None:
 def _apply_standalone(rewrite: Rewrite, net: object, index_of: dict[str, int], action: Action) -> None:
     first = action.layers[0]
     stored = [b for name in action.layers if name in rewrite.layers for b in rewrite.layers[name].blobs]
-    dtype = stored[0].dtype if stored else np.dtype(np.float32)
+    dtype = stored[0].dtype if stored and stored[0].dtype != np.float16 else np.dtype(np.float32)
     blobs = (action.affine.scale.astype(dtype), action.affine.shift.astype(dtype))
     _become_scale(net.layer[index_of[first]])
     rewrite.edit(first, blobs, _become_scale)

@@ -51,23 +51,27 @@ def merge_and_check(
     folder: Path,
     engine: str | None = "opencv",
     options: MergeOptions = MergeOptions(),  # noqa: B008
+    flavour: str | None = None,
 ) -> Merged:
     """Merge into `folder`, then compare merged and original to TOLERANCE on `engine`: "opencv"
-    (OpenCV dnn, fusion off), "reference" (our float64 evaluator, for layers OpenCV lacks) or None."""
+    (OpenCV dnn, fusion off), "reference" (our float64 evaluator, for layers OpenCV lacks) or None.
+    `flavour` (a BatchNorm layout) implies the reference evaluator with that fork's semantics."""
     original = save(source, folder) if isinstance(source, NetBuilder) else source
     merged = (folder / "merged.prototxt", folder / "merged.caffemodel")
     result = merge(*original, *merged, options)
-    errors = {"opencv": compare_models, "reference": compare_reference, None: lambda *_: []}[engine](original, merged)
+    engines = {"opencv": compare_models, "reference": compare_reference, None: lambda *_: []}
+    errors = engines[engine](original, merged) if flavour is None else compare_reference(original, merged, flavour)
     for error in (e for e in errors if e.gating):
         assert error.scale > 1e-3, f"{error.blob}: the original output is ~0, the check could not fail"
         assert error.relative <= TOLERANCE, f"{error.blob}: relative error {error.relative:.3g}"
     return Merged(result, errors, original, merged)
 
 
-def compare_reference(original: tuple[Path, Path], merged: tuple[Path, Path]) -> list[BlobError]:
-    """Compare the net outputs of both models evaluated by `reference` in float64."""
+def compare_reference(original: tuple[Path, Path], merged: tuple[Path, Path], flavour: str = "bvlc") -> list[BlobError]:
+    """Compare the net outputs of both models evaluated by `reference` in float64; the original's
+    BatchNorm layers follow `flavour` (the merged model has none left, or BVLC ones)."""
     inputs = reference.random_inputs(original[0])
-    want, got = reference.evaluate(*original, inputs), reference.evaluate(*merged, inputs)
+    want, got = reference.evaluate(*original, inputs, flavour), reference.evaluate(*merged, inputs)
     outputs = [v.name for v in build_graph(caffe_io.read_net(original[0])).outputs]
     return [BlobError(n, float(np.max(np.abs(want[n] - got[n]))), float(np.max(np.abs(want[n])))) for n in outputs]
 

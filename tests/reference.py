@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from caffe_bn_merge import caffe_io
-from caffe_bn_merge.graph import input_shapes
+from caffe_bn_merge.graph import included_in_test, input_shapes
 
 
 def conv2d(x, w, b, stride=1, pad=0, dilation=1, group=1):
@@ -58,21 +58,41 @@ def _conv_args(p):
     return {"stride": first(p.stride, 1), "pad": first(p.pad, 0), "dilation": first(p.dilation, 1), "group": p.group}
 
 
-def _run_layer(layer, bottoms, blobs):
+CONV_TYPES = ("Convolution", "DepthwiseConvolution", "ConvolutionDepthwise")
+
+
+def _normalise(x, mean, var, eps, gamma=None, beta=None):
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    y = (x - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + eps)
+    return y if gamma is None else y * gamma.reshape(shape) + beta.reshape(shape)
+
+
+def _batchnorm(layer, x, blobs, flavour):
+    """BatchNorm as each fork computes it at inference (see each fork's BatchNorm source)."""
+    eps = layer.batch_norm_param.eps
+    if layer.type == "BN":  # PSPNet-era forks: slope, bias, mean, var
+        return _normalise(x, blobs[2], blobs[3], layer.bn_param.eps, blobs[0], blobs[1])
+    if flavour == "nvcaffe":  # mean, var (no factor), correction[, gamma, beta]; eps >= 1e-5
+        extra = (blobs[3], blobs[4]) if len(blobs) == 5 else ()
+        return _normalise(x, blobs[0], blobs[1], max(eps, 1e-5), *extra)
+    if flavour == "nvcaffe-0.15":  # gamma, beta, mean, var, reserved
+        return _normalise(x, blobs[2], blobs[3], eps, blobs[0], blobs[1])
+    f = 0.0 if blobs[2].ravel()[0] == 0 else 1.0 / blobs[2].ravel()[0]  # BVLC: mean*s, var*s, s
+    return _normalise(x, blobs[0] * f, blobs[1] * f, eps)
+
+
+def _run_layer(layer, bottoms, blobs, flavour="bvlc"):
     x = bottoms[0]
     t = layer.type
-    if t in ("Convolution", "Deconvolution"):
-        fn = conv2d if t == "Convolution" else deconv2d
+    if t in (*CONV_TYPES, "Deconvolution") or layer.HasField("convolution_param"):  # forks' conv types too
+        fn = deconv2d if t == "Deconvolution" else conv2d
         return fn(x, blobs[0], blobs[1] if len(blobs) > 1 else None, **_conv_args(layer.convolution_param))
     if t == "InnerProduct":
         p = layer.inner_product_param
         w = blobs[0].reshape(-1, p.num_output) if p.transpose else blobs[0].reshape(p.num_output, -1).T
         return x.reshape(x.shape[0], -1) @ w + (blobs[1].ravel() if len(blobs) > 1 else 0)
-    if t == "BatchNorm":
-        f = 0.0 if blobs[2].ravel()[0] == 0 else 1.0 / blobs[2].ravel()[0]
-        shape = (1, -1) + (1,) * (x.ndim - 2)
-        mean, var = (blobs[0] * f).reshape(shape), (blobs[1] * f).reshape(shape)
-        return (x - mean) / np.sqrt(var + layer.batch_norm_param.eps)
+    if t in ("BatchNorm", "BN"):
+        return _batchnorm(layer, x, [b.ravel() for b in blobs], flavour)
     if t == "Scale":
         p = layer.scale_param
         out = x * _broadcast(blobs[0], x, p.axis, p.num_axes)
@@ -81,19 +101,29 @@ def _run_layer(layer, bottoms, blobs):
         return x + _broadcast(blobs[0], x, layer.bias_param.axis, layer.bias_param.num_axes)
     if t == "ReLU":
         return np.maximum(x, 0)
+    if t == "Power":
+        p = layer.power_param
+        return (p.shift + p.scale * x) ** p.power
+    if t in ("Dropout", "Split"):
+        return x
     raise NotImplementedError(t)
 
 
-def evaluate(prototxt: Path, caffemodel: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Final value of every blob after running the net in float64."""
+def evaluate(
+    prototxt: Path, caffemodel: Path, inputs: dict[str, np.ndarray], flavour: str = "bvlc"
+) -> dict[str, np.ndarray]:
+    """Final value of every blob after running the net in float64 (TEST phase); `flavour` is the
+    BatchNorm layout of the fork the net comes from."""
     net = caffe_io.read_net(prototxt)
     stored = caffe_io.read_weights(caffemodel).layers
     values = {name: np.asarray(value, np.float64) for name, value in inputs.items()}
     for layer in net.layer:
-        if layer.type == "Input":
+        if layer.type == "Input" or not included_in_test(layer):
             continue
         blobs = [np.asarray(b, np.float64) for b in stored[layer.name].blobs] if layer.name in stored else []
-        values[layer.top[0]] = _run_layer(layer, [values[b] for b in layer.bottom], blobs)
+        out = _run_layer(layer, [values[b] for b in layer.bottom], blobs, flavour)
+        for top in layer.top:
+            values[top] = out
     return values
 
 

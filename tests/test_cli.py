@@ -41,9 +41,11 @@ def test_help_needs_no_numpy_and_tolerances_agree() -> None:
     code = "import sys; from caffe_bn_merge.cli import build_parser; build_parser(); print('numpy' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
-    from caffe_bn_merge import cli, verification
+    from caffe_bn_merge import bn_variants, cli, verification
 
     assert cli.DEFAULT_TOLERANCE == verification.DEFAULT_TOLERANCE
+    flavours = next(a for a in cli.build_parser()._actions if "--bn-flavour" in a.option_strings).choices
+    assert tuple(flavours) == ("auto", *bn_variants.VARIANTS)
 
 
 def test_default_outputs_sit_beside_the_inputs(tmp_path, capsys) -> None:

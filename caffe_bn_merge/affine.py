@@ -31,8 +31,9 @@ def batchnorm_affine(mean_sum: np.ndarray, var_sum: np.ndarray, factor: float, e
     f = 0.0 if factor == 0 else 1.0 / factor
     mean = np.asarray(mean_sum, np.float64).ravel() * f
     var = np.asarray(var_sum, np.float64).ravel() * f
-    scale = 1.0 / np.sqrt(var + eps)
-    return ChannelAffine(scale, -mean * scale)
+    with np.errstate(divide="ignore", invalid="ignore"):  # non-finite results are refused by the caller
+        scale = 1.0 / np.sqrt(var + eps)
+        return ChannelAffine(scale, -mean * scale)
 
 
 def scale_affine(gamma: np.ndarray, beta: np.ndarray | None, channels: int) -> ChannelAffine:

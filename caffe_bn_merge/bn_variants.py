@@ -16,6 +16,7 @@ otherwise BVLC is assumed and `--bn-flavour nvcaffe` says otherwise.
 import numpy as np
 
 from .affine import ChannelAffine, batchnorm_affine, scale_affine
+from .errors import MismatchError
 from .reasons import Reason, Refusal
 
 VARIANTS = ("bvlc", "nvcaffe", "nvcaffe-0.15", "bn")
@@ -23,7 +24,13 @@ NVCAFFE_MIN_EPS = 1e-5
 
 
 def detect(layer: object, blobs: list[np.ndarray], override: str = "auto") -> str | Refusal:
-    """The variant of a BatchNorm / BN layer, or why its blobs fit none."""
+    """The variant of a BatchNorm / BN layer, or why its blobs fit none. A blob count no variant
+    has means the caffemodel is not this net's (Caffe itself would refuse to load it)."""
+    if len(blobs) not in (3, 4, 5):
+        raise MismatchError(
+            f"layer '{layer.name}': {layer.type} with {len(blobs)} blob(s) in the caffemodel; Caffe's have "
+            "3 (BVLC), 5 (NVIDIA Caffe) or 4 (BN): are the prototxt and caffemodel from the same net?"
+        )
     if layer.type == "BN":
         found = "bn"
     elif len(blobs) == 5 and blobs[2].size == 1:

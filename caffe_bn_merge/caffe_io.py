@@ -6,10 +6,11 @@
   is copied verbatim, so a model where nothing folds comes out byte-identical.
 """
 
+import math
 import mmap
 import os
 import re
-import tempfile
+import secrets
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from typing import BinaryIO
 
 import numpy as np
 from google.protobuf import text_format
+from google.protobuf.message import DecodeError
 
 from . import proto, prototxt, wire
 from .errors import InputError, OutputError
@@ -27,6 +29,8 @@ from .upgrade import upgrade_layer
 _LAYER_FIELDS = {100: (1, 7), 2: (4, 6)}  # 100: LayerParameter `layer`, 2: V1 `layers`
 _BLOB_DIMS, _BLOB_DATA, _BLOB_DOUBLE, _BLOB_SHAPE = (1, 2, 3, 4), 5, 8, 7
 _BLOB_RAW_TYPE, _BLOB_RAW = 10, 12  # NVIDIA Caffe: raw bytes of the type named by raw_data_type
+MAX_LAYER_RECORDS = 100_000  # real nets have a few thousand at most
+MAX_BLOBS, MAX_DIMS = 64, 32  # per layer, per blob shape
 _FLOAT32, _FLOAT64, _FLOAT16 = np.dtype("<f4"), np.dtype("<f8"), np.dtype("<f2")
 _RAW_TYPES = {0: _FLOAT64, 1: _FLOAT32, 2: _FLOAT16}  # caffe.Type: DOUBLE, FLOAT, FLOAT16
 
@@ -73,6 +77,8 @@ def read_net_text(path: Path, schema: prototxt.Schema | None = None) -> prototxt
         parsed = prototxt.parse_net_text(text, schema)
     except text_format.ParseError as err:
         raise InputError(f"{path}: {_not_a_net(text, err)}") from err
+    except (RecursionError, DecodeError) as err:
+        raise InputError(f"{path}: nested too deeply or malformed ({type(err).__name__}); not a usable net") from err
     if not parsed.net.layer:
         raise InputError(f"{path}: {_not_a_net(text, None)}")
     return parsed
@@ -125,16 +131,48 @@ def _read_bytes(path: Path, flag: str) -> bytes:
 def read_weights(path: Path) -> Weights:
     """Memory-map a caffemodel and index its layers' blobs without copying them."""
     buffer = _map_file(path)
-    if bytes(buffer[:4096]).lstrip().startswith((b"name:", b"layer", b"input", b"#")):
-        raise InputError(f"{path}: this is a text prototxt, not a caffemodel: pass it as --model")
+    _refuse_other_formats(path, bytes(buffer[:4096]))
     try:
-        records = list(wire.iter_fields(buffer))
-        weights = Weights(path, buffer, records)
-        for record in records:
+        weights = Weights(path, buffer, _top_records(buffer))
+        for record in weights.records:
             weights.record_names.append(_index_layer(weights, record))
     except wire.WireError as err:
-        raise InputError(f"{path}: not a readable caffemodel ({err})") from err
+        raise InputError(f"{path}: not a readable caffemodel ({err}); is the file complete?") from err
+    if not weights.layers:
+        raise InputError(f"{path}: holds no layers; is it a caffemodel?")
     return weights
+
+
+_OTHER_FORMATS = (
+    (b"version https://git-lfs", "is a Git LFS pointer, not the weights: run `git lfs pull` to fetch them"),
+    (b"\x1f\x8b", "is gzip-compressed: gunzip it first"),
+    (b"PK\x03\x04", "is a zip archive: unzip it first"),
+    (b"\x89HDF", "is an HDF5 file (Caffe's .caffemodel.h5 or Keras), not a protobuf caffemodel"),
+)
+
+
+def _refuse_other_formats(path: Path, head: bytes) -> None:
+    for magic, message in _OTHER_FORMATS:
+        if head.startswith(magic):
+            raise InputError(f"{path}: {message}")
+    if head.lstrip().startswith((b"name:", b"layer", b"input", b"#")):
+        raise InputError(f"{path}: this is a text prototxt, not a caffemodel: pass it as --model")
+
+
+def _top_records(buffer: memoryview) -> list[wire.Field]:
+    """The NetParameter's layer records, with every run of other fields merged into one span
+    (so a hostile file of tiny fields cannot make us hold an object per byte)."""
+    records: list[wire.Field] = []
+    for record in wire.iter_fields(buffer):
+        if record.number in _LAYER_FIELDS and record.wire_type == wire.LENGTH:
+            records.append(record)
+        elif records and records[-1].number == 0:
+            records[-1] = wire.Field(0, -1, records[-1].start, records[-1].start, record.end)
+        else:
+            records.append(wire.Field(0, -1, record.start, record.start, record.end))
+        if len(records) > MAX_LAYER_RECORDS:
+            raise wire.WireError(f"more than {MAX_LAYER_RECORDS} layer records")
+    return records
 
 
 def _map_file(path: Path) -> memoryview:
@@ -159,6 +197,8 @@ def _index_layer(weights: Weights, record: wire.Field) -> str | None:
         if item.number == name_field and item.wire_type == wire.LENGTH:
             name = bytes(weights.buffer[item.value_start : item.end]).decode("utf-8", "replace")
         elif item.number == blob_field and item.wire_type == wire.LENGTH:
+            if len(blobs) == MAX_BLOBS:
+                raise wire.WireError(f"layer '{name}' has more than {MAX_BLOBS} blobs")
             array, is_legacy = _decode_blob(weights.buffer, item)
             blobs.append(array)
             legacy.append(is_legacy)
@@ -172,24 +212,26 @@ def _decode_blob(buf: memoryview, record: wire.Field) -> tuple[np.ndarray, bool]
     shape: list[int] | None = None
     chunks: list[np.ndarray] = []
     raw: wire.Field | None = None
-    raw_type = 1
+    raw_type, unpacked = 1, False
     for item in wire.iter_fields(buf, record.value_start, record.end):
         if item.number in _BLOB_DIMS and item.wire_type == wire.VARINT:
             legacy[_BLOB_DIMS.index(item.number)] = item.value
         elif item.number == _BLOB_SHAPE and item.wire_type == wire.LENGTH:
             shape = _decode_dims(buf, item)
-        elif item.number in (_BLOB_DATA, _BLOB_DOUBLE):
+        elif item.number in (_BLOB_DATA, _BLOB_DOUBLE) and item.wire_type == wire.LENGTH:
             chunks.append(_decode_values(buf, item))
+        elif item.number in (_BLOB_DATA, _BLOB_DOUBLE):
+            unpacked = True
         elif item.number == _BLOB_RAW_TYPE and item.wire_type == wire.VARINT:
             raw_type = item.value
         elif item.number == _BLOB_RAW and item.wire_type == wire.LENGTH:
             raw = item
     if raw is not None and not chunks:
         chunks.append(_decode_raw(buf, raw, raw_type))
-    values = _join(chunks)
+    values = _unpacked_values(buf, record) if unpacked else _join(chunks)
     is_legacy = shape is None and any(legacy)
     dims = shape if shape is not None else (legacy if is_legacy else [values.size])
-    if int(np.prod(dims, dtype=np.int64)) != values.size:
+    if len(dims) > MAX_DIMS or math.prod(dims) != values.size:
         raise wire.WireError(f"a blob declares shape {dims} but holds {values.size} values")
     return values.reshape(dims), is_legacy
 
@@ -203,14 +245,25 @@ def _decode_dims(buf: memoryview, shape_record: wire.Field) -> list[int]:
             dims.append(item.value)
             continue
         pos = item.value_start
-        while pos < item.end:
+        while pos < item.end and len(dims) <= MAX_DIMS:
             dim, pos = wire.read_varint(buf, pos, item.end)
             dims.append(dim)
+        if len(dims) > MAX_DIMS:
+            raise wire.WireError(f"a blob shape has more than {MAX_DIMS} dimensions")
     return dims
 
 
+def _unpacked_values(buf: memoryview, record: wire.Field) -> np.ndarray:
+    """Values written one field each (old writers): parsed by protobuf into compact arrays."""
+    try:
+        blob = proto.BlobProto.FromString(bytes(buf[record.value_start : record.end]))
+    except DecodeError as err:
+        raise wire.WireError(f"a blob does not decode ({err})") from err
+    return np.array(blob.double_data, _FLOAT64) if blob.double_data else np.array(blob.data, _FLOAT32)
+
+
 def _decode_values(buf: memoryview, item: wire.Field) -> np.ndarray:
-    """Packed (LENGTH) or single (FIXED32/FIXED64) float or double values, as a view."""
+    """Packed float or double values, as a view."""
     dtype = _FLOAT32 if item.number == _BLOB_DATA else _FLOAT64
     if (item.end - item.value_start) % dtype.itemsize:
         raise wire.WireError("a blob's data length is not a whole number of values")
@@ -264,10 +317,13 @@ def _write_edited_layer(
         for item in wire.iter_fields(weights.buffer, record.value_start, record.end)
         if item.number != blob_field
     )
-    if record.number == 100:
-        layer = proto.LayerParameter.FromString(kept)
-    else:
-        layer = upgrade_layer(proto.V1LayerParameter.FromString(kept))
+    try:
+        if record.number == 100:
+            layer = proto.LayerParameter.FromString(kept)
+        else:
+            layer = upgrade_layer(proto.V1LayerParameter.FromString(kept))
+    except DecodeError as err:
+        raise InputError(f"{weights.path}: layer '{stored.name}' does not decode ({err}); is the file intact?") from err
     if edit is None:
         edit = LayerEdit(tuple(stored.blobs))
     edit.update(layer)
@@ -321,18 +377,20 @@ def _encode_blob(array: np.ndarray, legacy: bool) -> tuple[bytes, bytes]:
 
 @contextmanager
 def atomic_output(path: Path) -> Iterator[BinaryIO]:
-    """Write to a temporary file beside `path`; rename it over `path` only when complete."""
+    """Write to a temporary file beside `path`; rename it over `path` only when complete. The
+    temporary name is chosen before the file exists, so an interruption at any point (a handled
+    signal included) can remove it."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as err:
-        raise OutputError(f"{path}: cannot write in {path.parent} ({err.strerror})") from err
-    try:
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 & ~_umask())
+        except OSError as err:
+            raise OutputError(f"{path}: cannot write in {path.parent} ({err.strerror})") from err
         with os.fdopen(fd, "wb") as handle:
             yield handle
-        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 

@@ -7,6 +7,7 @@ further from the original than --tolerance.
 import argparse
 import json
 import logging
+import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -50,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_verify_flags(parser)
     out = parser.add_argument_group("reporting")
     out.add_argument("--dry-run", action="store_true", help="plan and print the decisions; write no model files")
+    out.add_argument("--force", action="store_true", help="replace output files that exist already")
     out.add_argument("--report", type=Path, help="write a JSON report of every decision (schema: README)")
     verbosity = out.add_mutually_exclusive_group()
     verbosity.add_argument("-v", "--verbose", action="store_true", help="show every decision, and log each step")
@@ -134,6 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return batch_main(argv[1:])
     args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)  # so a killed run still removes its temporary files
     level = logging.INFO if args.verbose else logging.ERROR if args.quiet else logging.WARNING
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
     try:
@@ -148,6 +151,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"merge-bn: internal error: {type(err).__name__}: {err} (rerun with --debug)", file=sys.stderr)
         return 1
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -170,7 +177,7 @@ def _run(args: argparse.Namespace) -> int:
     with _progress(console, args.quiet) as step:
         result = merge(
             args.model, args.weights, args.output_model, args.output_weights, options,
-            write=not args.dry_run, on_step=step,
+            write=not args.dry_run, overwrite=args.force, on_step=step,
         )  # fmt: skip
         checked = None
         if args.verify:
@@ -219,6 +226,8 @@ def _print(console: object, result: "MergeResult", checked: "VerifyResult | None
         console.print(table)
     if checked is not None:
         console.print(verify_table(checked))
+    if not result.plan.actions:
+        console.print("nothing to fold: the merged model is the input model (already merged, or no BatchNorm)")
     if result.output_model is not None:
         console.print(f"wrote {result.output_model} and {result.output_weights}")
     if checked is not None and not checked.passed:

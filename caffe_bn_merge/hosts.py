@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .caffe_io import WeightLayer
-from .errors import MismatchError
+from .errors import InputError, MismatchError
 from .reasons import Reason, Refusal
 
 HOST_TYPES = {"Convolution": "conv", "Deconvolution": "deconv", "InnerProduct": "ip"}
@@ -44,6 +44,8 @@ def read_host(layer: object, stored: WeightLayer | None) -> Host | Refusal:
         layout = HOST_TYPES.get(layer.type, "conv")
         groups, rank = param.group, (2 + spatial if spatial > 1 else None)
         padded = any(param.pad) or param.pad_h > 0 or param.pad_w > 0
+    if groups < 1 or param.num_output < 1:
+        raise InputError(f"layer '{layer.name}': num_output {param.num_output} and group {groups} must be at least 1")
     blobs = _host_blobs(layer, stored, param.bias_term)
     host = Host(layer.name, layout, groups, param.num_output, rank, padded, *blobs)
     _check_shape(layer, host)
@@ -55,10 +57,13 @@ def _host_blobs(layer: object, stored: WeightLayer | None, bias_term: bool) -> t
         raise MismatchError(f"layer '{layer.name}' ({layer.type}) has no weights in the caffemodel")
     expected = 2 if bias_term else 1
     if len(stored.blobs) != expected:
+        guess = {
+            (2, 1): "an already-merged prototxt with the unmerged caffemodel? use the original prototxt",
+            (1, 2): "an unmerged prototxt with an already-merged caffemodel? use the merged prototxt",
+        }.get((expected, len(stored.blobs)), "are they from the same net?")
         raise MismatchError(
             f"layer '{layer.name}': the prototxt expects {expected} blob(s) (bias_term: "
-            f"{str(bias_term).lower()}) but the caffemodel has {len(stored.blobs)}; "
-            "are the prototxt and caffemodel from the same (merged or unmerged) model?"
+            f"{str(bias_term).lower()}) but the caffemodel has {len(stored.blobs)}: {guess}"
         )
     return stored.blobs[0], (stored.blobs[1] if bias_term else None)
 

@@ -1,6 +1,7 @@
 """Affine layers (BatchNorm, Scale, Bias, Power with power 1) read as per-channel affine maps, or
 refused with the reason they are not one. Caffe's semantics are in each reader's docstring."""
 
+import logging
 from collections.abc import Callable
 
 import numpy as np
@@ -12,21 +13,19 @@ from .errors import MismatchError
 from .reasons import Reason, Refusal
 
 NORM_TYPES = ("BatchNorm", "BN", "Scale", "Bias", "Power")
+log = logging.getLogger(__name__)
 
 
 def own_refusal(layer: object) -> Refusal | None:
     """A reason found in the layer alone (no neighbours, no weights) why it can never fold."""
+    if len(layer.bottom) != 1 or len(layer.top) != 1:
+        return Refusal(Reason.TWO_BOTTOMS, f"{len(layer.bottom)} bottom(s), {len(layer.top)} top(s)")
     if layer.type == "BatchNorm":
         param = layer.batch_norm_param
         if param.HasField("use_global_stats") and not param.use_global_stats:
             return Refusal(Reason.BATCH_STATS)
-    elif layer.type == "BN":
-        return None  # the BN forks use their stored statistics in the TEST phase
-    elif layer.type == "Power":
-        if layer.power_param.power != 1:
-            return Refusal(Reason.NOT_AFFINE, f"power {layer.power_param.power:g}")
-    elif len(layer.bottom) != 1:
-        return Refusal(Reason.TWO_BOTTOMS)
+    elif layer.type == "Power" and layer.power_param.power != 1:
+        return Refusal(Reason.NOT_AFFINE, f"power {layer.power_param.power:g}")
     return None
 
 
@@ -57,8 +56,19 @@ def read_affine(
     if stored is None:
         raise MismatchError(f"layer '{layer.name}' ({layer.type}) has no blobs in the caffemodel")
     if layer.type in ("BatchNorm", "BN"):
-        return _batchnorm(layer, stored, channels, bn_flavour)
-    return _READERS[layer.type](layer, stored, channels, rank)
+        affine = _batchnorm(layer, stored, channels, bn_flavour)
+    else:
+        affine = _READERS[layer.type](layer, stored, channels, rank)
+    return affine if isinstance(affine, Refusal) else _finite(layer, affine)
+
+
+def _finite(layer: object, affine: ChannelAffine) -> ChannelAffine | Refusal:
+    """Refuse a map that is not finite everywhere: folding it would spread NaN or infinity into
+    weights that other channels share (Caffe keeps it per channel). Warn about negative variance."""
+    bad = ~(np.isfinite(affine.scale) & np.isfinite(affine.shift))
+    if bad.any():
+        return Refusal(Reason.BAD_STATISTICS, f"{int(bad.sum())} channel(s)")
+    return affine
 
 
 def _batchnorm(layer: object, stored: WeightLayer, channels: int, flavour: str) -> ChannelAffine | Refusal:
@@ -66,8 +76,18 @@ def _batchnorm(layer: object, stored: WeightLayer, channels: int, flavour: str) 
     variant = bn_variants.detect(layer, stored.blobs, flavour)
     if isinstance(variant, Refusal):
         return variant
-    per_channel = [b for b in bn_variants.statistics(variant, stored.blobs)[:4] if b is not None]
+    statistics = bn_variants.statistics(variant, stored.blobs)
+    per_channel = [b for b in statistics[:4] if b is not None]
     _check_size(layer, all(b.size == channels for b in per_channel), channels)
+    with np.errstate(invalid="ignore"):
+        negative = int(np.sum(np.asarray(statistics[1], np.float64) < 0))
+    if negative:
+        log.warning(
+            "%s '%s': %d channel(s) have negative variance; folded as Caffe computes them",
+            layer.type,
+            layer.name,
+            negative,
+        )
     return bn_variants.affine(variant, layer, stored.blobs, channels)
 
 

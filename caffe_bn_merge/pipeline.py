@@ -99,10 +99,12 @@ def merge(
     options: MergeOptions = MergeOptions(),  # frozen, so one shared default is safe
     *,
     write: bool = True,
+    overwrite: bool = False,
     on_step: Callable[[str], None] = lambda step: None,
 ) -> MergeResult:
     """Fold the BatchNorm/Scale layers of `model` + `weights`; write the merged pair unless `write`
-    is False. `on_step` hears the name of each step as it starts (for progress displays)."""
+    is False, replacing existing output files only when `overwrite`. `on_step` hears the name of
+    each step as it starts (for progress displays)."""
     model, weights = Path(model), Path(weights)
     defaults = default_outputs(model, weights)
     output_model = Path(output_model or defaults[0])
@@ -113,7 +115,7 @@ def merge(
     net = net_text.net
     stored = caffe_io.read_weights(weights)
     if write:
-        _check_outputs((model, weights), (output_model, output_weights))
+        _check_outputs((model, weights), (output_model, output_weights), overwrite)
     _check_pairing(build_graph(net), stored, model, weights, options.conv_like)
     _log_input(net_text)
     on_step("folding")
@@ -183,13 +185,15 @@ def _distinct(refusals: list[Refusal]) -> tuple[Refusal, ...]:
     return tuple(dict.fromkeys(refusals))
 
 
-def _check_outputs(inputs: tuple[Path, Path], outputs: tuple[Path, Path]) -> None:
+def _check_outputs(inputs: tuple[Path, Path], outputs: tuple[Path, Path], overwrite: bool) -> None:
     resolved = {p.resolve() for p in inputs}
     for out in outputs:
         if out.resolve() in resolved:
             raise OutputError(f"{out}: output path equals an input path; choose another output name")
         if not out.parent.is_dir():
             raise OutputError(f"{out}: folder {out.parent} does not exist")
+        if out.exists() and not overwrite:
+            raise OutputError(f"{out}: exists already; add --force to replace it")
     if outputs[0].resolve() == outputs[1].resolve():
         raise OutputError(f"{outputs[0]}: the output model and weights paths are the same")
 
@@ -197,25 +201,26 @@ def _check_outputs(inputs: tuple[Path, Path], outputs: tuple[Path, Path]) -> Non
 def _check_pairing(
     graph: NetGraph, stored: caffe_io.Weights, model: Path, weights: Path, conv_like: tuple[str, ...]
 ) -> None:
-    """Refuse a caffemodel that does not hold this prototxt's weights: one that shares no weighted
-    layer with it, lacks normalisation layers' statistics, or has host blobs that do not fit."""
-    weighted = [
-        n
-        for n in graph.layers
-        if n.type in HOST_TYPES
-        or n.type in conv_like
-        or (n.type in NORM_TYPES and n.type != "Power" and len(n.bottoms) == 1)
-    ]
-    present = [n for n in weighted if n.name in stored.layers]
-    missing = [n.name for n in weighted if n.name not in stored.layers and (n.type in NORM_TYPES or not present)]
+    """Refuse a caffemodel that does not hold this prototxt's weights: host blobs that do not fit,
+    missing statistics, or no weighted layer in common at all; say so when it looks merged."""
+    hosts = [n for n in graph.layers if n.type in HOST_TYPES or n.type in conv_like]
+    norms = [n for n in graph.layers if n.type in NORM_TYPES and n.type != "Power" and len(n.bottoms) == 1]
+    missing_hosts = [n.name for n in hosts if n.name not in stored.layers]
+    missing_norms = [n.name for n in norms if n.name not in stored.layers]
+    if missing_norms and hosts and not missing_hosts:
+        raise MismatchError(
+            f"{weights} has no BatchNorm/Scale weights for {len(missing_norms)} layers of {model} "
+            f"('{missing_norms[0]}', ...): it looks already merged; use it with its merged prototxt"
+        )
+    missing = missing_norms + (missing_hosts if len(missing_hosts) == len(hosts) else [])
     if missing:
         listed = ", ".join(f"'{name}'" for name in missing[:3])
         raise MismatchError(
-            f"{weights} has no weights for {len(missing)} of the {len(weighted)} weighted layers of {model} "
-            f"({listed}{', ...' if len(missing) > 3 else ''}); are they from the same net?"
+            f"{weights} has no weights for {len(missing)} of the {len(hosts) + len(norms)} weighted layers "
+            f"of {model} ({listed}{', ...' if len(missing) > 3 else ''}); are they from the same net?"
         )
-    for node in present:
-        if node.type in HOST_TYPES or node.type in conv_like:
+    for node in hosts:
+        if node.name in stored.layers:
             read_host(node.param, stored.layers[node.name])  # raises on blob count or shape mismatch
 
 

@@ -8,10 +8,11 @@ class Reason(StrEnum):
     """Short, stable codes (used in the JSON report) with the text shown to users."""
 
     BATCH_STATS = "uses batch statistics (use_global_stats: false), not a fixed map"
-    TWO_BOTTOMS = "takes its scale from a second bottom at run time"
+    TWO_BOTTOMS = "does not have one bottom and one top (a second bottom gives its scale at run time)"
     NOT_PER_CHANNEL = "is not per channel on axis 1"
     UNKNOWN_LAYOUT = "has a blob layout this version does not know"
     NOT_AFFINE = "is not an affine map"
+    BAD_STATISTICS = "its parameters give NaN or infinity (Caffe's own output is not finite there)"
     UNKNOWN_CHANNELS = "its channel count is unknown (scalar maps only)"
     NET_INPUT = "reads a net input, not a layer output"
     SHARED_INPUT = "its input is also read by another layer"

@@ -87,7 +87,7 @@ BAD = {
     ),
     "merged prototxt, unmerged weights": (
         ["--model", "merged.prototxt", "--weights", "net.caffemodel"],
-        r"expects 2 blob\(s\).*caffemodel has 1",
+        r"expects 2 blob\(s\).*caffemodel has 1: an already-merged prototxt with the unmerged caffemodel",
     ),
 }
 

@@ -70,8 +70,8 @@ def test_batchnorm_variant(case: str, tmp_path) -> None:
 
 
 def test_unknown_batchnorm_layout_is_kept(tmp_path) -> None:
-    mean, var, _, _ = _stats()
-    b = _conv_with_bn([mean, var])
+    mean, var, gamma, beta = _stats()
+    b = _conv_with_bn([mean, var, gamma, beta, np.ones(2)])  # 5 blobs, none of shape [1]
     merged = merge_and_check(b, tmp_path, engine=None)
     assert merged.kept == {"bn": "unknown_layout"}
 

@@ -23,7 +23,7 @@ REAL = {
 
 def _args(model: Path, weights: Path, out: Path, *extra: str) -> list[str]:
     return ["--model", str(model), "--weights", str(weights), "--output-model", str(out / "m.prototxt"),
-            "--output-weights", str(out / "m.caffemodel"), *extra]  # fmt: skip
+            "--output-weights", str(out / "m.caffemodel"), "--force", *extra]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", ["mobilenet_ssd", "resnet_mini", "deconv_seg", "no_bn"])

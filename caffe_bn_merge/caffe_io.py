@@ -45,12 +45,32 @@ class WeightLayer:
     legacy_shape: list[bool]  # blob stored with num/channels/height/width instead of `shape`
 
 
+class FoldedLayer(WeightLayer):
+    """A layer whose blobs are computed when read: folded weights are not kept in memory."""
+
+    def __init__(self, name: str, make_blobs: Callable[[], tuple[np.ndarray, ...]]) -> None:
+        self.name, self.list_field, self._make_blobs = name, 100, make_blobs
+
+    @property
+    def blobs(self) -> list[np.ndarray]:
+        return list(self._make_blobs())
+
+    @property
+    def legacy_shape(self) -> list[bool]:
+        return [False] * len(self.blobs)
+
+
 @dataclass(frozen=True)
 class LayerEdit:
-    """New blobs for a layer, and a change to its parameters (applied to both files' copies)."""
+    """New blobs for a layer (made when written, so folded weights are never all held at once),
+    and a change to its parameters (applied to both files' copies)."""
 
-    blobs: tuple[np.ndarray, ...]
+    make_blobs: Callable[[], tuple[np.ndarray, ...]]
     update: Callable[[object], None] = lambda layer: None
+
+    @property
+    def blobs(self) -> tuple[np.ndarray, ...]:
+        return self.make_blobs()
 
 
 @dataclass
@@ -60,6 +80,7 @@ class Weights:
     path: Path
     buffer: memoryview
     records: list[wire.Field]
+    mapping: mmap.mmap | None = None  # the memory map behind `buffer`
     layers: dict[str, WeightLayer] = field(default_factory=dict)
     record_names: list[str | None] = field(default_factory=list)
 
@@ -130,10 +151,11 @@ def _read_bytes(path: Path, flag: str) -> bytes:
 
 def read_weights(path: Path) -> Weights:
     """Memory-map a caffemodel and index its layers' blobs without copying them."""
-    buffer = _map_file(path)
+    mapping = _map_file(path)
+    buffer = memoryview(mapping)
     _refuse_other_formats(path, bytes(buffer[:4096]))
     try:
-        weights = Weights(path, buffer, _top_records(buffer))
+        weights = Weights(path, buffer, _top_records(buffer), mapping)
         for record in weights.records:
             weights.record_names.append(_index_layer(weights, record))
     except wire.WireError as err:
@@ -175,12 +197,12 @@ def _top_records(buffer: memoryview) -> list[wire.Field]:
     return records
 
 
-def _map_file(path: Path) -> memoryview:
+def _map_file(path: Path) -> mmap.mmap:
     try:
         with path.open("rb") as handle:
             if os.fstat(handle.fileno()).st_size == 0:
                 raise InputError(f"{path}: the file is empty (given as --weights)")
-            return memoryview(mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ))
+            return mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
     except FileNotFoundError as err:
         raise InputError(f"{path}: no such file (given as --weights)") from err
     except OSError as err:
@@ -298,11 +320,24 @@ def write_weights(weights: Weights, edits: dict[str, LayerEdit], dropped: set[st
                 _write_edited_layer(handle, weights, record, weights.layers[name], edits.get(name))
             else:
                 handle.write(weights.buffer[record.start : record.end])
+            _release(weights, record)
         for name, edit in edits.items():
             if name not in weights.layers:
                 layer = proto.LayerParameter(name=name)
                 edit.update(layer)
-                _write_layer(handle, layer.SerializeToString(), edit.blobs, [False] * len(edit.blobs))
+                blobs = edit.blobs
+                _write_layer(handle, layer.SerializeToString(), blobs, [False] * len(blobs))
+
+
+def _release(weights: Weights, record: wire.Field) -> None:
+    """Drop the pages of a record we are done with from our memory (they stay in the page cache),
+    so writing a model never holds the whole input in our resident memory."""
+    if weights.mapping is None or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    start = record.start - record.start % mmap.PAGESIZE
+    end = min(record.end + (-record.end) % mmap.PAGESIZE, len(weights.buffer))
+    if end > start:
+        weights.mapping.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
 def _write_edited_layer(
@@ -325,10 +360,11 @@ def _write_edited_layer(
     except DecodeError as err:
         raise InputError(f"{weights.path}: layer '{stored.name}' does not decode ({err}); is the file intact?") from err
     if edit is None:
-        edit = LayerEdit(tuple(stored.blobs))
+        edit = LayerEdit(lambda: tuple(stored.blobs))
     edit.update(layer)
-    legacy = [_is_legacy(stored, i, blob) for i, blob in enumerate(edit.blobs)]
-    _write_layer(handle, layer.SerializeToString(), edit.blobs, legacy)
+    blobs = edit.blobs
+    legacy = [_is_legacy(stored, i, blob) for i, blob in enumerate(blobs)]
+    _write_layer(handle, layer.SerializeToString(), blobs, legacy)
 
 
 def write_new_weights(layers: list[tuple[str, str, list[np.ndarray]]], path: Path) -> None:
@@ -341,13 +377,11 @@ def write_new_weights(layers: list[tuple[str, str, list[np.ndarray]]], path: Pat
 
 def _write_layer(handle: BinaryIO, head: bytes, blobs: Sequence[np.ndarray], legacy: list[bool]) -> None:
     """One `layer` record: its serialized non-blob fields, then its blobs, without joining them."""
-    encoded = [_encode_blob(blob, is_legacy) for blob, is_legacy in zip(blobs, legacy, strict=True)]
-    body_size = len(head) + sum(len(key) + len(payload) for key, payload in encoded)
-    handle.write(wire.encode_varint(100 << 3 | wire.LENGTH) + wire.encode_varint(body_size))
+    pieces = [piece for blob, is_legacy in zip(blobs, legacy, strict=True) for piece in _encode_blob(blob, is_legacy)]
+    handle.write(wire.encode_length_header(100, len(head) + sum(len(p) for p in pieces)))
     handle.write(head)
-    for key, payload in encoded:
-        handle.write(key)
-        handle.write(payload)
+    for piece in pieces:
+        handle.write(piece)
 
 
 def _is_legacy(stored: WeightLayer, index: int, blob: np.ndarray) -> bool:
@@ -355,8 +389,9 @@ def _is_legacy(stored: WeightLayer, index: int, blob: np.ndarray) -> bool:
     return index < len(stored.blobs) and stored.legacy_shape[index] and stored.blobs[index].shape == blob.shape
 
 
-def _encode_blob(array: np.ndarray, legacy: bool) -> tuple[bytes, bytes]:
-    """A BlobProto field (as key+length and payload) holding `array` in its own dtype."""
+def _encode_blob(array: np.ndarray, legacy: bool) -> list[bytes | memoryview]:
+    """A BlobProto field holding `array` in its own dtype, as pieces to write in order (the
+    values are a view of the array: no copy of the data is made)."""
     if legacy:
         head = b"".join(wire.encode_varint_field(n, d) for n, d in zip(_BLOB_DIMS, array.shape, strict=True))
     elif array.ndim == 0:
@@ -366,13 +401,13 @@ def _encode_blob(array: np.ndarray, legacy: bool) -> tuple[bytes, bytes]:
         shape = wire.encode_length_delimited(1, dims) + dims
         head = wire.encode_length_delimited(_BLOB_SHAPE, shape) + shape
     if array.dtype == np.float16:  # kept as NVIDIA Caffe stores it
-        data = np.ascontiguousarray(array, _FLOAT16).tobytes()
-        payload = head + wire.encode_varint_field(_BLOB_RAW_TYPE, 2) + wire.encode_length_delimited(_BLOB_RAW, data)
-        return wire.encode_length_delimited(_LAYER_FIELDS[100][1], payload + data), payload + data
-    number, dtype = (_BLOB_DOUBLE, _FLOAT64) if array.dtype == np.float64 else (_BLOB_DATA, _FLOAT32)
-    data = np.ascontiguousarray(array, dtype).tobytes()
-    payload = head + wire.encode_length_delimited(number, data) + data
-    return wire.encode_length_delimited(_LAYER_FIELDS[100][1], payload), payload
+        data = memoryview(np.ascontiguousarray(array, _FLOAT16)).cast("B")
+        head += wire.encode_varint_field(_BLOB_RAW_TYPE, 2) + wire.encode_length_delimited(_BLOB_RAW, data)
+    else:
+        number, dtype = (_BLOB_DOUBLE, _FLOAT64) if array.dtype == np.float64 else (_BLOB_DATA, _FLOAT32)
+        data = memoryview(np.ascontiguousarray(array, dtype)).cast("B")
+        head += wire.encode_length_delimited(number, data)
+    return [wire.encode_length_header(_LAYER_FIELDS[100][1], len(head) + len(data)), head, data]
 
 
 @contextmanager

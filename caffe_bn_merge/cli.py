@@ -158,14 +158,11 @@ def _terminate(signum: int, frame: object) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
     from .caffe_io import atomic_output
     from .hosts import DEFAULT_CONV_LIKE
     from .pipeline import MergeOptions, merge
-    from .report import TABLE_WIDTH, build_report
 
-    console = Console(width=TABLE_WIDTH, quiet=args.quiet)
+    console = None if args.quiet else _console()
     options = MergeOptions(
         identity=not args.keep_identity,
         backward=not args.no_backward,
@@ -174,7 +171,7 @@ def _run(args: argparse.Namespace) -> int:
         conv_like=(*DEFAULT_CONV_LIKE, *args.conv_like),
         caffe_proto=args.caffe_proto,
     )
-    with _progress(console, args.quiet) as step:
+    with _progress(console) as step:
         result = merge(
             args.model, args.weights, args.output_model, args.output_weights, options,
             write=not args.dry_run, overwrite=args.force, on_step=step,
@@ -186,8 +183,11 @@ def _run(args: argparse.Namespace) -> int:
             else:
                 step("verifying")
                 checked = _verify(args, result)
-    _print(console, result, checked, args.verbose or args.dry_run)
+    if console is not None:
+        _print(console, result, checked, args.verbose or args.dry_run)
     if args.report:
+        from .report import build_report
+
         report = build_report(result, str(args.model), str(args.weights), checked)
         with atomic_output(args.report) as handle:
             handle.write(json.dumps(report, indent=2).encode())
@@ -202,10 +202,19 @@ def _verify(args: argparse.Namespace, result: "MergeResult") -> "VerifyResult":
     return verify(original, merged, args.backend, args.tolerance, args.input, args.seed)
 
 
+def _console() -> object:
+    """Where tables go (rich loads only when something is printed)."""
+    from rich.console import Console
+
+    from .report import TABLE_WIDTH
+
+    return Console(width=TABLE_WIDTH)
+
+
 @contextmanager
-def _progress(console: object, quiet: bool) -> Iterator[Callable[[str], None]]:
+def _progress(console: object | None) -> Iterator[Callable[[str], None]]:
     """A spinner naming the current step (shown on terminals only, so slow steps are visible)."""
-    if quiet or not console.is_terminal:
+    if console is None or not console.is_terminal:
         yield lambda name: log.info("%s ...", name)
         return
     with console.status("starting") as status:

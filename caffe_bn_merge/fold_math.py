@@ -23,7 +23,9 @@ import numpy as np
 
 from .affine import ChannelAffine
 
-Canonical = np.ndarray  # float64, shape (groups, out/groups, in/groups, rest)
+# Shape (groups, out/groups, in/groups, rest); a view of the stored weights where the layout allows.
+# Every product with an affine map (float64) is computed in float64, then cast once by the caller.
+Canonical = np.ndarray
 
 
 @dataclass(frozen=True)
@@ -37,19 +39,19 @@ class HostLayout:
 
 
 def _conv_in(w: np.ndarray, groups: int, c_out: int, c_in: int) -> Canonical:
-    return w.astype(np.float64).reshape(groups, c_out // groups, c_in // groups, -1)
+    return np.asarray(w).reshape(groups, c_out // groups, c_in // groups, -1)
 
 
 def _deconv_in(w: np.ndarray, groups: int, c_out: int, c_in: int) -> Canonical:
-    return w.astype(np.float64).reshape(groups, c_in // groups, c_out // groups, -1).transpose(0, 2, 1, 3)
+    return np.asarray(w).reshape(groups, c_in // groups, c_out // groups, -1).transpose(0, 2, 1, 3)
 
 
 def _ip_in(w: np.ndarray, groups: int, c_out: int, c_in: int) -> Canonical:
-    return w.astype(np.float64).reshape(1, c_out, c_in, -1)
+    return np.asarray(w).reshape(1, c_out, c_in, -1)
 
 
 def _ip_t_in(w: np.ndarray, groups: int, c_out: int, c_in: int) -> Canonical:
-    return w.astype(np.float64).reshape(-1, c_out).T.reshape(1, c_out, c_in, -1)
+    return np.asarray(w).reshape(-1, c_out).T.reshape(1, c_out, c_in, -1)
 
 
 def _deconv_out(canon: Canonical, shape: tuple[int, ...]) -> np.ndarray:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import proto
-from .caffe_io import LayerEdit, WeightLayer
+from .caffe_io import FoldedLayer, LayerEdit, WeightLayer
 from .fold_math import fold_backward, fold_forward
 from .graph import NetGraph, build_graph
 from .hosts import Host, host_param
@@ -47,13 +47,16 @@ class Rewrite:
         self.net = net
         self.removed |= {name for action in actions for name in action.removed}
 
-    def edit(self, name: str, blobs: tuple[np.ndarray, ...], update: Callable[[object], None]) -> None:
-        """Record new blobs and a parameter change for layer `name` (composed with earlier ones)."""
+    def edit(
+        self, name: str, make_blobs: Callable[[], tuple[np.ndarray, ...]], update: Callable[[object], None]
+    ) -> None:
+        """Record how to make layer `name`'s new blobs and its parameter change (composed with
+        earlier ones). The blobs are made when written (or read by a later rule), never kept."""
         earlier = self.edits.get(name)
         if earlier is not None:
             update = _compose(earlier.update, update)
-        self.edits[name] = LayerEdit(blobs, update)
-        self.layers[name] = WeightLayer(name, 100, list(blobs), [False] * len(blobs))
+        self.edits[name] = LayerEdit(make_blobs, update)
+        self.layers[name] = FoldedLayer(name, make_blobs)
 
 
 def _compose(first: Callable[[object], None], second: Callable[[object], None]) -> Callable[[object], None]:
@@ -65,14 +68,15 @@ def _compose(first: Callable[[object], None], second: Callable[[object], None]) 
 
 
 def _apply_host_fold(rewrite: Rewrite, net: object, index_of: dict[str, int], action: Action) -> None:
-    host = action.host
-    if action.rule is Rule.FORWARD:
-        weights, bias = fold_forward(host.weights, host.bias, action.affine, host.layout, host.groups)
-    else:
-        weights, bias = fold_backward(host.weights, host.bias, action.affine, host.layout, host.groups, host.c_out)
-    blobs = _cast(host, weights, bias)
+    host, affine = action.host, action.affine
+
+    def fold() -> tuple[np.ndarray, np.ndarray]:
+        if action.rule is Rule.FORWARD:
+            return _cast(host, *fold_forward(host.weights, host.bias, affine, host.layout, host.groups))
+        return _cast(host, *fold_backward(host.weights, host.bias, affine, host.layout, host.groups, host.c_out))
+
     _take_bias(net.layer[index_of[host.name]])
-    rewrite.edit(host.name, blobs, _take_bias)
+    rewrite.edit(host.name, fold, _take_bias)
 
 
 def _cast(host: Host, weights: np.ndarray, bias: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -96,7 +100,7 @@ def _apply_standalone(rewrite: Rewrite, net: object, index_of: dict[str, int], a
     dtype = stored[0].dtype if stored and stored[0].dtype != np.float16 else np.dtype(np.float32)
     blobs = (action.affine.scale.astype(dtype), action.affine.shift.astype(dtype))
     _become_scale(net.layer[index_of[first]])
-    rewrite.edit(first, blobs, _become_scale)
+    rewrite.edit(first, lambda: blobs, _become_scale)
 
 
 def _become_scale(layer: object) -> None:

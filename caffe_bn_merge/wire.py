@@ -83,7 +83,12 @@ def encode_varint(value: int) -> bytes:
 
 def encode_length_delimited(number: int, payload: bytes | memoryview) -> bytes:
     """Key and length of a LENGTH field; the caller writes `payload` right after (no copy here)."""
-    return encode_varint(number << 3 | LENGTH) + encode_varint(len(payload))
+    return encode_length_header(number, len(payload))
+
+
+def encode_length_header(number: int, size: int) -> bytes:
+    """Key and length of a LENGTH field of `size` bytes."""
+    return encode_varint(number << 3 | LENGTH) + encode_varint(size)
 
 
 def encode_varint_field(number: int, value: int) -> bytes:

@@ -76,5 +76,14 @@ def compare_reference(original: tuple[Path, Path], merged: tuple[Path, Path], fl
     return [BlobError(n, float(np.max(np.abs(want[n] - got[n]))), float(np.max(np.abs(want[n])))) for n in outputs]
 
 
+def copy_sample(folder: Path, name: str = "resnet_mini") -> tuple[Path, Path]:
+    """A bundled sample net copied to `folder` as net.prototxt + net.caffemodel (safe to spoil)."""
+    sample = Path(__file__).resolve().parent.parent / "sample_nets" / name
+    model, weights = folder / "net.prototxt", folder / "net.caffemodel"
+    model.write_bytes(sample.with_suffix(".prototxt").read_bytes())
+    weights.write_bytes(sample.with_suffix(".caffemodel").read_bytes())
+    return model, weights
+
+
 def seeded_input(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)

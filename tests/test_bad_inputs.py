@@ -14,21 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT
-from harness import merge_and_check
+from harness import copy_sample, merge_and_check
 
 from caffe_bn_merge import caffe_io, proto, wire
 from caffe_bn_merge.cli import main
 from caffe_bn_merge.synth import NetBuilder
-
-SAMPLE = ROOT / "sample_nets" / "resnet_mini"
-
-
-def _good(folder: Path) -> tuple[Path, Path]:
-    model, weights = folder / "net.prototxt", folder / "net.caffemodel"
-    model.write_bytes(SAMPLE.with_suffix(".prototxt").read_bytes())
-    weights.write_bytes(SAMPLE.with_suffix(".caffemodel").read_bytes())
-    return model, weights
 
 
 def _edit_text(path: Path, old: str, new: str, count: int = 1) -> None:
@@ -122,7 +112,7 @@ def _digest(folder: Path) -> dict[str, str]:
 @pytest.mark.parametrize("case", BAD, ids=list(BAD))
 def test_bad_input(case: str, tmp_path) -> None:
     make_bad, message = BAD[case]
-    model, weights = _good(tmp_path)
+    model, weights = copy_sample(tmp_path)
     make_bad(tmp_path)
     before = _digest(tmp_path)
     cmd = [sys.executable, "-m", "caffe_bn_merge", "--model", str(model), "--weights", str(weights)]
@@ -165,7 +155,7 @@ def test_negative_variance_still_finite_folds_with_a_warning(tmp_path, caplog) -
 
 
 def test_existing_output_needs_force(tmp_path, capsys) -> None:
-    model, weights = _good(tmp_path)
+    model, weights = copy_sample(tmp_path)
     args = ["--model", str(model), "--weights", str(weights), "-q"]
     assert main(args) == 0
     first = _digest(tmp_path)
@@ -176,7 +166,7 @@ def test_existing_output_needs_force(tmp_path, capsys) -> None:
 
 
 def test_already_merged_model_changes_nothing_and_says_so(tmp_path, capsys) -> None:
-    model, weights = _good(tmp_path)
+    model, weights = copy_sample(tmp_path)
     assert main(["--model", str(model), "--weights", str(weights), "-q"]) == 0
     merged = (tmp_path / "net_merged.prototxt", tmp_path / "net_merged.caffemodel")
     out = (tmp_path / "again.prototxt", tmp_path / "again.caffemodel")

@@ -8,17 +8,9 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT
+from harness import copy_sample
 
 from caffe_bn_merge.cli import build_parser, main
-
-SAMPLE = ROOT / "sample_nets" / "resnet_mini"
-
-
-def _copy_sample(folder: Path) -> tuple[Path, Path]:
-    model, weights = folder / "net.prototxt", folder / "net.caffemodel"
-    model.write_bytes(SAMPLE.with_suffix(".prototxt").read_bytes())
-    weights.write_bytes(SAMPLE.with_suffix(".caffemodel").read_bytes())
-    return model, weights
 
 
 def _digest(*paths: Path) -> list[str]:
@@ -49,7 +41,7 @@ def test_help_needs_no_numpy_and_tolerances_agree() -> None:
 
 
 def test_default_outputs_sit_beside_the_inputs(tmp_path, capsys) -> None:
-    model, weights = _copy_sample(tmp_path)
+    model, weights = copy_sample(tmp_path)
     before = _digest(model, weights)
     assert main(["--model", str(model), "--weights", str(weights)]) == 0
     assert (tmp_path / "net_merged.prototxt").is_file() and (tmp_path / "net_merged.caffemodel").is_file()
@@ -64,7 +56,7 @@ def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_classic_script_converts(tmp_path) -> None:
-    model, weights = _copy_sample(tmp_path)
+    model, weights = copy_sample(tmp_path)
     done = _run(["--model", model.name, "--weights", weights.name, "-q"], tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout == ""
@@ -94,7 +86,7 @@ BAD = {
 
 @pytest.mark.parametrize("case", BAD, ids=list(BAD))
 def test_bad_input_gets_one_line_and_exit_2(case: str, tmp_path) -> None:
-    model, weights = _copy_sample(tmp_path)
+    model, weights = copy_sample(tmp_path)
     (tmp_path / "other.caffemodel").write_bytes((ROOT / "sample_nets" / "no_bn.caffemodel").read_bytes())
     assert (
         main(

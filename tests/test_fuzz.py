@@ -132,9 +132,11 @@ def _merge_or_clean_error(folder: Path, prototxt: bytes, caffemodel: bytes) -> N
     model.write_bytes(prototxt)
     weights.write_bytes(caffemodel)
     out = (folder / "o.prototxt", folder / "o.caffemodel")
+    for stale in out:
+        stale.unlink(missing_ok=True)
     with _time_limit(SECONDS_PER_INPUT):
         try:
-            merge(model, weights, *out, overwrite=True)
+            merge(model, weights, *out)
         except MergeError:
             assert not any(p.exists() for p in out)  # failed: nothing under the output names
             return
@@ -152,8 +154,6 @@ def seeds(tmp_path_factory) -> tuple[Path, bytes, bytes]:
 @given(MUTATIONS)
 def test_mutated_caffemodels(seeds, mutations) -> None:
     folder, prototxt, caffemodel = seeds
-    for stale in ("o.prototxt", "o.caffemodel"):
-        (folder / stale).unlink(missing_ok=True)
     _merge_or_clean_error(folder, prototxt, _mutate(caffemodel, mutations))
 
 
@@ -161,8 +161,6 @@ def test_mutated_caffemodels(seeds, mutations) -> None:
 @given(MUTATIONS)
 def test_mutated_prototxts(seeds, mutations) -> None:
     folder, prototxt, caffemodel = seeds
-    for stale in ("o.prototxt", "o.caffemodel"):
-        (folder / stale).unlink(missing_ok=True)
     _merge_or_clean_error(folder, _mutate(prototxt, mutations), caffemodel)
 
 

@@ -19,3 +19,16 @@ def real_nets() -> Path:
             pytest.fail(f"{REAL_NETS} is missing in CI")
         pytest.skip("../shared/real_nets is not beside the repo")
     return REAL_NETS
+
+
+@pytest.fixture
+def pycaffe() -> Path:
+    """The pycaffe environment's python; skipped when absent, except in CI, where it must be built."""
+    from caffe_bn_merge.caffe_backend import pycaffe_python
+
+    python = pycaffe_python()
+    if python is None:
+        if os.environ.get("CI"):
+            pytest.fail("pycaffe is not installed in CI: run scripts/install_pycaffe.sh first")
+        pytest.skip("pycaffe is not installed (scripts/install_pycaffe.sh)")
+    return python

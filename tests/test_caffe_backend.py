@@ -3,7 +3,6 @@
 Skipped when pycaffe is not installed, except in CI, where that fails and names the install script.
 """
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -19,16 +18,6 @@ SAMPLES = ROOT / "sample_nets"
 NAMES = ("resnet_mini", "mobilenet_ssd", "deconv_seg", "no_bn")
 ENGINE_TOLERANCE = 1e-4  # pycaffe vs OpenCV: two engines, float32 summation orders differ
 MERGE_TOLERANCE = 1e-5  # merged vs original, both on pycaffe
-
-
-@pytest.fixture
-def pycaffe() -> Path:
-    python = pycaffe_python()
-    if python is None:
-        if os.environ.get("CI"):
-            pytest.fail("pycaffe is not installed in CI: run scripts/install_pycaffe.sh first")
-        pytest.skip("pycaffe is not installed (scripts/install_pycaffe.sh)")
-    return python
 
 
 def _sample(name: str) -> tuple[Path, Path]:

@@ -18,6 +18,9 @@ REAL = {
     "mobilenet_ssd_0.5_hx": ("MobileNetSSD_deploy_bn.DERIVED.prototxt", "mobilenet_0.5.caffemodel"),
     "landmark106_mbv2": ("landmark106.prototxt", "landmark106.caffemodel"),
     "yoloface50k": ("yoloface-50k.prototxt", "yoloface-50k.caffemodel"),
+    "cifar10_resnet20": ("res20_deploy.DERIVED.prototxt", "cifar10_res20_iter_64000.caffemodel"),
+    "emotion_mini_xception": ("deploy.prototxt", "weights.caffemodel"),
+    "ultraface_rfb320_nobn": ("RFB-320.prototxt", "RFB-320.caffemodel"),
 }
 
 
@@ -36,10 +39,13 @@ def test_verify_sample_nets(name: str, tmp_path, capsys) -> None:
 
 
 @pytest.mark.parametrize("name", REAL)
-def test_verify_real_nets(name: str, real_nets, tmp_path, capsys) -> None:
+@pytest.mark.parametrize("backend", ["opencv", "caffe"])
+def test_verify_real_nets(name: str, backend: str, real_nets, tmp_path, capsys, request) -> None:
+    if backend == "caffe":
+        request.getfixturevalue("pycaffe")
     model, weights = (real_nets / name / f for f in REAL[name])
-    assert main(_args(model, weights, tmp_path, "--verify", "--backend", "opencv")) == 0
-    assert "passed" in capsys.readouterr().out
+    assert main(_args(model, weights, tmp_path, "--verify", "--backend", backend)) == 0
+    assert f"verify on {backend}: passed" in capsys.readouterr().out
 
 
 def test_ssd_verify_reports_detection_output_as_information(tmp_path, capsys) -> None:

@@ -14,7 +14,7 @@ import pytest
 from conftest import ROOT
 
 from caffe_bn_merge import batch
-from caffe_bn_merge.batch import Kind, classify_text, discover, pair_folder
+from caffe_bn_merge.discovery import Kind, classify_text, discover, pair_folder
 from caffe_bn_merge.fleet import make_fleet
 from caffe_bn_merge.verification import compare_models
 

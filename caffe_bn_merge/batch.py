@@ -21,6 +21,7 @@ computes the same list and the n shards partition it.
 import argparse
 import importlib.util
 import json
+import multiprocessing
 import os
 import re
 import time
@@ -45,6 +46,9 @@ from .discovery import (
 from .errors import MergeError
 
 SCHEMA = 1
+# Workers start fresh ("spawn"): a forked child inherits the locks of threads it does not have
+# (OpenCV's and BLAS's thread pools in a process that verified before), and can hang on them.
+START_METHOD = "spawn"
 VERIFY_TOLERANCE = 1e-4  # max relative error of a verified deployment
 
 # --- the work list ------------------------------------------------------------------------------
@@ -314,7 +318,8 @@ def run_items(
 def _run_pool(items: Sequence[WorkItem], jobs: int, verify: bool, done: Callable[[ItemResult], None]) -> list[WorkItem]:
     """Run `items` on a pool of `jobs` processes; return those lost to a dead worker."""
     crashed = []
-    with ProcessPoolExecutor(jobs, initializer=_init_worker, initargs=(verify,)) as pool:
+    context = multiprocessing.get_context(START_METHOD)
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker, initargs=(verify,)) as pool:
         futures = {pool.submit(convert_item, item, verify): item for item in items}
         try:
             for future in as_completed(futures):

@@ -33,12 +33,14 @@ def detect(layer: object, blobs: list[np.ndarray], override: str = "auto") -> st
         )
     if layer.type == "BN":
         found = "bn"
+    elif len(blobs) == 5 and blobs[2].size == 1 and blobs[4].size == 1 and not _declared_nvcaffe(layer):
+        found = ""  # one channel: both 5-blob layouts fit; --bn-flavour (or scale_bias) decides
     elif len(blobs) == 5 and blobs[2].size == 1:
         found = "nvcaffe"
     elif len(blobs) == 5 and blobs[4].size == 1:
         found = "nvcaffe-0.15"
     elif len(blobs) == 3 and blobs[2].size == 1:
-        found = "nvcaffe" if layer.batch_norm_param.HasField("scale_bias") else "bvlc"
+        found = "nvcaffe" if _declared_nvcaffe(layer) else "bvlc"
     else:
         found = ""
     chosen = found if override == "auto" else override
@@ -46,6 +48,10 @@ def detect(layer: object, blobs: list[np.ndarray], override: str = "auto") -> st
         shapes = [list(b.shape) for b in blobs]
         return Refusal(Reason.UNKNOWN_LAYOUT, f"{layer.type} blobs {shapes} fit no known layout ({chosen or 'auto'})")
     return chosen
+
+
+def _declared_nvcaffe(layer: object) -> bool:
+    return layer.batch_norm_param.HasField("scale_bias")
 
 
 def _blob_count(variant: str, blobs: list[np.ndarray]) -> int | None:

@@ -102,6 +102,11 @@ def read_net_text(path: Path, schema: prototxt.Schema | None = None) -> prototxt
         raise InputError(f"{path}: nested too deeply or malformed ({type(err).__name__}); not a usable net") from err
     if not parsed.net.layer:
         raise InputError(f"{path}: {_not_a_net(text, None)}")
+    if parsed.unknown_fields and parsed.blocks is None:
+        raise InputError(
+            f"{path}: has fields our schema does not know, and its layout (V1 `layers`, or `layer [...]` "
+            "lists) must be written anew, which would drop them: pass the fork's caffe.proto with --caffe-proto"
+        )
     return parsed
 
 

@@ -49,6 +49,7 @@ class NetGraph:
     readers: dict[BlobVersion, list[LayerNode]] = field(default_factory=lambda: defaultdict(list))
     inputs: list[BlobVersion] = field(default_factory=list)
     outputs: list[BlobVersion] = field(default_factory=list)
+    pinned: set[str] = field(default_factory=set)  # names read by layers outside the TEST net
     _by_index: dict[int, LayerNode] = field(default_factory=dict, repr=False)
 
     def producer(self, version: BlobVersion) -> LayerNode | None:
@@ -63,17 +64,18 @@ class NetGraph:
         return self._by_index
 
     def sole_reader(self, version: BlobVersion) -> LayerNode | None:
-        """The only layer reading `version`, if exactly one does and it is not a net output."""
+        """The only layer reading `version`, if exactly one does, it is not a net output and no
+        layer outside the TEST net reads its name."""
         readers = self.readers.get(version, [])
-        if len(readers) != 1 or version in self.outputs:
+        if len(readers) != 1 or version in self.outputs or version.name in self.pinned:
             return None
         return readers[0]
 
 
 def build_graph(net: object) -> NetGraph:
-    """Resolve every bottom of the TEST-phase layers of `net` to the version it reads."""
-    if net.layers:
-        raise InputError("V1 prototxt (`layers { type: CONVOLUTION }`) is not supported yet; upgrade it first")
+    """Resolve every bottom of the TEST-phase layers of `net` (under the net's own `state`: its
+    level and stages) to the version it reads. Blob names that layers of other phases read are
+    `pinned`: no rule may make them disappear or change who writes them."""
     current: dict[str, BlobVersion] = {}
     graph = NetGraph(layers=[])
     for name in net.input:
@@ -81,16 +83,19 @@ def build_graph(net: object) -> NetGraph:
         graph.inputs.append(current[name])
     consumed: set[BlobVersion] = set()
     names: set[str] = set()
-    train_only: set[str] = set()
+    left_out: set[str] = set()
+    state = test_state(net)
     for index, layer in enumerate(net.layer):
-        if not included_in_test(layer):
-            train_only.update(layer.top)
+        if not included(layer, state):
+            left_out.update(layer.top)
+            graph.pinned.update(layer.bottom)
             continue
         if layer.name in names:
             raise InputError(f"two layers are named '{layer.name}'; layer names must be unique")
         names.add(layer.name)
-        bottoms = [_resolve(current, blob, layer, train_only) for blob in layer.bottom]
+        bottoms = [_resolve(current, blob, layer, left_out) for blob in layer.bottom]
         node = LayerNode(index, layer, bottoms, [BlobVersion(top, index) for top in layer.top])
+        _check_single_producer(node, current)
         for version in bottoms:
             graph.readers[version].append(node)
             consumed.add(version)
@@ -99,6 +104,17 @@ def build_graph(net: object) -> NetGraph:
         graph.layers.append(node)
     graph.outputs = [v for v in current.values() if v not in consumed and v.producer != NET_INPUT]
     return graph
+
+
+def _check_single_producer(node: LayerNode, current: dict[str, BlobVersion]) -> None:
+    """Caffe's rule: a blob name is written anew only in place (top i == bottom i)."""
+    for i, top in enumerate(node.param.top):
+        in_place = i < len(node.param.bottom) and node.param.bottom[i] == top
+        if top in current and not in_place:
+            raise InputError(
+                f"layer '{node.name}' writes blob '{top}', which another layer already produced; Caffe "
+                "allows that only in place (top = bottom): rename the top"
+            )
 
 
 def _resolve(current: dict[str, BlobVersion], blob: str, layer: object, train_only: set[str]) -> BlobVersion:
@@ -113,8 +129,17 @@ def _resolve(current: dict[str, BlobVersion], blob: str, layer: object, train_on
 
 
 def included_in_test(layer: object) -> bool:
-    """Caffe's include/exclude rules, evaluated for the default TEST state (level 0, no stages)."""
-    state = proto.NetState(phase=proto.TEST)
+    """Caffe's include/exclude rules for the default TEST state (level 0, no stages)."""
+    return included(layer, proto.NetState(phase=proto.TEST))
+
+
+def test_state(net: object) -> object:
+    """The state a deploy runs in: phase TEST, with the level and stages the net itself declares."""
+    return proto.NetState(phase=proto.TEST, level=net.state.level, stage=net.state.stage)
+
+
+def included(layer: object, state: object) -> bool:
+    """Caffe's include/exclude rules for `state`."""
     if layer.include:
         return any(_meets(rule, state) for rule in layer.include)
     return not any(_meets(rule, state) for rule in layer.exclude)
@@ -127,7 +152,9 @@ def _meets(rule: object, state: object) -> bool:
         return False
     if rule.HasField("max_level") and state.level > rule.max_level:
         return False
-    return not rule.stage and not (set(rule.not_stage) & set(state.stage))
+    if not set(rule.stage) <= set(state.stage):
+        return False
+    return not set(rule.not_stage) & set(state.stage)
 
 
 def input_shapes(net: object) -> dict[str, tuple[int, ...]]:

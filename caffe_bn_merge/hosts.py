@@ -35,11 +35,13 @@ def read_host(layer: object, stored: WeightLayer | None) -> Host | Refusal:
         return Refusal(Reason.HOST_UNSUITABLE, f"'{layer.name}' has {len(layer.top)} tops")
     if layer.type == "InnerProduct":
         param = layer.inner_product_param
-        if param.axis not in (1, -1):
+        if param.axis != 1:  # -1 is axis 1 only for 2-D inputs, whose rank we do not know here
             return Refusal(Reason.HOST_UNSUITABLE, f"InnerProduct '{layer.name}' has axis {param.axis}")
         layout, groups, rank, padded = ("ip_t" if param.transpose else "ip"), 1, 2, False
     else:
         param = layer.convolution_param
+        if param.axis != 1:
+            return Refusal(Reason.HOST_UNSUITABLE, f"'{layer.name}' convolves with channel axis {param.axis}")
         spatial = 2 if param.HasField("kernel_h") else len(param.kernel_size)
         layout = HOST_TYPES.get(layer.type, "conv")
         groups, rank = param.group, (2 + spatial if spatial > 1 else None)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from . import caffe_io
 from .errors import MismatchError, OutputError
-from .graph import NetGraph, build_graph, included_in_test
+from .graph import NetGraph, build_graph, included, test_state
 from .hosts import DEFAULT_CONV_LIKE, HOST_TYPES, read_host
 from .norms import NORM_TYPES
 from .plan import IDENTITY_TYPES, RULES, Action, Context, Rule
@@ -148,9 +148,10 @@ def _log_input(net_text: object) -> None:
             len(net_text.frozen),
             names,
         )
-    trained = sum(1 for layer in net_text.net.layer if not included_in_test(layer))
-    if trained:
-        log.warning("%d train-only layer(s) kept as they are; folding follows the TEST phase", trained)
+    state = test_state(net_text.net)
+    other = sum(1 for layer in net_text.net.layer if not included(layer, state))
+    if other:
+        log.warning("%d layer(s) outside the TEST phase kept as they are; folding follows the TEST phase", other)
 
 
 def _run_rules(

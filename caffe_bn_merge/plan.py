@@ -181,16 +181,27 @@ def _is_identity(node: LayerNode, ctx: Context) -> bool:
 
 
 def _bypass(graph: NetGraph, node: LayerNode, ctx: Context) -> tuple[tuple[Rewire, ...], tuple[Rewire, ...]] | Refusal:
-    """Rewires that let every reader of `node`'s tops read its bottom instead."""
+    """Rewires that let every reader of `node`'s tops read its bottom instead.
+
+    - an in-place top: nothing to rewire, unless it is a net output while its input is also read
+      elsewhere (removing the layer would then turn that output into a consumed blob);
+    - a top that is a net output (or unread): the producer of the input is renamed to write it,
+      only when the layer has that one top and is the input's only reader;
+    - other tops: their readers read the input's name, unless a layer rewrites that name first.
+    """
     source = node.bottoms[0]
     bottoms: list[Rewire] = []
     tops: list[Rewire] = []
     for top in node.tops:
-        if top.name == source.name:
-            continue
         readers = graph.readers.get(top, [])
+        if top.name in graph.pinned or source.name in graph.pinned:
+            return Refusal(Reason.OUTPUT_NAME, f"'{top.name}' is read by a layer outside the TEST phase")
+        if top.name == source.name:
+            if top in graph.outputs and len(graph.readers[source]) > 1:
+                return Refusal(Reason.OUTPUT_NAME, f"'{top.name}' is a net output only because of this layer")
+            continue
         if not readers or top in graph.outputs:
-            rename = _rename_producer(graph, source, node, top.name, ctx)
+            rename = _rename_producer(graph, source, node, top.name, ctx) if len(node.tops) == 1 else None
             if rename is None:
                 return Refusal(Reason.OUTPUT_NAME, f"'{top.name}' is a net output")
             tops.append(rename)

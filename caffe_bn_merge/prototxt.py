@@ -100,6 +100,7 @@ class NetText:
     blocks: list[Block] | None  # None: the text is written anew (V1 input, or blocks not matched)
     frozen: frozenset[str]  # layers holding fields the schema does not know: never changed
     schema: "Schema"
+    unknown_fields: bool = False  # the text holds fields the schema does not know
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,7 @@ def parse_net_text(text: str, schema: Schema) -> NetText:
     frozen = frozenset(_unknown_field_layers(text, blocks, net, schema)) if unknown and blocks else frozenset()
     if net.layers:
         net, blocks = upgrade_net(net), None
-    return NetText(text, net, blocks, frozen, schema)
+    return NetText(text, net, blocks, frozen, schema, unknown)
 
 
 def _match_blocks(text: str, net: object) -> list[Block] | None:

@@ -5,7 +5,6 @@ sources are never written."""
 import csv
 import hashlib
 import json
-import multiprocessing
 import os
 import shutil
 from pathlib import Path
@@ -354,10 +353,10 @@ def _crashing_convert(item: batch.WorkItem, verify: bool = False) -> batch.ItemR
 _CONVERT = batch.convert_item
 
 
-@pytest.mark.skipif(multiprocessing.get_start_method() != "fork", reason="the patch reaches workers only by fork")
 def test_a_dying_worker_fails_only_its_deployment(tmp_path, monkeypatch) -> None:
     for stem in "abcde":
         _sample(tmp_path / "src", "no_bn", stem)
+    monkeypatch.setattr(batch, "START_METHOD", "fork")  # so the patched convert_item reaches the workers
     monkeypatch.setattr(batch, "convert_item", _crashing_convert)
     report = tmp_path / "r.json"
     assert (

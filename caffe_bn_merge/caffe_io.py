@@ -40,7 +40,6 @@ class WeightLayer:
     """A layer's record in the caffemodel: blobs as numpy views, plus how each was stored."""
 
     name: str
-    list_field: int  # 100 (`layer`) or 2 (V1 `layers`)
     blobs: list[np.ndarray]
     legacy_shape: list[bool]  # blob stored with num/channels/height/width instead of `shape`
 
@@ -49,7 +48,7 @@ class FoldedLayer(WeightLayer):
     """A layer whose blobs are computed when read: folded weights are not kept in memory."""
 
     def __init__(self, name: str, make_blobs: Callable[[], tuple[np.ndarray, ...]]) -> None:
-        self.name, self.list_field, self._make_blobs = name, 100, make_blobs
+        self.name, self._make_blobs = name, make_blobs
 
     @property
     def blobs(self) -> list[np.ndarray]:
@@ -229,7 +228,7 @@ def _index_layer(weights: Weights, record: wire.Field) -> str | None:
             array, is_legacy = _decode_blob(weights.buffer, item)
             blobs.append(array)
             legacy.append(is_legacy)
-    weights.layers[name] = WeightLayer(name, record.number, blobs, legacy)
+    weights.layers[name] = WeightLayer(name, blobs, legacy)
     return name
 
 

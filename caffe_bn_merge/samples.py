@@ -95,7 +95,7 @@ def mobilenet_ssd(width: float = 0.25, classes: int = SSD_CLASSES) -> NetBuilder
     d = det.detection_output_param
     d.num_classes, d.share_location, d.background_label_id = classes, True, 0
     d.nms_param.nms_threshold, d.nms_param.top_k = 0.45, 100
-    d.code_type = d.CodeType.Value("CENTER_SIZE") if hasattr(d, "CodeType") else 2
+    d.code_type = 2  # PriorBoxParameter.CodeType CENTER_SIZE
     d.keep_top_k, d.confidence_threshold = 100, 0.25
     return b
 

@@ -333,4 +333,3 @@ _RULES: dict[str, ShapeRule] = {
     "PriorBox": _prior_box,
     "DetectionOutput": _detection_output,
 }
-KNOWN_TYPES = frozenset(_RULES)

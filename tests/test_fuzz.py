@@ -1,6 +1,7 @@
 """Fuzzing: random valid nets must merge to an equivalent model; mutated prototxt and caffemodel
 bytes must give a clean MergeError or a valid output, never an uncaught exception or a hang.
-FUZZ_EXAMPLES sets the mutated inputs per file kind (default 5000: 10,000 in all)."""
+FUZZ_EXAMPLES sets the mutated inputs per file kind (default 5000: 10,000 in all), FUZZ_NETS the
+random valid nets (default 300)."""
 
 import os
 import signal
@@ -54,7 +55,12 @@ def _build(ops: list[str], in_place: list[bool], seed: int) -> NetBuilder:
     return b
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@settings(
+    max_examples=int(os.environ.get("FUZZ_NETS", "300")),
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+    database=None,
+)
 @given(st.lists(OPS, min_size=1, max_size=8), st.lists(st.booleans(), min_size=8, max_size=8), st.integers(0, 99))
 def test_random_nets_merge_to_the_same_function(ops: list[str], in_place: list[bool], seed: int) -> None:
     b = _build(ops, in_place[: len(ops)], seed)

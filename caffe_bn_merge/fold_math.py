@@ -74,16 +74,33 @@ HOST_LAYOUTS = {
 }
 
 
+# Layouts whose stored blob has one row per output channel (whatever the groups): a forward fold
+# just scales rows, which numpy does in float64 through its small internal buffers.
+ROWS_ARE_OUTPUTS = ("conv", "ip")
+FLOAT64 = np.dtype(np.float64)
+
+
 def fold_forward(
-    weights: np.ndarray, bias: np.ndarray | None, affine: ChannelAffine, layout: str, groups: int
+    weights: np.ndarray,
+    bias: np.ndarray | None,
+    affine: ChannelAffine,
+    layout: str,
+    groups: int,
+    dtype: np.dtype = FLOAT64,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Host then affine -> one host: new (weights, bias) in float64, weights in the stored shape."""
-    spec = HOST_LAYOUTS[layout]
+    """Host then affine -> one host: new weights (in the stored shape, as `dtype`: each product is
+    computed in float64 and cast once) and bias (float64)."""
     c_out = affine.scale.size
+    new_bias = affine.shift + affine.scale * _bias64(bias, c_out)
+    if layout in ROWS_ARE_OUTPUTS:  # scale rows in place of a float64 copy of the whole blob
+        out = np.empty(weights.shape, dtype)
+        rows = weights.reshape(c_out, -1)
+        np.multiply(rows, affine.scale[:, None], out=out.reshape(c_out, -1), casting="same_kind")
+        return out, new_bias
+    spec = HOST_LAYOUTS[layout]
     canon = spec.to_canonical(weights, groups, c_out, spec.input_size(weights, groups))
     a = affine.scale.reshape(groups, c_out // groups, 1, 1)
-    new_bias = affine.shift + affine.scale * _bias64(bias, c_out)
-    return spec.from_canonical(canon * a, weights.shape), new_bias
+    return spec.from_canonical(canon * a, weights.shape).astype(dtype, copy=False), new_bias
 
 
 def fold_backward(

@@ -72,19 +72,24 @@ def _apply_host_fold(rewrite: Rewrite, net: object, index_of: dict[str, int], ac
 
     def fold() -> tuple[np.ndarray, np.ndarray]:
         if action.rule is Rule.FORWARD:
-            return _cast(host, *fold_forward(host.weights, host.bias, affine, host.layout, host.groups))
+            return _cast(host, *fold_forward(host.weights, host.bias, affine, host.layout, host.groups, _dtype(host)))
         return _cast(host, *fold_backward(host.weights, host.bias, affine, host.layout, host.groups, host.c_out))
 
     _take_bias(net.layer[index_of[host.name]])
     rewrite.edit(host.name, fold, _take_bias)
 
 
+def _dtype(host: Host) -> np.dtype:
+    """The dtype folded blobs are stored in: the host's, but float32 for float16 hosts (rounding
+    folded values to float16 again would add far more than float32 noise)."""
+    return np.dtype(np.float32) if host.weights.dtype == np.float16 else host.weights.dtype
+
+
 def _cast(host: Host, weights: np.ndarray, bias: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Cast once to the stored dtype, in the stored shapes. Folded float16 blobs are written as
-    float32: rounding them to float16 again would add far more than float32 noise."""
-    dtype = np.dtype(np.float32) if host.weights.dtype == np.float16 else host.weights.dtype
+    """Cast once to the stored dtype (no copy when already there), in the stored shapes."""
+    dtype = _dtype(host)
     bias_shape = host.bias.shape if host.bias is not None else (host.c_out,)
-    return weights.astype(dtype), np.asarray(bias, dtype).reshape(bias_shape)
+    return weights.astype(dtype, copy=False), np.asarray(bias, dtype).reshape(bias_shape)
 
 
 def _take_bias(layer: object) -> None:

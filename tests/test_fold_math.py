@@ -1,6 +1,7 @@
 """Property tests of the fold maths against a direct float64 evaluation of the layers."""
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference import conv2d, deconv2d
@@ -119,3 +120,17 @@ def test_composition_order() -> None:
     )
     both = first.then(second)
     assert both.scale[0] == 6.0 and both.shift[0] == 2.0  # 3 * (2x + 1) - 1
+
+
+@pytest.mark.parametrize("layout", ["conv", "ip", "deconv", "ip_t"])
+def test_folding_straight_to_float32_rounds_once(layout: str) -> None:
+    """Folding into the stored dtype gives exactly the float64 result rounded once."""
+    rng = np.random.default_rng(1)
+    shape = {"conv": (6, 2, 3, 3), "ip": (6, 20), "deconv": (4, 3, 2, 2), "ip_t": (20, 6)}[layout]
+    groups = 2 if layout in ("conv", "deconv") else 1
+    weights = rng.normal(size=shape).astype(np.float32)
+    affine = _affine(rng, 6)
+    wide, _ = fold_forward(weights, None, affine, layout, groups)
+    narrow, _ = fold_forward(weights, None, affine, layout, groups, np.dtype(np.float32))
+    assert narrow.dtype == np.float32
+    np.testing.assert_array_equal(narrow, wide.astype(np.float32))

@@ -247,3 +247,21 @@ def test_solver_and_v0_files_are_refused_with_a_hint(tmp_path) -> None:
     v0.write_text('name: "x"\nlayers {\n  layer {\n    name: "conv1"\n    type: "conv"\n  }\n}\n')
     with pytest.raises(InputError, match="V0"):
         caffe_io.read_net(v0)
+
+
+def test_caffe_proto_that_does_not_compile_is_one_line(tmp_path, capfd) -> None:
+    pytest.importorskip("grpc_tools")
+    (tmp_path / "caffe.proto").write_text(
+        'syntax = "proto2";\npackage caffe;\nmessage NetParameter { optional int32 = 1; }\n'
+    )
+    options = MergeOptions(caffe_proto=tmp_path / "caffe.proto")
+    sample = ROOT / "sample_nets" / "no_bn"
+    with pytest.raises(InputError, match=r"protoc cannot compile it: .*caffe\.proto:3:\d+: Expected field name"):
+        merge(
+            sample.with_suffix(".prototxt"),
+            sample.with_suffix(".caffemodel"),
+            tmp_path / "o.prototxt",
+            tmp_path / "o.caffemodel",
+            options,
+        )
+    assert capfd.readouterr().err == ""

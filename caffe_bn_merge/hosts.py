@@ -1,6 +1,7 @@
 """Host layers: the Convolution / Deconvolution / InnerProduct layers that can absorb an affine map,
 and how their parameters and weight blobs are read."""
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +27,11 @@ class Host:
     padded: bool
     weights: np.ndarray
     bias: np.ndarray | None
+
+
+def is_host_type(layer_type: str, conv_like: Iterable[str]) -> bool:
+    """A type that can take a fold: Convolution, Deconvolution, InnerProduct, or a `conv_like` one."""
+    return layer_type in HOST_TYPES or layer_type in conv_like
 
 
 def read_host(layer: object, stored: WeightLayer | None) -> Host | Refusal:

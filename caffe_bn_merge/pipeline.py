@@ -9,7 +9,7 @@ from pathlib import Path
 from . import caffe_io
 from .errors import MismatchError, OutputError
 from .graph import NetGraph, build_graph, included, test_state
-from .hosts import DEFAULT_CONV_LIKE, HOST_TYPES, read_host
+from .hosts import DEFAULT_CONV_LIKE, is_host_type, read_host
 from .norms import NORM_TYPES
 from .plan import IDENTITY_TYPES, RULES, Action, Context, Rule
 from .reasons import Refusal
@@ -116,17 +116,18 @@ def merge(
     stored = caffe_io.read_weights(weights)
     if write:
         _check_outputs((model, weights), (output_model, output_weights), overwrite)
-    _check_pairing(build_graph(net), stored, model, weights, options.conv_like)
+    graph = build_graph(net)
+    _check_pairing(graph, stored, model, weights, options.conv_like)
     _log_input(net_text)
     on_step("folding")
-    rewrite, plan = _run_rules(net, stored, options, net_text.frozen)
+    rewrite, plan = _run_rules(net, graph, stored, options, net_text.frozen)
     for action in plan.actions:
         log.info("%s: %s%s", action.rule, " + ".join(action.layers), f" -> {action.target}" if action.target else "")
     for kept in plan.kept:
         log.info("kept %s '%s': %s", kept.type, kept.layer, kept)
     if write:
         on_step("writing")
-        dropped = rewrite.removed & set(stored.layers)
+        dropped = plan.removed & set(stored.layers)
         _write(net_text, rewrite, stored, dropped, output_model, output_weights)
     return MergeResult(
         plan,
@@ -155,27 +156,27 @@ def _log_input(net_text: object) -> None:
 
 
 def _run_rules(
-    net: object, stored: caffe_io.Weights, options: MergeOptions, frozen: frozenset[str]
+    net: object, graph: NetGraph, stored: caffe_io.Weights, options: MergeOptions, frozen: frozenset[str]
 ) -> tuple[Rewrite, FoldPlan]:
-    """Each rule plans on the net as the rules before it left it; identity repeats until done."""
+    """Each rule plans on the net as the rules before it left it (`graph` is the input net's);
+    identity repeats until done."""
     rewrite = Rewrite(net, dict(stored.layers))
     actions: list[Action] = []
     refusals: dict[str, list[Refusal]] = {}
     for rule in options.rules():
         while True:
-            graph = build_graph(rewrite.net)
             ctx = Context(rewrite.layers, options.bn_flavour, frozenset(options.conv_like), frozen)
             result = RULES[rule](graph, ctx)
             for name, refusal in result.refusals.items():
                 refusals.setdefault(name, []).append(refusal)
-            rewrite.apply(graph, result.actions)
+            graph = rewrite.apply(graph, result.actions)
             actions += result.actions
             if rule is not Rule.IDENTITY or not result.actions:
                 break
     changed = {a.target for a in actions if a.rule is Rule.STANDALONE} | {n for a in actions for n in a.removed}
     kept = tuple(
         Kept(node.name, node.type, _distinct(refusals[node.name]))
-        for node in build_graph(rewrite.net).layers
+        for node in graph.layers
         if node.name not in changed and node.name in refusals and node.type in (*NORM_TYPES, *IDENTITY_TYPES)
     )
     reasons = {name: _distinct(found) for name, found in refusals.items()}
@@ -204,7 +205,7 @@ def _check_pairing(
 ) -> None:
     """Refuse a caffemodel that does not hold this prototxt's weights: host blobs that do not fit,
     missing statistics, or no weighted layer in common at all; say so when it looks merged."""
-    hosts = [n for n in graph.layers if n.type in HOST_TYPES or n.type in conv_like]
+    hosts = [n for n in graph.layers if is_host_type(n.type, conv_like)]
     norms = [n for n in graph.layers if n.type in NORM_TYPES and n.type != "Power" and len(n.bottoms) == 1]
     missing_hosts = [n.name for n in hosts if n.name not in stored.layers]
     missing_norms = [n.name for n in norms if n.name not in stored.layers]

@@ -30,7 +30,7 @@ from .affine import ChannelAffine
 from .caffe_io import WeightLayer
 from .fold_math import HOST_LAYOUTS
 from .graph import BlobVersion, LayerNode, NetGraph
-from .hosts import HOST_TYPES, Host, read_host
+from .hosts import Host, is_host_type, read_host
 from .norms import NORM_TYPES, channels_of, own_refusal, read_affine
 from .reasons import Reason, Refusal
 
@@ -49,7 +49,7 @@ class Context:
     frozen: frozenset[str] = frozenset()
 
     def is_host(self, node: LayerNode) -> bool:
-        return node.type in HOST_TYPES or node.type in self.conv_like
+        return is_host_type(node.type, self.conv_like)
 
     def host(self, node: LayerNode) -> Host | Refusal:
         """The host `node` as folding sees it, or why it cannot take a fold."""

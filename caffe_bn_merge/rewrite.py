@@ -21,14 +21,16 @@ class Rewrite:
     net: object
     layers: dict[str, WeightLayer]  # the caffemodel's layers as they are after the edits
     edits: dict[str, LayerEdit] = field(default_factory=dict)
-    removed: set[str] = field(default_factory=set)
     origin: list[int] = field(default_factory=list)  # for each layer now, its index in the input net
 
     def __post_init__(self) -> None:
         self.origin = self.origin or list(range(len(self.net.layer)))
 
-    def apply(self, graph: NetGraph, actions: list[Action]) -> None:
-        """Apply `actions`, all planned on `graph` (the graph of `self.net`)."""
+    def apply(self, graph: NetGraph, actions: list[Action]) -> NetGraph:
+        """Apply `actions`, all planned on `graph` (the graph of `self.net`); return the graph of
+        the new net, which also checks that it is well formed."""
+        if not actions:
+            return graph
         net = proto.NetParameter()
         net.CopyFrom(self.net)
         index_of = {node.name: node.index for node in graph.layers}
@@ -43,9 +45,9 @@ class Rewrite:
         del net.layer[:]
         net.layer.extend(kept)
         self.origin = [origin for i, origin in enumerate(self.origin) if i not in gone]
-        build_graph(net)  # every stage must leave a well-formed net
+        new_graph = build_graph(net)  # every stage must leave a well-formed net
         self.net = net
-        self.removed |= {name for action in actions for name in action.removed}
+        return new_graph
 
     def edit(
         self, name: str, make_blobs: Callable[[], tuple[np.ndarray, ...]], update: Callable[[object], None]

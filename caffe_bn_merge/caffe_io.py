@@ -145,8 +145,15 @@ def _read_text(path: Path, flag: str) -> str:
 
 
 def _read_bytes(path: Path, flag: str) -> bytes:
-    try:
+    with _reading(path, flag):
         return path.read_bytes()
+
+
+@contextmanager
+def _reading(path: Path, flag: str) -> Iterator[None]:
+    """Turn a failure to open or read `path` (given as `flag`) into one clear InputError."""
+    try:
+        yield
     except FileNotFoundError as err:
         raise InputError(f"{path}: no such file (given as {flag})") from err
     except OSError as err:
@@ -202,15 +209,10 @@ def _top_records(buffer: memoryview) -> list[wire.Field]:
 
 
 def _map_file(path: Path) -> mmap.mmap:
-    try:
-        with path.open("rb") as handle:
-            if os.fstat(handle.fileno()).st_size == 0:
-                raise InputError(f"{path}: the file is empty (given as --weights)")
-            return mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-    except FileNotFoundError as err:
-        raise InputError(f"{path}: no such file (given as --weights)") from err
-    except OSError as err:
-        raise InputError(f"{path}: cannot read ({err.strerror}), given as --weights") from err
+    with _reading(path, "--weights"), path.open("rb") as handle:
+        if os.fstat(handle.fileno()).st_size == 0:
+            raise InputError(f"{path}: the file is empty (given as --weights)")
+        return mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
 
 
 def _index_layer(weights: Weights, record: wire.Field) -> str | None:

@@ -84,7 +84,7 @@ def build_graph(net: object) -> NetGraph:
     consumed: set[BlobVersion] = set()
     names: set[str] = set()
     left_out: set[str] = set()
-    state = test_state(net)
+    state = inference_state(net)
     for index, layer in enumerate(net.layer):
         if not included(layer, state):
             left_out.update(layer.top)
@@ -128,12 +128,7 @@ def _resolve(current: dict[str, BlobVersion], blob: str, layer: object, train_on
     raise InputError(f"layer '{layer.name}' reads blob '{blob}' before any layer produces it; fix the prototxt")
 
 
-def included_in_test(layer: object) -> bool:
-    """Caffe's include/exclude rules for the default TEST state (level 0, no stages)."""
-    return included(layer, proto.NetState(phase=proto.TEST))
-
-
-def test_state(net: object) -> object:
+def inference_state(net: object) -> object:
     """The state a deploy runs in: phase TEST, with the level and stages the net itself declares."""
     return proto.NetState(phase=proto.TEST, level=net.state.level, stage=net.state.stage)
 
@@ -160,13 +155,14 @@ def _meets(rule: object, state: object) -> bool:
 def input_shapes(net: object) -> dict[str, tuple[int, ...]]:
     """Shapes of the net's inputs, from `input_shape`, `input_dim` or Input layers."""
     shapes: dict[str, tuple[int, ...]] = {}
+    state = inference_state(net)
     for i, name in enumerate(net.input):
         if i < len(net.input_shape):
             shapes[name] = tuple(net.input_shape[i].dim)
         elif net.input_dim:
             shapes[name] = tuple(net.input_dim[4 * i : 4 * i + 4])
     for layer in net.layer:
-        if layer.type == "Input" and included_in_test(layer):
+        if layer.type == "Input" and included(layer, state):
             for i, top in enumerate(layer.top):
                 dims = layer.input_param.shape[min(i, len(layer.input_param.shape) - 1)].dim
                 shapes[top] = tuple(dims)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from . import caffe_io
 from .errors import MismatchError, OutputError
-from .graph import NetGraph, build_graph, included, test_state
+from .graph import NetGraph, build_graph, included, inference_state
 from .hosts import DEFAULT_CONV_LIKE, is_host_type, read_host
 from .norms import NORM_TYPES
 from .plan import IDENTITY_TYPES, RULES, Action, Context, Rule
@@ -149,7 +149,7 @@ def _log_input(net_text: object) -> None:
             len(net_text.frozen),
             names,
         )
-    state = test_state(net_text.net)
+    state = inference_state(net_text.net)
     other = sum(1 for layer in net_text.net.layer if not included(layer, state))
     if other:
         log.warning("%d layer(s) outside the TEST phase kept as they are; folding follows the TEST phase", other)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from caffe_bn_merge import caffe_io
-from caffe_bn_merge.graph import included, input_shapes, test_state
+from caffe_bn_merge.graph import included, inference_state, input_shapes
 
 
 def conv2d(x, w, b, stride=1, pad=0, dilation=1, group=1):
@@ -118,7 +118,7 @@ def evaluate(
     stored = caffe_io.read_weights(caffemodel).layers
     values = {name: np.asarray(value, np.float64) for name, value in inputs.items()}
     for layer in net.layer:
-        if layer.type == "Input" or not included(layer, test_state(net)):
+        if layer.type == "Input" or not included(layer, inference_state(net)):
             continue
         blobs = [np.asarray(b, np.float64) for b in stored[layer.name].blobs] if layer.name in stored else []
         out = _run_layer(layer, [values[b] for b in layer.bottom], blobs, flavour)

@@ -10,7 +10,7 @@ from google.protobuf import text_format
 from harness import merge_and_check
 
 from caffe_bn_merge import InputError, caffe_io, proto, wire
-from caffe_bn_merge.graph import included_in_test
+from caffe_bn_merge.graph import included, inference_state
 from caffe_bn_merge.pipeline import MergeOptions, merge
 from caffe_bn_merge.synth import NetBuilder, save_weights_for
 
@@ -215,7 +215,7 @@ def _deploy_from_train_val(net: object, shape: tuple[int, ...]) -> object:
     """The TEST-phase net with its data layer as an Input layer and no loss/accuracy layers."""
     deploy = proto.NetParameter(name=net.name)
     for layer in net.layer:
-        if not included_in_test(layer) or layer.type in ("Accuracy", "SoftmaxWithLoss"):
+        if not included(layer, inference_state(net)) or layer.type in ("Accuracy", "SoftmaxWithLoss"):
             continue
         if layer.type == "Data":
             deploy.layer.add(name=layer.name, type="Input", top=layer.top[:1]).input_param.shape.add(dim=shape)

@@ -34,6 +34,7 @@ from enum import StrEnum
 from pathlib import Path, PurePosixPath
 
 from . import __version__
+from .cli import DEFAULT_TOLERANCE
 from .discovery import (
     CAFFEMODEL_SUFFIX,
     PROTOTXT_SUFFIX,
@@ -49,7 +50,7 @@ SCHEMA = 1
 # Workers start fresh ("spawn"): a forked child inherits the locks of threads it does not have
 # (OpenCV's and BLAS's thread pools in a process that verified before), and can hang on them.
 START_METHOD = "spawn"
-VERIFY_TOLERANCE = 1e-4  # max relative error of a verified deployment
+VERIFY_TOLERANCE = DEFAULT_TOLERANCE  # max relative error of a verified deployment, as for merge-bn
 
 # --- the work list ------------------------------------------------------------------------------
 
@@ -261,10 +262,9 @@ def _finish(item: WorkItem, status: Status, reason: str | None, start: float, de
 def max_verify_error(item: WorkItem) -> float:
     """Max relative error of the merged outputs of `item` against its inputs on OpenCV dnn,
     over the blobs that decide pass / fail."""
-    from .verification import compare_models
+    from .verification import verify
 
-    errors = compare_models((item.prototxt, item.caffemodel), (item.out_prototxt, item.out_caffemodel))
-    return max((e.relative for e in errors if e.gating), default=0.0)
+    return verify((item.prototxt, item.caffemodel), (item.out_prototxt, item.out_caffemodel), "opencv").max_relative
 
 
 def _remove_outputs(item: WorkItem) -> None:

@@ -9,10 +9,9 @@ from dataclasses import dataclass
 
 from google.protobuf import text_format
 
-_TOKEN = re.compile(
-    r"""(?P<space>\s+)|(?P<comment>\#[^\n]*)|(?P<string>"(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*')"""
-    r"""|(?P<open>[{<])|(?P<close>[}>])|(?P<word>[^\s{}<>"'#:]+)|(?P<other>:)"""
-)
+# What block structure depends on: braces, and strings and comments (which may hold braces).
+_STRUCTURE = re.compile(r"""[{}<>]|"(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*'|\#[^\n]*|["']""")
+_WORD = "_0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"  # field name characters
 
 
 @dataclass(frozen=True)
@@ -24,38 +23,35 @@ class Block:
     end: int  # after the closing brace and the rest of its line
 
 
-def _tokens(text: str) -> Iterator[re.Match]:
-    pos = 0
-    while pos < len(text):
-        match = _TOKEN.match(text, pos)
-        if match is None:
-            raise ValueError(f"unexpected character at offset {pos}")
-        pos = match.end()
-        if match.lastgroup not in ("space", "comment"):
-            yield match
-
-
 def layer_blocks(text: str) -> list[Block]:
     """Every top-level `layer` / `layers` block, in order."""
     blocks: list[Block] = []
-    depth, word, word_start = 0, "", 0
-    current: tuple[str, int] | None = None
-    for token in _tokens(text):
-        kind = token.lastgroup
-        if kind == "word" and depth == 0:
-            word, word_start = token.group(), token.start()
-        elif kind == "open":
+    depth, current = 0, None
+    for token in _STRUCTURE.finditer(text):
+        kind = token.group()
+        if kind in ("{", "<"):
             if depth == 0:
-                current = (word, word_start) if word in ("layer", "layers") else None
+                current = _field_before(text, token.start())
+                current = current if current[0] in ("layer", "layers") else None
             depth += 1
-        elif kind == "close":
+        elif kind in ("}", ">"):
             depth -= 1
             if depth < 0:
                 raise ValueError("unbalanced braces")
             if depth == 0 and current:
                 blocks.append(Block(current[0], _line_start(text, current[1]), _line_end(text, token.end())))
                 current = None
+        elif kind in ("'", '"'):
+            raise ValueError("unterminated string")
     return blocks
+
+
+def _field_before(text: str, brace: int) -> tuple[str, int]:
+    """The field name an opening brace belongs to (`name {` or `name: {`), and where it starts."""
+    start = max(0, brace - 80)
+    head = text[start:brace].rstrip().removesuffix(":").rstrip()
+    word = head[len(head.rstrip(_WORD)) :]
+    return word, start + len(head) - len(word)
 
 
 def _line_start(text: str, pos: int) -> int:

@@ -10,10 +10,10 @@ import math
 import mmap
 import os
 import re
-import secrets
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import BinaryIO
 
@@ -23,6 +23,8 @@ from google.protobuf.message import DecodeError
 
 from . import proto, prototxt, wire
 from .errors import InputError, OutputError
+from .fold_math import ScaledRows
+from .streaming import OrderedWriter
 from .upgrade import upgrade_layer
 
 # NetParameter field numbers of the two layer lists, and per list (name, blobs) field numbers.
@@ -52,7 +54,7 @@ class FoldedLayer(WeightLayer):
 
     @property
     def blobs(self) -> list[np.ndarray]:
-        return list(self._make_blobs())
+        return [np.asarray(blob) for blob in self._make_blobs()]
 
     @property
     def legacy_shape(self) -> list[bool]:
@@ -61,14 +63,15 @@ class FoldedLayer(WeightLayer):
 
 @dataclass(frozen=True)
 class LayerEdit:
-    """New blobs for a layer (made when written, so folded weights are never all held at once),
-    and a change to its parameters (applied to both files' copies)."""
+    """New blobs for a layer (made when written, so folded weights are never all held at once;
+    `ScaledRows` are computed block by block as they are written), and a change to its
+    parameters (applied to both files' copies)."""
 
-    make_blobs: Callable[[], tuple[np.ndarray, ...]]
+    make_blobs: Callable[[], tuple[np.ndarray | ScaledRows, ...]]
     update: Callable[[object], None] = lambda layer: None
 
     @property
-    def blobs(self) -> tuple[np.ndarray, ...]:
+    def blobs(self) -> tuple[np.ndarray | ScaledRows, ...]:
         return self.make_blobs()
 
 
@@ -318,21 +321,21 @@ def write_weights(weights: Weights, edits: dict[str, LayerEdit], dropped: set[st
     """Write `weights` with `edits` applied and `dropped` layers left out; other bytes verbatim.
     An edit for a layer the caffemodel does not hold (a Power layer turned Scale) adds a record."""
     upgrade_v1 = any(r.number == 2 for r in weights.records)  # V1 input: written in today's form
-    with atomic_output(path) as handle:
+    with atomic_output(path) as handle, OrderedWriter(handle) as out:
         for record, name in zip(weights.records, weights.record_names, strict=True):
             if name in dropped:
                 continue
             if name in edits or (upgrade_v1 and record.number == 2):
-                _write_edited_layer(handle, weights, record, weights.layers[name], edits.get(name))
+                _write_edited_layer(out, weights, record, weights.layers[name], edits.get(name))
             else:
-                handle.write(weights.buffer[record.start : record.end])
-            _release(weights, record)
+                out.write(weights.buffer[record.start : record.end])
+            out.then(partial(_release, weights, record))
         for name, edit in edits.items():
             if name not in weights.layers:
                 layer = proto.LayerParameter(name=name)
                 edit.update(layer)
                 blobs = edit.blobs
-                _write_layer(handle, layer.SerializeToString(), blobs, [False] * len(blobs))
+                _write_layer(out, layer.SerializeToString(), blobs, [False] * len(blobs))
 
 
 def _release(weights: Weights, record: wire.Field) -> None:
@@ -347,7 +350,7 @@ def _release(weights: Weights, record: wire.Field) -> None:
 
 
 def _write_edited_layer(
-    handle: BinaryIO, weights: Weights, record: wire.Field, stored: WeightLayer, edit: LayerEdit | None
+    out: OrderedWriter, weights: Weights, record: wire.Field, stored: WeightLayer, edit: LayerEdit | None
 ) -> None:
     """Re-encode one layer record: its non-blob fields through the schema (unknown fields kept),
     its blobs from `edit` (or as stored). A V1 record is written in today's `layer` form: a file
@@ -370,24 +373,32 @@ def _write_edited_layer(
     edit.update(layer)
     blobs = edit.blobs
     legacy = [_is_legacy(stored, i, blob) for i, blob in enumerate(blobs)]
-    _write_layer(handle, layer.SerializeToString(), blobs, legacy)
+    _write_layer(out, layer.SerializeToString(), blobs, legacy)
 
 
 def write_new_weights(layers: list[tuple[str, str, list[np.ndarray]]], path: Path) -> None:
     """Write a caffemodel from scratch: (name, type, blobs) per layer, blobs in their own dtype."""
-    with atomic_output(path) as handle:
+    with atomic_output(path) as handle, OrderedWriter(handle) as out:
         for name, type_, blobs in layers:
             head = proto.LayerParameter(name=name, type=type_).SerializeToString()
-            _write_layer(handle, head, blobs, [False] * len(blobs))
+            _write_layer(out, head, blobs, [False] * len(blobs))
 
 
-def _write_layer(handle: BinaryIO, head: bytes, blobs: Sequence[np.ndarray], legacy: list[bool]) -> None:
+def _write_layer(out: OrderedWriter, head: bytes, blobs: Sequence[np.ndarray | ScaledRows], legacy: list[bool]) -> None:
     """One `layer` record: its serialized non-blob fields, then its blobs, without joining them."""
     pieces = [piece for blob, is_legacy in zip(blobs, legacy, strict=True) for piece in _encode_blob(blob, is_legacy)]
-    handle.write(wire.encode_length_header(100, len(head) + sum(len(p) for p in pieces)))
-    handle.write(head)
+    out.write(wire.encode_length_header(100, len(head) + sum(_length(p) for p in pieces)))
+    out.write(head)
     for piece in pieces:
-        handle.write(piece)
+        if isinstance(piece, ScaledRows):
+            for size, fill in piece.blocks():
+                out.compute(size, fill)
+        else:
+            out.write(piece)
+
+
+def _length(piece: bytes | memoryview | ScaledRows) -> int:
+    return piece.nbytes if isinstance(piece, ScaledRows) else len(piece)
 
 
 def _is_legacy(stored: WeightLayer, index: int, blob: np.ndarray) -> bool:
@@ -395,9 +406,9 @@ def _is_legacy(stored: WeightLayer, index: int, blob: np.ndarray) -> bool:
     return index < len(stored.blobs) and stored.legacy_shape[index] and stored.blobs[index].shape == blob.shape
 
 
-def _encode_blob(array: np.ndarray, legacy: bool) -> list[bytes | memoryview]:
+def _encode_blob(array: np.ndarray | ScaledRows, legacy: bool) -> list[bytes | memoryview | ScaledRows]:
     """A BlobProto field holding `array` in its own dtype, as pieces to write in order (the
-    values are a view of the array: no copy of the data is made)."""
+    values are a view of the array, or the `ScaledRows` to compute: no copy of the data is made)."""
     if legacy:
         head = b"".join(wire.encode_varint_field(n, d) for n, d in zip(_BLOB_DIMS, array.shape, strict=True))
     elif array.ndim == 0:
@@ -411,9 +422,12 @@ def _encode_blob(array: np.ndarray, legacy: bool) -> list[bytes | memoryview]:
         head += wire.encode_varint_field(_BLOB_RAW_TYPE, 2) + wire.encode_length_delimited(_BLOB_RAW, data)
     else:
         number, dtype = (_BLOB_DOUBLE, _FLOAT64) if array.dtype == np.float64 else (_BLOB_DATA, _FLOAT32)
-        data = memoryview(np.ascontiguousarray(array, dtype)).cast("B")
-        head += wire.encode_length_delimited(number, data)
-    return [wire.encode_length_header(_LAYER_FIELDS[100][1], len(head) + len(data)), head, data]
+        if isinstance(array, ScaledRows) and array.dtype == dtype:
+            data = array
+        else:
+            data = memoryview(np.ascontiguousarray(array, dtype)).cast("B")
+        head += wire.encode_length_header(number, _length(data))
+    return [wire.encode_length_header(_LAYER_FIELDS[100][1], len(head) + _length(data)), head, data]
 
 
 @contextmanager
@@ -421,7 +435,7 @@ def atomic_output(path: Path) -> Iterator[BinaryIO]:
     """Write to a temporary file beside `path`; rename it over `path` only when complete. The
     temporary name is chosen before the file exists, so an interruption at any point (a handled
     signal included) can remove it."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.urandom(6).hex()}.tmp")
     try:
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 & ~_umask())

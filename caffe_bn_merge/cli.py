@@ -5,7 +5,6 @@ further from the original than --tolerance.
 """
 
 import argparse
-import json
 import logging
 import signal
 import sys
@@ -186,6 +185,8 @@ def _run(args: argparse.Namespace) -> int:
     if console is not None:
         _print(console, result, checked, args.verbose or args.dry_run)
     if args.report:
+        import json
+
         from .report import build_report
 
         report = build_report(result, str(args.model), str(args.weights), checked)

@@ -16,8 +16,9 @@ its inputs with no padding (InnerProduct; Convolution with pad 0):
     W'[g, o, i] = W[g, o, i] * a[g, i];   bias'[g, o] = bias[g, o] + sum_{i,k} W[g, o, i, k] * b[g, i]
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
@@ -75,9 +76,48 @@ HOST_LAYOUTS = {
 
 
 # Layouts whose stored blob has one row per output channel (whatever the groups): a forward fold
-# just scales rows, which numpy does in float64 through its small internal buffers.
+# just scales rows, which is done a block of rows at a time as the blob is written (`ScaledRows`).
 ROWS_ARE_OUTPUTS = ("conv", "ip")
 FLOAT64 = np.dtype(np.float64)
+BLOCK_BYTES = 1 << 20  # rows computed per block when written: about the size of a core's cache
+
+
+@dataclass(frozen=True)
+class ScaledRows:
+    """A folded weight blob, `scale[o] * rows[o]` for each output channel o, computed in float64
+    and cast to `dtype`: block by block as it is written (`blocks`), whole only when asked for
+    (`np.asarray`), so folding a model holds no copy of its weights."""
+
+    rows: np.ndarray  # (channels, rest): a view of the stored weights
+    scale: np.ndarray  # (channels,) float64
+    shape: tuple[int, ...]  # the stored shape
+    dtype: np.dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows.size * self.dtype.itemsize
+
+    def blocks(self) -> Iterator[tuple[int, Callable[[memoryview], object]]]:
+        """The values in order, as blocks of whole rows: per block its size in bytes and a function
+        that computes it into a buffer of that size (blocks are independent: any thread, any order)."""
+        row_bytes = self.rows.shape[1] * self.dtype.itemsize
+        per_block = max(1, BLOCK_BYTES // max(1, row_bytes))
+        for start in range(0, len(self.rows), per_block):
+            stop = min(start + per_block, len(self.rows))
+            yield (stop - start) * row_bytes, partial(self._block, start, stop)
+
+    def _block(self, start: int, stop: int, buffer: memoryview | None = None) -> np.ndarray:
+        shape = (stop - start, self.rows.shape[1])
+        out = np.empty(shape, self.dtype) if buffer is None else np.frombuffer(buffer, self.dtype).reshape(shape)
+        return np.multiply(self.rows[start:stop], self.scale[start:stop, None], out=out, casting="same_kind")
+
+    def __array__(self, dtype: np.dtype | None = None, copy: bool | None = None) -> np.ndarray:
+        whole = self._block(0, len(self.rows)).reshape(self.shape)
+        return whole if dtype is None else whole.astype(dtype)
 
 
 def fold_forward(
@@ -90,13 +130,23 @@ def fold_forward(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Host then affine -> one host: new weights (in the stored shape, as `dtype`: each product is
     computed in float64 and cast once) and bias (float64)."""
+    new_weights, new_bias = fold_forward_lazy(weights, bias, affine, layout, groups, dtype)
+    return np.asarray(new_weights), new_bias
+
+
+def fold_forward_lazy(
+    weights: np.ndarray,
+    bias: np.ndarray | None,
+    affine: ChannelAffine,
+    layout: str,
+    groups: int,
+    dtype: np.dtype = FLOAT64,
+) -> tuple[np.ndarray | ScaledRows, np.ndarray]:
+    """`fold_forward`, but weights whose rows are outputs come as `ScaledRows`, made when written."""
     c_out = affine.scale.size
     new_bias = affine.shift + affine.scale * _bias64(bias, c_out)
-    if layout in ROWS_ARE_OUTPUTS:  # scale rows in place of a float64 copy of the whole blob
-        out = np.empty(weights.shape, dtype)
-        rows = weights.reshape(c_out, -1)
-        np.multiply(rows, affine.scale[:, None], out=out.reshape(c_out, -1), casting="same_kind")
-        return out, new_bias
+    if layout in ROWS_ARE_OUTPUTS:
+        return ScaledRows(weights.reshape(c_out, -1), affine.scale, weights.shape, np.dtype(dtype)), new_bias
     spec = HOST_LAYOUTS[layout]
     canon = spec.to_canonical(weights, groups, c_out, spec.input_size(weights, groups))
     a = affine.scale.reshape(groups, c_out // groups, 1, 1)

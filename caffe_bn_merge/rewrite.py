@@ -8,7 +8,7 @@ import numpy as np
 
 from . import proto
 from .caffe_io import FoldedLayer, LayerEdit, WeightLayer
-from .fold_math import fold_backward, fold_forward
+from .fold_math import ScaledRows, fold_backward, fold_forward_lazy
 from .graph import NetGraph, build_graph
 from .hosts import Host, host_param
 from .plan import Action, Rule
@@ -72,10 +72,11 @@ def _compose(first: Callable[[object], None], second: Callable[[object], None]) 
 def _apply_host_fold(rewrite: Rewrite, net: object, index_of: dict[str, int], action: Action) -> None:
     host, affine = action.host, action.affine
 
-    def fold() -> tuple[np.ndarray, np.ndarray]:
+    def fold() -> tuple[np.ndarray | ScaledRows, np.ndarray]:
+        args = (host.weights, host.bias, affine, host.layout, host.groups)
         if action.rule is Rule.FORWARD:
-            return _cast(host, *fold_forward(host.weights, host.bias, affine, host.layout, host.groups, _dtype(host)))
-        return _cast(host, *fold_backward(host.weights, host.bias, affine, host.layout, host.groups, host.c_out))
+            return _cast(host, *fold_forward_lazy(*args, _dtype(host)))
+        return _cast(host, *fold_backward(*args, host.c_out))
 
     _take_bias(net.layer[index_of[host.name]])
     rewrite.edit(host.name, fold, _take_bias)
@@ -87,11 +88,14 @@ def _dtype(host: Host) -> np.dtype:
     return np.dtype(np.float32) if host.weights.dtype == np.float16 else host.weights.dtype
 
 
-def _cast(host: Host, weights: np.ndarray, bias: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Cast once to the stored dtype (no copy when already there), in the stored shapes."""
+def _cast(host: Host, weights: np.ndarray | ScaledRows, bias: np.ndarray) -> tuple[np.ndarray | ScaledRows, np.ndarray]:
+    """Cast once to the stored dtype (no copy when already there, and `ScaledRows` are made in
+    it), in the stored shapes."""
     dtype = _dtype(host)
     bias_shape = host.bias.shape if host.bias is not None else (host.c_out,)
-    return weights.astype(dtype, copy=False), np.asarray(bias, dtype).reshape(bias_shape)
+    if isinstance(weights, np.ndarray):
+        weights = weights.astype(dtype, copy=False)
+    return weights, np.asarray(bias, dtype).reshape(bias_shape)
 
 
 def _take_bias(layer: object) -> None:

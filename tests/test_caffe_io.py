@@ -1,10 +1,11 @@
-"""Reading and writing caffemodels: legacy 4-D shapes, double_data, unpacked floats, atomic writes."""
+"""Reading and writing caffemodels: legacy 4-D shapes, double_data, unpacked floats, atomic and
+streamed writes."""
 
 import numpy as np
 import pytest
 from harness import merge_and_check
 
-from caffe_bn_merge import caffe_io, proto, wire
+from caffe_bn_merge import caffe_io, fold_math, merge, proto, streaming, wire
 from caffe_bn_merge.synth import NetBuilder
 
 
@@ -71,3 +72,44 @@ def test_blob_views_are_zero_copy(tmp_path) -> None:
     b.save(tmp_path / "t.prototxt", tmp_path / "t.caffemodel")
     blob = caffe_io.read_weights(tmp_path / "t.caffemodel").layers["c"].blobs[0]
     assert not blob.flags.writeable and not blob.flags.owndata
+
+
+def test_ordered_writer_keeps_order_and_runs_actions_after_earlier_writes(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(streaming, "AHEAD", 2)  # few buffers: blocks wait for earlier writes
+    done: list[int] = []
+    path = tmp_path / "out.bin"
+    with path.open("wb") as handle, streaming.OrderedWriter(handle) as out:
+        for i in range(20):
+            out.write(bytes([i]))
+            out.compute(3 + i % 5, lambda buffer, i=i: buffer.__setitem__(slice(None), bytes([100 + i]) * len(buffer)))
+            out.then(lambda i=i: done.append((i, handle.tell())))
+    pieces = [bytes([i]) + bytes([100 + i]) * (3 + i % 5) for i in range(20)]
+    assert path.read_bytes() == b"".join(pieces)
+    assert done == [(i, sum(map(len, pieces[: i + 1]))) for i in range(20)]
+
+
+def test_ordered_writer_passes_on_a_failed_block(tmp_path) -> None:
+    def broken(buffer: memoryview) -> None:
+        raise ValueError("no such block")
+
+    with (
+        pytest.raises(ValueError, match="no such block"),
+        (tmp_path / "o").open("wb") as handle,
+        streaming.OrderedWriter(handle) as out,
+    ):
+        out.compute(4, broken)
+
+
+@pytest.mark.parametrize("block_bytes", [64, 1 << 20])
+def test_written_weights_do_not_depend_on_block_size(block_bytes: int, tmp_path, monkeypatch) -> None:
+    """Folded blobs are streamed in blocks; the file is the same whatever the block size."""
+    b = NetBuilder("t", (1, 8, 6, 6), seed=3)
+    b.scale(b.bn(b.conv(b.scale(b.bn(b.conv("data", 12, name="c1"), name="b1"), name="s1"), 20, name="c2"), name="b2"))
+    b.save(tmp_path / "t.prototxt", tmp_path / "t.caffemodel")
+    outputs = []
+    for size in (block_bytes, 1 << 30):
+        monkeypatch.setattr(fold_math, "BLOCK_BYTES", size)
+        out = tmp_path / f"m{size}"
+        merge(tmp_path / "t.prototxt", tmp_path / "t.caffemodel", out.with_suffix(".prototxt"), out.with_suffix(".w"))
+        outputs.append(out.with_suffix(".w").read_bytes())
+    assert outputs[0] == outputs[1]

@@ -6,8 +6,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference import conv2d, deconv2d
 
+from caffe_bn_merge import fold_math
 from caffe_bn_merge.affine import ChannelAffine, batchnorm_affine, scale_affine
-from caffe_bn_merge.fold_math import fold_backward, fold_forward
+from caffe_bn_merge.fold_math import fold_backward, fold_forward, fold_forward_lazy
 
 
 def _affine(rng: np.random.Generator, channels: int) -> ChannelAffine:
@@ -134,3 +135,22 @@ def test_folding_straight_to_float32_rounds_once(layout: str) -> None:
     narrow, _ = fold_forward(weights, None, affine, layout, groups, np.dtype(np.float32))
     assert narrow.dtype == np.float32
     np.testing.assert_array_equal(narrow, wide.astype(np.float32))
+
+
+@pytest.mark.parametrize("block_bytes", [1, 100, 1 << 20])
+def test_scaled_rows_blocks_are_the_whole_blob_in_order(block_bytes: int, monkeypatch) -> None:
+    """Written block by block (a block smaller than a row, a few rows, all rows) or made whole,
+    a row-scaled blob is the float64 product rounded once."""
+    monkeypatch.setattr(fold_math, "BLOCK_BYTES", block_bytes)
+    rng = np.random.default_rng(2)
+    weights = rng.normal(size=(7, 3, 2, 2)).astype(np.float32)
+    affine = _affine(rng, 7)
+    lazy, _ = fold_forward_lazy(weights, None, affine, "conv", 1, np.dtype(np.float32))
+    expected = (weights.astype(np.float64) * affine.scale[:, None, None, None]).astype(np.float32)
+    joined = bytearray()
+    for size, fill in lazy.blocks():
+        buffer = bytearray(size)
+        fill(memoryview(buffer))
+        joined += buffer
+    assert joined == expected.tobytes() and lazy.nbytes == expected.nbytes
+    np.testing.assert_array_equal(np.asarray(lazy), expected)

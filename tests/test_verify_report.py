@@ -57,13 +57,13 @@ def test_ssd_verify_reports_detection_output_as_information(tmp_path, capsys) ->
 
 
 def test_corrupted_merge_fails_verify_with_exit_3(tmp_path, capsys, monkeypatch) -> None:
-    original = rewrite.fold_forward
+    original = rewrite.fold_forward_lazy
 
     def corrupted(*args, **kwargs):
         weights, bias = original(*args, **kwargs)
-        return weights * 1.01, bias
+        return np.asarray(weights) * 1.01, bias
 
-    monkeypatch.setattr(rewrite, "fold_forward", corrupted)
+    monkeypatch.setattr(rewrite, "fold_forward_lazy", corrupted)
     model, weights = SAMPLES / "resnet_mini.prototxt", SAMPLES / "resnet_mini.caffemodel"
     assert main(_args(model, weights, tmp_path, "--verify", "--backend", "opencv")) == 3
     assert "FAILED" in capsys.readouterr().out

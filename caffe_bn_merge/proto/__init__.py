@@ -2,18 +2,20 @@
 `caffe.proto` by `scripts/build_schema.py`). Loading a descriptor set instead of generated `_pb2`
 code keeps us independent of the protobuf runtime's generated-code version checks."""
 
-from importlib.resources import files
+from pathlib import Path
 
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf import descriptor_pool, message_factory
+
+from ..wire import iter_fields
 
 
 def _schema() -> object:
     """Our schema's FileDescriptor, in a pool of its own."""
-    raw = files(__package__).joinpath("caffe.desc").read_bytes()
-    file_set = descriptor_pb2.FileDescriptorSet.FromString(raw)
+    raw = Path(__file__).with_name("caffe.desc").read_bytes()
     pool = descriptor_pool.DescriptorPool()
-    for file_proto in file_set.file:
-        pool.Add(file_proto)
+    for item in iter_fields(memoryview(raw)):  # a FileDescriptorSet: field 1 holds each file
+        if item.number == 1:
+            pool.AddSerializedFile(raw[item.value_start : item.end])
     return pool.FindFileByName("caffe.proto")
 
 

@@ -1,0 +1,76 @@
+"""Writing a file strictly in order while the blocks of folded blobs are computed ahead on worker
+threads: numpy lets go of the GIL while it multiplies, and so does the file write, so on two cores
+computing block k+1 overlaps writing block k."""
+
+import os
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from types import TracebackType
+from typing import BinaryIO
+
+WORKERS = min(4, os.cpu_count() or 1)
+AHEAD = 2 * WORKERS  # blocks computed or being computed but not yet written, at most: bounds memory
+
+
+class OrderedWriter:
+    """`write`, `compute` and `then` queue work that reaches the file in the order it was queued."""
+
+    def __init__(self, handle: BinaryIO) -> None:
+        self._handle = handle
+        self._pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="fold")
+        self._queue: deque[bytes | memoryview | Future | Callable[[], None]] = deque()
+        self._free: list[bytearray] = []  # buffers of written blocks, to reuse
+        self._buffers = 0  # buffers made (free, or holding a block not yet written)
+
+    def write(self, data: bytes | memoryview) -> None:
+        """Write `data` (kept by reference until written: do not change it)."""
+        self._queue.append(data)
+
+    def compute(self, size: int, fill: Callable[[memoryview], object]) -> None:
+        """Write `size` bytes that `fill(buffer)` puts into `buffer`; it runs on a worker thread."""
+        buffer = self._buffer(size)
+        self._queue.append(self._pool.submit(_filled, fill, memoryview(buffer)[:size], buffer))
+
+    def then(self, action: Callable[[], None]) -> None:
+        """Run `action` once everything queued before it is written."""
+        self._queue.append(action)
+
+    def _buffer(self, size: int) -> bytearray:
+        """A free buffer of at least `size` bytes (one of at most AHEAD, reused)."""
+        while not self._free and self._buffers >= AHEAD:
+            self._flush_one()
+        if self._free and len(self._free[-1]) >= size:
+            return self._free.pop()
+        if self._free:
+            self._free.pop()  # too small for this block: replaced
+        else:
+            self._buffers += 1
+        return bytearray(size)
+
+    def _flush_one(self) -> None:
+        item = self._queue.popleft()
+        if isinstance(item, Future):
+            view, buffer = item.result()
+            self._handle.write(view)
+            self._free.append(buffer)
+        elif callable(item):
+            item()
+        else:
+            self._handle.write(item)
+
+    def __enter__(self) -> "OrderedWriter":
+        return self
+
+    def __exit__(self, kind: type | None, error: BaseException | None, trace: TracebackType | None) -> None:
+        try:
+            if error is None:
+                while self._queue:
+                    self._flush_one()
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _filled(fill: Callable[[memoryview], object], view: memoryview, buffer: bytearray) -> tuple[memoryview, bytearray]:
+    fill(view)
+    return view, buffer

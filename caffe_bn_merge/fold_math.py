@@ -116,6 +116,8 @@ class ScaledRows:
         return np.multiply(self.rows[start:stop], self.scale[start:stop, None], out=out, casting="same_kind")
 
     def __array__(self, dtype: np.dtype | None = None, copy: bool | None = None) -> np.ndarray:
+        if copy is False:
+            raise ValueError("ScaledRows are computed on demand: there is no array to view")
         whole = self._block(0, len(self.rows)).reshape(self.shape)
         return whole if dtype is None else whole.astype(dtype)
 

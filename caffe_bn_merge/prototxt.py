@@ -27,11 +27,16 @@ def layer_blocks(text: str) -> list[Block]:
     """Every top-level `layer` / `layers` block, in order."""
     blocks: list[Block] = []
     depth, current = 0, None
+    gap = [(0, 0)]  # the text since the last string or brace, as spans between comments
     for token in _STRUCTURE.finditer(text):
         kind = token.group()
+        gap[-1] = (gap[-1][0], token.start())
+        if kind.startswith("#"):
+            gap.append((token.end(), token.end()))
+            continue
         if kind in ("{", "<"):
             if depth == 0:
-                current = _field_before(text, token.start())
+                current = _field_before(text, gap)
                 current = current if current[0] in ("layer", "layers") else None
             depth += 1
         elif kind in ("}", ">"):
@@ -43,15 +48,22 @@ def layer_blocks(text: str) -> list[Block]:
                 current = None
         elif kind in ("'", '"'):
             raise ValueError("unterminated string")
+        gap = [(token.end(), token.end())]
     return blocks
 
 
-def _field_before(text: str, brace: int) -> tuple[str, int]:
-    """The field name an opening brace belongs to (`name {` or `name: {`), and where it starts."""
-    start = max(0, brace - 80)
-    head = text[start:brace].rstrip().removesuffix(":").rstrip()
-    word = head[len(head.rstrip(_WORD)) :]
-    return word, start + len(head) - len(word)
+def _field_before(text: str, gap: list[tuple[int, int]]) -> tuple[str, int]:
+    """The field name an opening brace belongs to (`name {` or `name: {`, comments between
+    allowed): the last word of the text before the brace, and where that word starts."""
+    colon = True  # one colon may follow the name
+    for start, end in reversed(gap):
+        piece = text[start:end].rstrip()
+        if colon and piece.endswith(":"):
+            piece, colon = piece[:-1].rstrip(), False
+        if piece:
+            word = piece[len(piece.rstrip(_WORD)) :]
+            return word, start + len(piece) - len(word)
+    return "", 0
 
 
 def _line_start(text: str, pos: int) -> int:

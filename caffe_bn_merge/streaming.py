@@ -9,8 +9,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
 from typing import BinaryIO
 
-WORKERS = min(4, os.cpu_count() or 1)
-AHEAD = 2 * WORKERS  # blocks computed or being computed but not yet written, at most: bounds memory
+CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+WORKERS = min(4, CPUS)
+AHEAD = 2 * WORKERS  # blocks computed or being computed but not yet written, at most
+HELD_BYTES = 16 << 20  # other data waiting behind blocks still being computed, at most
 
 
 class OrderedWriter:
@@ -22,10 +24,19 @@ class OrderedWriter:
         self._queue: deque[bytes | memoryview | Future | Callable[[], None]] = deque()
         self._free: list[bytearray] = []  # buffers of written blocks, to reuse
         self._buffers = 0  # buffers made (free, or holding a block not yet written)
+        self._held = 0  # bytes of queued `write` data
 
     def write(self, data: bytes | memoryview) -> None:
-        """Write `data` (kept by reference until written: do not change it)."""
+        """Write `data` now, or once the blocks queued before it are written (kept by reference
+        until then: do not change it)."""
+        self._write_ready()
+        if not self._queue:
+            self._handle.write(data)
+            return
         self._queue.append(data)
+        self._held += memoryview(data).nbytes
+        while self._held > HELD_BYTES:
+            self._flush_one()
 
     def compute(self, size: int, fill: Callable[[memoryview], object]) -> None:
         """Write `size` bytes that `fill(buffer)` puts into `buffer`; it runs on a worker thread."""
@@ -34,7 +45,16 @@ class OrderedWriter:
 
     def then(self, action: Callable[[], None]) -> None:
         """Run `action` once everything queued before it is written."""
-        self._queue.append(action)
+        self._write_ready()
+        if self._queue:
+            self._queue.append(action)
+        else:
+            action()
+
+    def _write_ready(self) -> None:
+        """Write what is queued up to the first block not computed yet."""
+        while self._queue and not (isinstance(self._queue[0], Future) and not self._queue[0].done()):
+            self._flush_one()
 
     def _buffer(self, size: int) -> bytearray:
         """A free buffer of at least `size` bytes (one of at most AHEAD, reused)."""
@@ -57,6 +77,7 @@ class OrderedWriter:
         elif callable(item):
             item()
         else:
+            self._held -= memoryview(item).nbytes
             self._handle.write(item)
 
     def __enter__(self) -> "OrderedWriter":

@@ -1,6 +1,8 @@
 """Reading and writing caffemodels: legacy 4-D shapes, double_data, unpacked floats, atomic and
 streamed writes."""
 
+import threading
+
 import numpy as np
 import pytest
 from harness import merge_and_check
@@ -113,3 +115,20 @@ def test_written_weights_do_not_depend_on_block_size(block_bytes: int, tmp_path,
         merge(tmp_path / "t.prototxt", tmp_path / "t.caffemodel", out.with_suffix(".prototxt"), out.with_suffix(".w"))
         outputs.append(out.with_suffix(".w").read_bytes())
     assert outputs[0] == outputs[1]
+
+
+def test_ordered_writer_holds_only_what_waits_for_a_block(tmp_path, monkeypatch) -> None:
+    """Data is written at once unless a block before it is still being computed, and no more than
+    HELD_BYTES of it waits (so folded arrays made in between are not all kept)."""
+    monkeypatch.setattr(streaming, "HELD_BYTES", 8)
+    computed = threading.Event()
+    with (tmp_path / "o").open("wb") as handle, streaming.OrderedWriter(handle) as out:
+        out.write(b"ab")
+        assert handle.tell() == 2
+        out.compute(2, lambda buffer: computed.wait(10) and buffer.__setitem__(slice(None), b"cd"))
+        out.write(b"ef")
+        assert handle.tell() == 2
+        threading.Timer(0.2, computed.set).start()
+        out.write(b"0123456789")
+        assert handle.tell() == 16
+    assert (tmp_path / "o").read_bytes() == b"abcdef0123456789"

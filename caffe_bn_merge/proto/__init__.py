@@ -2,7 +2,7 @@
 `caffe.proto` by `scripts/build_schema.py`). Loading a descriptor set instead of generated `_pb2`
 code keeps us independent of the protobuf runtime's generated-code version checks."""
 
-from pathlib import Path
+import pkgutil
 
 from google.protobuf import descriptor_pool, message_factory
 
@@ -11,7 +11,7 @@ from ..wire import iter_fields
 
 def _schema() -> object:
     """Our schema's FileDescriptor, in a pool of its own."""
-    raw = Path(__file__).with_name("caffe.desc").read_bytes()
+    raw = pkgutil.get_data(__name__, "caffe.desc")  # through the loader: works from a zip too
     pool = descriptor_pool.DescriptorPool()
     for item in iter_fields(memoryview(raw)):  # a FileDescriptorSet: field 1 holds each file
         if item.number == 1:

@@ -8,6 +8,9 @@ temporary folder, then measures, for each model, in the same run and interleaved
   cp        `cp model.caffemodel copy.caffemodel` (a child process)
   protobuf  a child Python that reads the file, `NetParameter.FromString(data).SerializeToString()`
             and writes the result: what any protobuf-object-based converter pays at least
+  floor     a child Python that imports numpy and our schema, parses the prototxt with protobuf's
+            `text_format` and copies the caffemodel in the kernel as cp does: what any converter
+            written in Python on numpy + protobuf's text format pays before it folds anything
   merge-bn  `python -m caffe_bn_merge --model ... --weights ... --output-model ... --output-weights ... -q`
 
 Each figure is the child's wall time (process start to exit, as a user sees it) and its own peak RSS
@@ -62,7 +65,7 @@ REAL_MODELS = {
     "resnet152": "kaiminghe_ResNet-152-deploy.prototxt",
 }
 ALL_MODELS = [*REAL_MODELS, "synthetic1g"]
-METHODS = ("cp", "protobuf", "merge")
+METHODS = ("cp", "protobuf", "floor", "merge")
 
 PROTOBUF_CHILD = """
 import sys, time
@@ -74,6 +77,19 @@ out = NetParameter.FromString(data).SerializeToString()
 with open(sys.argv[2], "wb") as f:
     f.write(out)
 print(time.perf_counter() - start)
+"""
+
+FLOOR_CHILD = """
+import os, sys
+import numpy
+from google.protobuf import text_format
+from caffe_bn_merge.proto import NetParameter
+with open(sys.argv[1], encoding="utf-8") as f:
+    text_format.Parse(f.read(), NetParameter())
+with open(sys.argv[2], "rb") as src, open(sys.argv[3], "wb") as dst:
+    left = os.fstat(src.fileno()).st_size
+    while left:
+        left -= os.copy_file_range(src.fileno(), dst.fileno(), left)
 """
 
 
@@ -151,12 +167,15 @@ class Launcher:
         self.proc.wait()
 
 
-def child_env() -> dict[str, str]:
-    """The children import the package from the repo, with its byte-code cache as users have it
-    (a PYTHONPYCACHEPREFIX elsewhere made every start-up recompile numpy: +0.5 s per run)."""
+def child_env(work: Path) -> dict[str, str]:
+    """The children import the package from the repo, with byte-code cached as an installed package
+    has it: written by the untimed warm-up runs into `work` (so the repo gets no __pycache__), for
+    numpy and protobuf too. PYTHONDONTWRITEBYTECODE is dropped: with it set, every child would
+    compile every module it imports again (+0.1 s for our package alone, more for numpy)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    env.pop("PYTHONPYCACHEPREFIX", None)
+    env["PYTHONPYCACHEPREFIX"] = str(work / "pycache")
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     return env
 
 
@@ -229,6 +248,7 @@ def commands(prototxt: Path, caffemodel: Path, out: Path) -> dict[str, list[str]
     return {
         "cp": ["cp", str(caffemodel), str(out / "copy.caffemodel")],
         "protobuf": [python, "-c", PROTOBUF_CHILD, str(caffemodel), str(out / "protobuf.caffemodel")],
+        "floor": [python, "-c", FLOOR_CHILD, str(prototxt), str(caffemodel), str(out / "floor.caffemodel")],
         "merge": [
             python,
             "-m",
@@ -262,7 +282,7 @@ def out_dir(work: Path) -> Path:
 def measure_model(
     launcher: Launcher, figures: ModelFigures, prototxt: Path, caffemodel: Path, work: Path, runs: int
 ) -> None:
-    """`runs` rounds of cp, protobuf, merge-bn (interleaved, outputs deleted between runs)."""
+    """`runs` rounds of cp, protobuf, floor, merge-bn (interleaved, outputs deleted between runs)."""
     out = out_dir(work)
     warm(caffemodel)
     warm(prototxt)
@@ -326,7 +346,7 @@ def render(
     console: Console, models: list[ModelFigures], startup: dict[str, list[float]], runs: int, load_start: float
 ) -> None:
     table = Table(title=f"Issue 9: conversion vs cp and protobuf round trip (median of {runs} runs, warm cache)")
-    for header in ("model", "size\nMB", "cp\ns", "protobuf\ns (peak MB)", "merge-bn\ns (peak MB)"):
+    for header in ("model", "size\nMB", "cp\ns", "protobuf\ns (peak MB)", "floor\ns (/cp)", "merge-bn\ns (peak MB)"):
         table.add_column(header, justify="left" if header == "model" else "right", no_wrap=header == "model")
     targets = f"merge/cp\n≤ {TARGET_TIME_RATIO:g}", f"RSS/size\n≤ {TARGET_RSS_RATIO:g}"
     for header in (*targets, "ms/MB\nmerge | protobuf"):
@@ -338,6 +358,7 @@ def render(
             f"{m.mb:.0f}",
             f"{m.wall('cp'):.3f}",
             f"{m.wall('protobuf'):.2f} ({m.rss('protobuf') / MB:.0f})",
+            f"{m.wall('floor'):.2f} ({m.wall('floor') / m.wall('cp'):.1f})",
             f"{m.wall('merge'):.2f} ({m.rss('merge') / MB:.0f})",
             f"{time_ratio:.1f} {mark(time_ratio <= TARGET_TIME_RATIO)}",
             f"{rss_ratio:.2f} {mark(rss_ratio <= TARGET_RSS_RATIO)}",
@@ -400,7 +421,7 @@ def measure_all(
         figures = ModelFigures(
             name, str(prototxt), caffemodel.stat().st_size, layer_count(prototxt), generated, written
         )
-        with console.status(f"{name}: {runs} runs of cp, protobuf, merge-bn"):
+        with console.status(f"{name}: {runs} runs of cp, protobuf, floor, merge-bn"):
             measure_model(launcher, figures, prototxt, caffemodel, work, runs)
         models.append(figures)
     return startup, models
@@ -429,7 +450,7 @@ def main() -> int:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench_speed_") as scratch:
         work = Path(scratch)
-        launcher = Launcher(child_env(), work)  # started while this process is still small
+        launcher = Launcher(child_env(work), work)  # started while this process is still small
         try:
             folder = args.keep or work
             folder.mkdir(parents=True, exist_ok=True)
@@ -467,6 +488,7 @@ def main() -> int:
                     "median_wall_s": {k: m.wall(k) for k in METHODS},
                     "median_peak_rss_mb": {k: m.rss(k) / MB for k in METHODS},
                     "merge_over_cp": m.wall("merge") / m.wall("cp"),
+                    "floor_over_cp": m.wall("floor") / m.wall("cp"),
                     "merge_rss_over_size": m.rss("merge") / m.size,
                     "protobuf_rss_over_size": m.rss("protobuf") / m.size,
                 }

@@ -83,6 +83,7 @@ class Weights:
     buffer: memoryview
     records: list[wire.Field]
     mapping: mmap.mmap | None = None  # the memory map behind `buffer`
+    identity: tuple[int, ...] = ()  # the mapped file's device, inode, size and mtime
     layers: dict[str, WeightLayer] = field(default_factory=dict)
     record_names: list[str | None] = field(default_factory=list)
 
@@ -165,11 +166,11 @@ def _reading(path: Path, flag: str) -> Iterator[None]:
 
 def read_weights(path: Path) -> Weights:
     """Memory-map a caffemodel and index its layers' blobs without copying them."""
-    mapping = _map_file(path)
+    mapping, identity = _map_file(path)
     buffer = memoryview(mapping)
     _refuse_other_formats(path, bytes(buffer[:4096]))
     try:
-        weights = Weights(path, buffer, _top_records(buffer), mapping)
+        weights = Weights(path, buffer, _top_records(buffer), mapping, identity)
         for record in weights.records:
             weights.record_names.append(_index_layer(weights, record))
     except wire.WireError as err:
@@ -211,11 +212,17 @@ def _top_records(buffer: memoryview) -> list[wire.Field]:
     return records
 
 
-def _map_file(path: Path) -> mmap.mmap:
+def _map_file(path: Path) -> tuple[mmap.mmap, tuple[int, ...]]:
+    """The file's memory map, and what identifies the file mapped (`_identity`)."""
     with _reading(path, "--weights"), path.open("rb") as handle:
         if os.fstat(handle.fileno()).st_size == 0:
             raise InputError(f"{path}: the file is empty (given as --weights)")
-        return mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        return mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ), _identity(handle.fileno())
+
+
+def _identity(fd: int) -> tuple[int, ...]:
+    info = os.fstat(fd)
+    return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns
 
 
 def _index_layer(weights: Weights, record: wire.Field) -> str | None:
@@ -317,19 +324,26 @@ def _join(chunks: list[np.ndarray]) -> np.ndarray:
     return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
 
 
+VERBATIM_CHUNK = 16 << 20  # untouched bytes are copied (and released) this much at a time
+
+
 def write_weights(weights: Weights, edits: dict[str, LayerEdit], dropped: set[str], path: Path) -> None:
-    """Write `weights` with `edits` applied and `dropped` layers left out; other bytes verbatim.
-    An edit for a layer the caffemodel does not hold (a Power layer turned Scale) adds a record."""
+    """Write `weights` with `edits` applied and `dropped` layers left out; other bytes verbatim
+    (copied file to file inside the kernel where it can). An edit for a layer the caffemodel does
+    not hold (a Power layer turned Scale) adds a record."""
     upgrade_v1 = any(r.number == 2 for r in weights.records)  # V1 input: written in today's form
-    with atomic_output(path) as handle, OrderedWriter(handle) as out:
+    with atomic_output(path) as handle, _source(weights) as source, OrderedWriter(handle) as out:
         for record, name in zip(weights.records, weights.record_names, strict=True):
             if name in dropped:
                 continue
             if name in edits or (upgrade_v1 and record.number == 2):
                 _write_edited_layer(out, weights, record, weights.layers[name], edits.get(name))
-            else:
-                out.write(weights.buffer[record.start : record.end])
-            out.then(partial(_release, weights, record))
+                out.then(partial(_release, weights, record.start, record.end))
+                continue
+            for start in range(record.start, record.end, VERBATIM_CHUNK):
+                end = min(start + VERBATIM_CHUNK, record.end)
+                out.copy(source, start, weights.buffer[start:end])
+                out.then(partial(_release, weights, start, end))
         for name, edit in edits.items():
             if name not in weights.layers:
                 layer = proto.LayerParameter(name=name)
@@ -338,13 +352,27 @@ def write_weights(weights: Weights, edits: dict[str, LayerEdit], dropped: set[st
                 _write_layer(out, layer.SerializeToString(), blobs, [False] * len(blobs))
 
 
-def _release(weights: Weights, record: wire.Field) -> None:
-    """Drop the pages of a record we are done with from our memory (they stay in the page cache),
-    so writing a model never holds the whole input in our resident memory."""
+@contextmanager
+def _source(weights: Weights) -> Iterator[int | None]:
+    """The caffemodel opened again for copying, if it is still the file that was mapped."""
+    try:
+        fd = os.open(weights.path, os.O_RDONLY)
+    except OSError:
+        yield None
+        return
+    try:
+        yield fd if weights.identity and _identity(fd) == weights.identity else None
+    finally:
+        os.close(fd)
+
+
+def _release(weights: Weights, start: int, end: int) -> None:
+    """Drop the pages of bytes we are done with from our memory (they stay in the page cache), so
+    writing a model never holds the whole input in our resident memory."""
     if weights.mapping is None or not hasattr(mmap, "MADV_DONTNEED"):
         return
-    start = record.start - record.start % mmap.PAGESIZE
-    end = min(record.end + (-record.end) % mmap.PAGESIZE, len(weights.buffer))
+    start -= start % mmap.PAGESIZE
+    end = min(end + (-end) % mmap.PAGESIZE, len(weights.buffer))
     if end > start:
         weights.mapping.madvise(mmap.MADV_DONTNEED, start, end - start)
 

@@ -6,6 +6,7 @@ import os
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from types import TracebackType
 from typing import BinaryIO
 
@@ -13,10 +14,12 @@ CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.
 WORKERS = min(4, CPUS)
 AHEAD = 2 * WORKERS  # blocks computed or being computed but not yet written, at most
 HELD_BYTES = 16 << 20  # other data waiting behind blocks still being computed, at most
+KERNEL_COPY_BYTES = 1 << 16  # smaller copies are written from memory: fewer system calls
 
 
 class OrderedWriter:
-    """`write`, `compute` and `then` queue work that reaches the file in the order it was queued."""
+    """`write`, `copy`, `compute` and `then` queue work that reaches the file in the order it was
+    queued."""
 
     def __init__(self, handle: BinaryIO) -> None:
         self._handle = handle
@@ -25,6 +28,7 @@ class OrderedWriter:
         self._free: list[bytearray] = []  # buffers of written blocks, to reuse
         self._buffers = 0  # buffers made (free, or holding a block not yet written)
         self._held = 0  # bytes of queued `write` data
+        self._copy_in_kernel = hasattr(os, "copy_file_range")
 
     def write(self, data: bytes | memoryview) -> None:
         """Write `data` now, or once the blocks queued before it are written (kept by reference
@@ -37,6 +41,27 @@ class OrderedWriter:
         self._held += memoryview(data).nbytes
         while self._held > HELD_BYTES:
             self._flush_one()
+
+    def copy(self, source: int | None, offset: int, data: memoryview) -> None:
+        """Write `data`, which are the bytes at `offset` in file `source`: copied from file to
+        file inside the kernel (never read into our memory) unless that fails or `source` is None."""
+        if source is None or not self._copy_in_kernel or len(data) < KERNEL_COPY_BYTES:
+            self.write(data)
+        else:
+            self.then(partial(self._copy_now, source, offset, data))
+
+    def _copy_now(self, source: int, offset: int, data: memoryview) -> None:
+        done = 0
+        self._handle.flush()  # the copy writes at the file's offset, after what is written so far
+        try:
+            while done < len(data):
+                copied = os.copy_file_range(source, self._handle.fileno(), len(data) - done, offset + done)
+                if not copied:
+                    break
+                done += copied
+        except OSError:  # not between these two files (other file systems, old kernels)
+            self._copy_in_kernel = False
+        self._handle.write(data[done:])
 
     def compute(self, size: int, fill: Callable[[memoryview], object]) -> None:
         """Write `size` bytes that `fill(buffer)` puts into `buffer`; it runs on a worker thread."""

@@ -1,6 +1,8 @@
 """Reading and writing caffemodels: legacy 4-D shapes, double_data, unpacked floats, atomic and
 streamed writes."""
 
+import errno
+import os
 import threading
 
 import numpy as np
@@ -132,3 +134,51 @@ def test_ordered_writer_holds_only_what_waits_for_a_block(tmp_path, monkeypatch)
         out.write(b"0123456789")
         assert handle.tell() == 16
     assert (tmp_path / "o").read_bytes() == b"abcdef0123456789"
+
+
+def _net_with_untouched_weights(tmp_path):
+    """conv + BatchNorm + Scale (folds) before an InnerProduct of 1.2 MB that stays as it is."""
+    b = NetBuilder("t", (1, 16, 8, 8), seed=4)
+    b.ip(b.scale(b.bn(b.conv("data", 16, name="c"), name="bn"), name="sc"), 300, name="fc")
+    b.save(tmp_path / "t.prototxt", tmp_path / "t.caffemodel")
+    return tmp_path / "t.prototxt", tmp_path / "t.caffemodel"
+
+
+def _merged_weights(model, weights, out) -> bytes:
+    merge(model, weights, out.with_suffix(".prototxt"), out.with_suffix(".caffemodel"))
+    return out.with_suffix(".caffemodel").read_bytes()
+
+
+def test_untouched_bytes_are_copied_in_the_kernel_or_written_alike(tmp_path, monkeypatch) -> None:
+    model, weights = _net_with_untouched_weights(tmp_path)
+    monkeypatch.setattr(caffe_io, "VERBATIM_CHUNK", 100_000)  # several chunks for the 1.2 MB record
+    kernel_copy, copies = os.copy_file_range, []
+
+    def counted(*args):
+        copies.append(args[2])
+        return kernel_copy(*args)
+
+    monkeypatch.setattr(os, "copy_file_range", counted)
+    copied = _merged_weights(model, weights, tmp_path / "a")
+    assert len(copies) >= 12 and sum(copies) >= 1_200_000
+
+    def refused(*args):
+        raise OSError(errno.EXDEV, "cross-device")
+
+    monkeypatch.setattr(os, "copy_file_range", refused)
+    assert _merged_weights(model, weights, tmp_path / "b") == copied
+    stored = caffe_io.read_weights(tmp_path / "b.caffemodel").layers["fc"].blobs[0]
+    np.testing.assert_array_equal(stored, caffe_io.read_weights(weights).layers["fc"].blobs[0])
+
+
+def test_a_caffemodel_replaced_after_reading_is_not_copied_from(tmp_path) -> None:
+    """The kernel copy reads the file by name again: if that is no longer the file read, the
+    bytes come from the one read (its memory map) instead."""
+    _, weights = _net_with_untouched_weights(tmp_path)
+    original = weights.read_bytes()
+    stored = caffe_io.read_weights(weights)
+    replacement = tmp_path / "other.caffemodel"
+    replacement.write_bytes(bytes(len(original)))
+    os.replace(replacement, weights)
+    caffe_io.write_weights(stored, {}, set(), tmp_path / "copy.caffemodel")
+    assert (tmp_path / "copy.caffemodel").read_bytes() == original

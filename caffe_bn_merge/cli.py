@@ -1,4 +1,5 @@
-"""`merge-bn`: the command line. The only module that prints and exits.
+"""`merge-bn`: the command line; with `batch/console.py`, the only code that prints, and the only
+place that turns errors into exit codes.
 
 Exit codes: 0 done; 1 internal error; 2 bad input or usage; 3 --verify found the merged model
 further from the original than --tolerance.
@@ -14,15 +15,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import __version__
+from .defaults import DEFAULT_TOLERANCE, EXIT_VERIFY_FAILED, TABLE_WIDTH
 from .errors import MergeError
 
 if TYPE_CHECKING:  # the heavy modules load only once there is work to do, so --help is fast
     from .pipeline import MergeResult
-    from .verification import VerifyResult
+    from .verification.compare import VerifyResult
 
 log = logging.getLogger("caffe_bn_merge")
-EXIT_VERIFY_FAILED = 3
-DEFAULT_TOLERANCE = 1e-4  # also verification.DEFAULT_TOLERANCE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["batch"]:
-        from .batch import main as batch_main
+        from .batch.command import main as batch_main
 
         return batch_main(argv[1:])
     args = build_parser().parse_args(argv)
@@ -157,9 +157,9 @@ def _terminate(signum: int, frame: object) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .caffe_io import atomic_output
-    from .hosts import DEFAULT_CONV_LIKE
+    from .io.emit import atomic_output
     from .pipeline import MergeOptions, merge
+    from .rules.hosts import DEFAULT_CONV_LIKE
 
     console = None if args.quiet else _console()
     options = MergeOptions(
@@ -196,7 +196,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace, result: "MergeResult") -> "VerifyResult":
-    from .verification import verify
+    from .verification.compare import verify
 
     original = (args.model, args.weights)
     merged = (result.output_model, result.output_weights)
@@ -206,8 +206,6 @@ def _verify(args: argparse.Namespace, result: "MergeResult") -> "VerifyResult":
 def _console() -> object:
     """Where tables go (rich loads only when something is printed)."""
     from rich.console import Console
-
-    from .report import TABLE_WIDTH
 
     return Console(width=TABLE_WIDTH)
 

@@ -1,4 +1,5 @@
-"""One error hierarchy: the library raises these, only the CLI turns them into messages and exit codes."""
+"""One error tree: the library raises these, only the command line turns them into messages and
+exit codes (each class's `exit_code`)."""
 
 
 class MergeError(Exception):
@@ -19,5 +20,17 @@ class MismatchError(InputError):
 
 class OutputError(MergeError):
     """An output path cannot be written as asked."""
+
+    exit_code = 2
+
+
+class VerifyError(MergeError):
+    """The engine is missing or cannot run one of the models."""
+
+    exit_code = 2
+
+
+class UsageError(MergeError):
+    """The command cannot start as asked: bad manifest, colliding or unsafe outputs, ..."""
 
     exit_code = 2

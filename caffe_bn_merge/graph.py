@@ -9,8 +9,8 @@ Layers excluded from the TEST phase (train-only layers) are not part of the grap
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from . import proto
 from .errors import InputError
+from .io import proto
 
 NET_INPUT = -1  # producer index of a net input blob
 

@@ -1,20 +1,21 @@
-"""The whole job: load -> graph -> plan -> rewrite (rule by rule) -> write, as one library call."""
+"""The whole job as one library call, `merge`: read (`io.read`) -> graph -> rules (`rules.passes`)
+-> emit (`io.emit`)."""
 
 import logging
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from . import caffe_io
-from .errors import MismatchError, OutputError
+from .errors import MismatchError
 from .graph import NetGraph, build_graph, included, inference_state
-from .hosts import DEFAULT_CONV_LIKE, is_host_type, read_host
-from .norms import NORM_TYPES
-from .plan import IDENTITY_TYPES, RULES, Action, Context, Rule
-from .reasons import Refusal
-from .rewrite import Rewrite
-from .user_schema import compile_schema
+from .io import emit, read
+from .io.user_schema import compile_schema
+from .rules.hosts import DEFAULT_CONV_LIKE, is_host_type, read_host
+from .rules.norms import NORM_TYPES
+from .rules.passes import run_rules
+from .rules.plan import FoldPlan, Rule
+from .rules.rewrite import Rewrite
 
 log = logging.getLogger(__name__)
 
@@ -34,42 +35,6 @@ class MergeOptions:
         wanted = {Rule.IDENTITY: self.identity, Rule.FORWARD: True, Rule.BACKWARD: self.backward}
         wanted[Rule.STANDALONE] = self.standalone
         return [rule for rule, on in wanted.items() if on]
-
-
-@dataclass(frozen=True)
-class Kept:
-    """A BatchNorm / Scale / Bias / Power (or identity) layer left as it was, and why."""
-
-    layer: str
-    type: str
-    refusals: tuple[Refusal, ...]
-
-    @property
-    def refusal(self) -> Refusal:
-        """The main reason: the first rule's."""
-        return self.refusals[0]
-
-    def __str__(self) -> str:
-        return "; ".join(str(r) for r in self.refusals)
-
-
-@dataclass(frozen=True)
-class FoldPlan:
-    """Every action applied, in order, every candidate layer left as it was, and for every layer
-    any rule refused, its reasons (a collapsed chain keeps the reasons it could not fold)."""
-
-    actions: tuple[Action, ...]
-    kept: tuple[Kept, ...]
-    reasons: dict[str, tuple[Refusal, ...]] = field(default_factory=dict)
-    types: dict[str, str] = field(default_factory=dict)  # every layer of the input net, in order
-
-    @property
-    def removed(self) -> set[str]:
-        """Names of the layers taken out of the net."""
-        return {name for action in self.actions for name in action.removed}
-
-    def by_rule(self, rule: Rule) -> list[Action]:
-        return [a for a in self.actions if a.rule is rule]
 
 
 @dataclass(frozen=True)
@@ -111,16 +76,18 @@ def merge(
     output_weights = Path(output_weights or defaults[1])
     on_step("reading")
     schema = compile_schema(options.caffe_proto) if options.caffe_proto else None
-    net_text = caffe_io.read_net_text(model, schema)
+    net_text = read.read_net_text(model, schema)
     net = net_text.net
-    stored = caffe_io.read_weights(weights)
+    stored = read.read_weights(weights)
     if write:
-        _check_outputs((model, weights), (output_model, output_weights), overwrite)
+        emit.check_outputs((model, weights), (output_model, output_weights), overwrite)
     graph = build_graph(net)
     _check_pairing(graph, stored, model, weights, options.conv_like)
     _log_input(net_text)
     on_step("folding")
-    rewrite, plan = _run_rules(net, graph, stored, options, net_text.frozen)
+    rewrite, plan = run_rules(
+        net, graph, stored, options.rules(), options.bn_flavour, frozenset(options.conv_like), net_text.frozen
+    )
     for action in plan.actions:
         log.info("%s: %s%s", action.rule, " + ".join(action.layers), f" -> {action.target}" if action.target else "")
     for kept in plan.kept:
@@ -155,53 +122,8 @@ def _log_input(net_text: object) -> None:
         log.warning("%d layer(s) outside the TEST phase kept as they are; folding follows the TEST phase", other)
 
 
-def _run_rules(
-    net: object, graph: NetGraph, stored: caffe_io.Weights, options: MergeOptions, frozen: frozenset[str]
-) -> tuple[Rewrite, FoldPlan]:
-    """Each rule plans on the net as the rules before it left it (`graph` is the input net's);
-    identity repeats until done."""
-    rewrite = Rewrite(net, dict(stored.layers))
-    actions: list[Action] = []
-    refusals: dict[str, list[Refusal]] = {}
-    for rule in options.rules():
-        while True:
-            ctx = Context(rewrite.layers, options.bn_flavour, frozenset(options.conv_like), frozen)
-            result = RULES[rule](graph, ctx)
-            for name, refusal in result.refusals.items():
-                refusals.setdefault(name, []).append(refusal)
-            graph = rewrite.apply(graph, result.actions)
-            actions += result.actions
-            if rule is not Rule.IDENTITY or not result.actions:
-                break
-    changed = {a.target for a in actions if a.rule is Rule.STANDALONE} | {n for a in actions for n in a.removed}
-    kept = tuple(
-        Kept(node.name, node.type, _distinct(refusals[node.name]))
-        for node in graph.layers
-        if node.name not in changed and node.name in refusals and node.type in (*NORM_TYPES, *IDENTITY_TYPES)
-    )
-    reasons = {name: _distinct(found) for name, found in refusals.items()}
-    return rewrite, FoldPlan(tuple(actions), kept, reasons, {layer.name: layer.type for layer in net.layer})
-
-
-def _distinct(refusals: list[Refusal]) -> tuple[Refusal, ...]:
-    return tuple(dict.fromkeys(refusals))
-
-
-def _check_outputs(inputs: tuple[Path, Path], outputs: tuple[Path, Path], overwrite: bool) -> None:
-    resolved = {p.resolve() for p in inputs}
-    for out in outputs:
-        if out.resolve() in resolved:
-            raise OutputError(f"{out}: output path equals an input path; choose another output name")
-        if not out.parent.is_dir():
-            raise OutputError(f"{out}: folder {out.parent} does not exist")
-        if out.exists() and not overwrite:
-            raise OutputError(f"{out}: exists already; add --force to replace it")
-    if outputs[0].resolve() == outputs[1].resolve():
-        raise OutputError(f"{outputs[0]}: the output model and weights paths are the same")
-
-
 def _check_pairing(
-    graph: NetGraph, stored: caffe_io.Weights, model: Path, weights: Path, conv_like: tuple[str, ...]
+    graph: NetGraph, stored: read.Weights, model: Path, weights: Path, conv_like: tuple[str, ...]
 ) -> None:
     """Refuse a caffemodel that does not hold this prototxt's weights: host blobs that do not fit,
     missing statistics, or no weighted layer in common at all; say so when it looks merged."""
@@ -227,12 +149,12 @@ def _check_pairing(
 
 
 def _write(
-    net_text: object, rewrite: Rewrite, stored: caffe_io.Weights, removed: set[str], model: Path, weights: Path
+    net_text: object, rewrite: Rewrite, stored: read.Weights, removed: set[str], model: Path, weights: Path
 ) -> None:
     """Write the caffemodel, then the prototxt; never leave one without the other."""
-    caffe_io.write_weights(stored, rewrite.edits, removed, weights)
+    emit.write_weights(stored, rewrite.edits, removed, weights)
     try:
-        caffe_io.write_net_text(net_text, rewrite.net, rewrite.origin, model)
+        emit.write_net_text(net_text, rewrite.net, rewrite.origin, model)
     except BaseException:
         weights.unlink(missing_ok=True)
         raise

@@ -8,12 +8,11 @@ from typing import Any
 
 from . import __version__
 from .pipeline import MergeResult
-from .plan import Rule
-from .reasons import Refusal
-from .verification import VerifyResult
+from .rules.plan import Rule
+from .rules.reasons import Refusal
+from .verification.compare import VerifyResult
 
 SCHEMA_VERSION = 1
-TABLE_WIDTH = 100
 _ACTION_OF_RULE = {Rule.FORWARD: "folded", Rule.BACKWARD: "folded", Rule.IDENTITY: "removed"}
 
 

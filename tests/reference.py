@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from caffe_bn_merge import caffe_io
 from caffe_bn_merge.graph import included, inference_state, input_shapes
+from caffe_bn_merge.io import read as caffe_io
 
 
 def conv2d(x, w, b, stride=1, pad=0, dilation=1, group=1):

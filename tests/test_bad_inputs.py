@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 from harness import copy_sample, merge_and_check
 
-from caffe_bn_merge import caffe_io, proto, wire
 from caffe_bn_merge.cli import main
-from caffe_bn_merge.synth import NetBuilder
+from caffe_bn_merge.io import proto, wire
+from caffe_bn_merge.io import read as caffe_io
+from caffe_bn_merge.synthetic.synth import NetBuilder
 
 
 def _edit_text(path: Path, old: str, new: str, count: int = 1) -> None:

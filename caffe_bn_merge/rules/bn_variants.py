@@ -1,0 +1,83 @@
+"""The BatchNorm layouts found in the wild, told apart by parameters and blob shapes.
+
+- `bvlc` (BatchNorm): blobs mean*s, var*s, s. f = 1/s (0 when s == 0);
+  y = (x - mean*f) / sqrt(var*f + eps).
+- `nvcaffe` (BatchNorm): blobs mean, var, correction[, gamma, beta];
+  y = (x - mean) / sqrt(var + eps) * gamma + beta, with eps raised to at least 1e-5.
+- `nvcaffe-0.15` (BatchNorm): blobs gamma, beta, mean, var, reserved; y as above, eps as given.
+- `bn` (type BN, PSPNet-era forks): blobs slope, bias, mean, var; y as above, eps from bn_param.
+
+NVIDIA Caffe 0.16+ writes 5 blobs with `scale_bias` (the 3rd, "variance correction", has shape [1]);
+0.15 and Xilinx's fork wrote the last blob as the [1]-shaped one. With 3 blobs, NVIDIA Caffe and
+BVLC differ only when blob 2 is not 1: `scale_bias` (a field BVLC does not have) marks NVIDIA Caffe,
+otherwise BVLC is assumed and `--bn-flavour nvcaffe` says otherwise.
+"""
+
+import numpy as np
+
+from ..errors import MismatchError
+from ..maths.affine import ChannelAffine, batchnorm_affine, scale_affine
+from .reasons import Reason, Refusal
+
+VARIANTS = ("bvlc", "nvcaffe", "nvcaffe-0.15", "bn")
+NVCAFFE_MIN_EPS = 1e-5
+
+
+def detect(layer: object, blobs: list[np.ndarray], override: str = "auto") -> str | Refusal:
+    """The variant of a BatchNorm / BN layer, or why its blobs fit none. A blob count no variant
+    has means the caffemodel is not this net's (Caffe itself would refuse to load it)."""
+    if len(blobs) not in (3, 4, 5):
+        raise MismatchError(
+            f"layer '{layer.name}': {layer.type} with {len(blobs)} blob(s) in the caffemodel; Caffe's have "
+            "3 (BVLC), 5 (NVIDIA Caffe) or 4 (BN): are the prototxt and caffemodel from the same net?"
+        )
+    if layer.type == "BN":
+        found = "bn"
+    elif len(blobs) == 5 and blobs[2].size == 1 and blobs[4].size == 1 and not _declared_nvcaffe(layer):
+        found = ""  # one channel: both 5-blob layouts fit; --bn-flavour (or scale_bias) decides
+    elif len(blobs) == 5 and blobs[2].size == 1:
+        found = "nvcaffe"
+    elif len(blobs) == 5 and blobs[4].size == 1:
+        found = "nvcaffe-0.15"
+    elif len(blobs) == 3 and blobs[2].size == 1:
+        found = "nvcaffe" if _declared_nvcaffe(layer) else "bvlc"
+    else:
+        found = ""
+    chosen = found if override == "auto" else override
+    if not chosen or _blob_count(chosen, blobs) is None:
+        shapes = [list(b.shape) for b in blobs]
+        return Refusal(Reason.UNKNOWN_LAYOUT, f"{layer.type} blobs {shapes} fit no known layout ({chosen or 'auto'})")
+    return chosen
+
+
+def _declared_nvcaffe(layer: object) -> bool:
+    return layer.batch_norm_param.HasField("scale_bias")
+
+
+def _blob_count(variant: str, blobs: list[np.ndarray]) -> int | None:
+    counts = {"bvlc": (3,), "nvcaffe": (3, 5), "nvcaffe-0.15": (5,), "bn": (4,)}[variant]
+    return len(blobs) if len(blobs) in counts else None
+
+
+def statistics(variant: str, blobs: list[np.ndarray]) -> tuple[np.ndarray, ...]:
+    """(mean, variance, gamma or None, beta or None, factor) in the variant's blob order."""
+    if variant == "bvlc":
+        return blobs[0], blobs[1], None, None, float(blobs[2].ravel()[0])
+    if variant == "nvcaffe":
+        gamma, beta = (blobs[3], blobs[4]) if len(blobs) == 5 else (None, None)
+        return blobs[0], blobs[1], gamma, beta, 1.0
+    if variant == "nvcaffe-0.15":
+        return blobs[2], blobs[3], blobs[0], blobs[1], 1.0
+    return blobs[2], blobs[3], blobs[0], blobs[1], 1.0  # bn: slope, bias, mean, var
+
+
+def affine(variant: str, layer: object, blobs: list[np.ndarray], channels: int) -> ChannelAffine:
+    """The per-channel map the layer computes at inference."""
+    mean, var, gamma, beta, factor = statistics(variant, blobs)
+    eps = layer.bn_param.eps if variant == "bn" else layer.batch_norm_param.eps
+    if variant == "nvcaffe":
+        eps = max(eps, NVCAFFE_MIN_EPS)
+    normalise = batchnorm_affine(mean, var, factor, eps)
+    if gamma is None:
+        return normalise
+    return normalise.then(scale_affine(gamma, beta, channels))

@@ -105,10 +105,11 @@ def _add_verify_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--verify", action="store_true", help="run original and merged model and compare outputs")
     group.add_argument(
         "--backend",
-        choices=("auto", "opencv", "caffe"),
+        choices=("auto", "caffe", "opencv", "reference"),
         default="auto",
-        help="engine for --verify: pycaffe (scripts/install_pycaffe.sh) or OpenCV dnn "
-        "(pip install 'caffe-bn-merge[verify]'); auto prefers pycaffe when installed",
+        help="engine for --verify: pycaffe (scripts/install_pycaffe.sh), OpenCV dnn "
+        "(pip install 'caffe-bn-merge[verify]') or our float64 reference engine (numpy only); "
+        "auto takes the first of these that runs the net",
     )
     group.add_argument(
         "--tolerance",

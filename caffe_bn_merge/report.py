@@ -71,6 +71,7 @@ def _decision_json(decision: Decision) -> dict[str, Any]:
 def _verify_json(checked: VerifyResult) -> dict[str, Any]:
     return {
         "backend": checked.backend,
+        "passed_over": list(checked.passed_over),
         "tolerance": checked.tolerance,
         "inputs": checked.inputs,
         "passed": checked.passed,
@@ -129,7 +130,8 @@ def verify_table(checked: VerifyResult) -> "Table":  # noqa: F821
     verdict = "passed" if checked.passed else "FAILED"
     title = f"verify on {checked.backend}: {verdict} (max relative error {checked.max_relative:.2e}"
     title += f", tolerance {checked.tolerance:g})"
-    table = Table(title=title, title_justify="left", caption=f"inputs: {checked.inputs}", caption_justify="left")
+    caption = f"inputs: {checked.inputs}" + "".join(f"\nnot run on {why}" for why in checked.passed_over)
+    table = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
     for column in ("blob", "max abs", "scale", "relative", ""):
         table.add_column(column, justify="left" if column in ("blob", "") else "right", max_width=44, overflow="fold")
     for e in checked.errors:

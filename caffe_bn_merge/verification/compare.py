@@ -1,5 +1,6 @@
-"""Checking a merged model against its original on a real engine: OpenCV dnn 4.x (run-time fusion
-off on both sides) or real Caffe (pycaffe, in its own environment, see `pycaffe`).
+"""Checking a merged model against its original on an engine: real Caffe (pycaffe, in its own
+environment, see `pycaffe`), OpenCV dnn 4.x (run-time fusion off on both sides) or our float64
+reference engine (`reference`, numpy only).
 
 Compared blobs, matched by name (an in-place blob as the version its reader sees):
 - gating (they decide pass / fail): the inputs of Softmax / DetectionOutput / ArgMax, which would
@@ -50,6 +51,7 @@ class VerifyResult:
     tolerance: float
     inputs: str  # how the inputs were made, for the report
     errors: tuple[BlobError, ...]
+    passed_over: tuple[str, ...] = ()  # with `auto`: each engine tried first, as "engine: why it could not"
 
     @property
     def max_relative(self) -> float:
@@ -177,16 +179,17 @@ def _run_caffe(
     return run_caffe(model, weights, inputs, outputs)
 
 
-BACKENDS: dict[str, Runner] = {"opencv": run_opencv, "caffe": _run_caffe}
+def _run_reference(
+    model: Path, weights: Path, inputs: dict[str, np.ndarray], outputs: list[tuple[str, str]]
+) -> list[np.ndarray]:
+    from .reference import run_reference
+
+    return run_reference(model, weights, inputs, outputs)
 
 
-def pick_backend(name: str) -> str:
-    """`auto` means real Caffe when pycaffe is installed, else OpenCV."""
-    if name != "auto":
-        return name
-    from .pycaffe import pycaffe_python
-
-    return "caffe" if pycaffe_python() else "opencv"
+# Every engine by name, in the order `auto` tries them: real Caffe, then OpenCV, then our float64
+# reference engine (numpy only, so `--verify` works with the core dependencies alone).
+BACKENDS: dict[str, Runner] = {"caffe": _run_caffe, "opencv": run_opencv, "reference": _run_reference}
 
 
 def compare_models(
@@ -225,13 +228,22 @@ def verify(
     input_specs: list[str] | None = None,
     seed: int = 0,
 ) -> VerifyResult:
-    """Run both models on the same inputs and judge the merged one against `tolerance`."""
+    """Run both models on the same inputs and judge the merged one against `tolerance`. `auto`
+    takes the first engine of `BACKENDS` that runs both models, and says which it passed over."""
     original, merged = _paths(original), _paths(merged)
     inputs = load_inputs(original[0], input_specs or [], seed)
     described = ", ".join(input_specs) if input_specs else f"random normal, seed {seed}"
-    chosen = pick_backend(backend)
-    errors = compare_models(original, merged, inputs, chosen)
-    return VerifyResult(chosen, tolerance, described, tuple(errors))
+    passed_over: list[str] = []
+    for engine in BACKENDS if backend == "auto" else (backend,):
+        try:
+            errors = compare_models(original, merged, inputs, engine)
+        except VerifyError as err:
+            if backend != "auto":
+                raise
+            passed_over.append(f"{engine}: {err}")
+            continue
+        return VerifyResult(engine, tolerance, described, tuple(errors), tuple(passed_over))
+    raise VerifyError(f"no engine can run {original[0]}: {'; '.join(passed_over)}")
 
 
 def _paths(pair: tuple[Path | str, Path | str]) -> tuple[Path, Path]:

@@ -44,11 +44,6 @@ def pycaffe_python() -> Path | None:
     return None
 
 
-def _error(message: str) -> Exception:
-
-    return VerifyError(message)
-
-
 def run_caffe(
     model: Path,
     weights: Path,
@@ -64,11 +59,11 @@ def run_caffe(
     if python is None:
         explicit = os.environ.get(ENV_PYTHON)
         where = f"{ENV_PYTHON}={explicit} is not a Python executable" if explicit else "pycaffe is not installed"
-        raise _error(f"{where}: {INSTALL_HINT} (or point {ENV_PYTHON} to a Python that imports caffe)")
+        raise VerifyError(f"{where}: {INSTALL_HINT} (or point {ENV_PYTHON} to a Python that imports caffe)")
     model, weights = Path(model).resolve(), Path(weights).resolve()
     for path in (model, weights):
         if not path.is_file():
-            raise _error(f"{path}: no such file")
+            raise VerifyError(f"{path}: no such file")
     with tempfile.TemporaryDirectory(prefix="caffe-bn-merge-pycaffe-") as tmp:
         folder = Path(tmp)
         request = {
@@ -97,15 +92,15 @@ def run_caffe(
                 check=False,
             )
         except subprocess.TimeoutExpired as err:
-            raise _error(f"pycaffe did not finish {model.name} within {timeout:g} s") from err
+            raise VerifyError(f"pycaffe did not finish {model.name} within {timeout:g} s") from err
         except OSError as err:
-            raise _error(f"cannot start {python}: {err.strerror}; {INSTALL_HINT}") from err
+            raise VerifyError(f"cannot start {python}: {err.strerror}; {INSTALL_HINT}") from err
         if done.returncode != 0:
-            raise _error(f"pycaffe could not run {model}: {_failure(done.returncode, done.stderr)}")
+            raise VerifyError(f"pycaffe could not run {model}: {_failure(done.returncode, done.stderr)}")
         try:
             return [np.load(folder / f"out{i}.npy", allow_pickle=False) for i in range(len(outputs))]
         except (OSError, ValueError) as err:
-            raise _error(f"pycaffe gave no readable result for {model}: {err}") from err
+            raise VerifyError(f"pycaffe gave no readable result for {model}: {err}") from err
 
 
 def _failure(returncode: int, stderr: str) -> str:

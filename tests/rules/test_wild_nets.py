@@ -14,6 +14,7 @@ from harness import CLASSIC, copy_sample, merge_and_check, save
 
 from caffe_bn_merge import InputError
 from caffe_bn_merge.io import proto, prototxt, wire
+from caffe_bn_merge.io import read as caffe_io
 from caffe_bn_merge.pipeline import MergeOptions, merge
 from caffe_bn_merge.rules.plan import FoldPlan
 from caffe_bn_merge.synthetic.synth import NetBuilder
@@ -48,7 +49,7 @@ def _assert_untouched(original: tuple[Path, Path], merged: tuple[Path, Path], ch
     kept = [r for r in _records(original[1]) if r[0] not in changed]
     assert [r for r in out_records if r[0] not in changed] == kept
     out_text = merged[0].read_text()
-    names = [layer.name for layer in text_format.Parse(original[0].read_text(), proto.NetParameter()).layer]
+    names = [layer.name for layer in caffe_io.read_net(original[0]).layer]
     for name, block in zip(names, _blocks(original[0]), strict=True):
         if name not in changed:
             assert block in out_text, block
@@ -207,17 +208,24 @@ def _binarised(record: bytes, encoding: str, channels: int, legacy: bool) -> byt
 
 def _binary_net(folder: Path, where: str) -> tuple[Path, Path]:
     """A net with a binarised 3x3 conv `bin` (3 input channels): untouched (`side`: nothing folds into
-    it), or a host whose BatchNorm would fold (`host`); the rest folds."""
+    it), a host whose BatchNorm would fold (`host`), or a fork's own layer type with a parameter our
+    schema does not know (`custom`); the rest folds."""
     b = NetBuilder(f"bin_{where}", (1, 3, 8, 8), seed=11)
     x = b.conv("data", 5, name="bin", kernel=3)
     x = b.bn(x, name="bin_bn") if where == "host" else b.relu(x)
     b.scale(b.bn(b.conv(x, 4, name="c1", bias=False), name="bn1"), name="sc1")
-    return save(b, folder)
+    model, weights = save(b, folder)
+    if where == "custom":
+        text = model.read_text().replace(
+            'type: "Convolution"', 'type: "BinaryConvolution"\n  binary_param {\n    bits: 1\n  }', 1
+        )
+        model.write_text(text)
+    return model, weights
 
 
 @pytest.mark.parametrize("legacy", [False, True], ids=["shape", "legacy_dims"])
 @pytest.mark.parametrize("encoding", ENCODINGS)
-@pytest.mark.parametrize("where", ["side", "host"])
+@pytest.mark.parametrize("where", ["side", "host", "custom"])
 def test_undecodable_blobs_pass_through(where: str, encoding: str, legacy: bool, tmp_path) -> None:
     (tmp_path / "plain").mkdir()
     (tmp_path / "fork").mkdir()
@@ -264,6 +272,27 @@ def test_v1_record_with_undecodable_blobs_is_one_clear_error(tmp_path) -> None:
     (tmp_path / "n.prototxt").write_text(text_format.MessageToString(net))
     with pytest.raises(InputError, match=r"raw_data of type 17"):
         _merge((tmp_path / "n.prototxt", tmp_path / "w.caffemodel"), tmp_path)
+
+
+@pytest.mark.parametrize("fork", ["pspnet", "segnet"])
+def test_a_bn_chain_made_one_scale_keeps_no_bn_param(fork: str, tmp_path) -> None:
+    """BN + Scale after a ReLU become one Scale, which must not carry the BN's parameters (BVLC
+    Caffe's schema has no bn_param)."""
+    b = NetBuilder(f"{fork}_chain", (1, 3, 8, 8), seed=4)
+    x = b.relu(b.conv("data", 5, name="c"))
+    if fork == "segnet":
+        _segnet_bn(b, x, "bn")
+        mode = "bn_mode: INFERENCE"
+    else:
+        b.layer("BN", "bn", [x], [x])
+        b.blobs["bn"] = [b.rng.normal(1, 0.2, (1, 5, 1, 1)) for _ in range(3)] + [b.rng.lognormal(0, 0.3, (1, 5, 1, 1))]
+        mode = "eps: 0.0001"
+    b.scale(x, name="sc")
+    model, weights = save(b, tmp_path)
+    model.write_text(model.read_text().replace('type: "BN"\n', f'type: "BN"\n  bn_param {{ {mode} }}\n'))
+    merged = merge_and_check((model, weights), tmp_path, "reference")
+    assert merged.removed == {"sc"} and merged.layer_count("BN") == (1, 0)
+    assert "bn_param" not in merged.merged[0].read_text()
 
 
 # --- BatchNorm layouts we do not fold ------------------------------------------------------------

@@ -12,7 +12,7 @@ import reference
 from google.protobuf import text_format
 from harness import CLASSIC, copy_sample, merge_and_check, save
 
-from caffe_bn_merge import InputError
+from caffe_bn_merge import InputError, verify
 from caffe_bn_merge.io import proto, prototxt, wire
 from caffe_bn_merge.io import read as caffe_io
 from caffe_bn_merge.pipeline import MergeOptions, merge
@@ -135,6 +135,18 @@ def test_duplicate_weightless_names_convert(layout: str, caffe_records: bool, tm
     assert merged.removed and not merged.removed & duplicated
     _assert_untouched(original, merged.merged, _changed(merged.result.plan))
     assert all(merged.kept[name] == "duplicate_name" for name in duplicated if name in merged.kept)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_duplicate_weightless_names_on_real_caffe(layout: str, pycaffe: Path, tmp_path) -> None:
+    """Caffe itself runs nets whose weightless layers share names, and the merged one matches."""
+    b = NetBuilder(layout, (1, 3, 10, 10), seed=len(layout))
+    LAYOUTS[layout](b, "data")
+    original = save(b, tmp_path)
+    result, merged = _merge(original, tmp_path)
+    assert result.plan.removed
+    checked = verify(original, merged, backend="caffe", tolerance=1e-5)
+    assert checked.passed and checked.backend == "caffe", checked.max_relative
 
 
 def test_duplicate_names_of_weighted_layers_are_kept_as_they_are(tmp_path) -> None:

@@ -126,7 +126,8 @@ def _check_pairing(
     graph: NetGraph, stored: read.Weights, model: Path, weights: Path, conv_like: tuple[str, ...]
 ) -> None:
     """Refuse a caffemodel that does not hold this prototxt's weights: host blobs that do not fit,
-    missing statistics, or no weighted layer in common at all; say so when it looks merged."""
+    missing statistics, or no weighted layer in common at all; say so when it looks merged. Hosts
+    we cannot touch (blobs that do not decode, a name other layers share) are not checked."""
     hosts = [n for n in graph.layers if is_host_type(n.type, conv_like)]
     norms = [n for n in graph.layers if n.type in NORM_TYPES and n.type != "Power" and len(n.bottoms) == 1]
     missing_hosts = [n.name for n in hosts if n.name not in stored.layers]
@@ -141,11 +142,19 @@ def _check_pairing(
         listed = ", ".join(f"'{name}'" for name in missing[:3])
         raise MismatchError(
             f"{weights} has no weights for {len(missing)} of the {len(hosts) + len(norms)} weighted layers "
-            f"of {model} ({listed}{', ...' if len(missing) > 3 else ''}); are they from the same net?"
+            f"of {model} ({listed}{', ...' if len(missing) > 3 else ''}){_undecoded(stored)}; "
+            "are they from the same net?"
         )
     for node in hosts:
-        if node.name in stored.layers:
-            read_host(node.param, stored.layers[node.name])  # raises on blob count or shape mismatch
+        layer = stored.layers.get(node.name)
+        if layer is not None and not isinstance(layer, read.UndecodedLayer) and node.name not in graph.duplicated:
+            read_host(node.param, layer)  # raises on blob count or shape mismatch
+
+
+def _undecoded(stored: read.Weights) -> str:
+    """What the caffemodel holds that we could not read, if anything, to say with a mismatch."""
+    layer = next((layer for layer in stored.layers.values() if isinstance(layer, read.UndecodedLayer)), None)
+    return f", and its layer '{layer.name}' does not decode ({layer.problem})" if layer else ""
 
 
 def _write(

@@ -4,7 +4,9 @@
   lossless rewrite (`prototxt`).
 - A caffemodel is memory-mapped and walked once at the wire level (`wire`): each layer's blobs
   become read-only numpy views of the file's bytes, and `emit` copies every layer we did not change
-  verbatim, so a model where nothing folds comes out byte-identical.
+  verbatim, so a model where nothing folds comes out byte-identical. A layer with a blob that does
+  not decode as floats (a fork's packed or binarised weights) is an `UndecodedLayer`: copied
+  verbatim, never folded.
 """
 
 import math
@@ -45,6 +47,14 @@ class Weights:
     identity: tuple[int, ...] = ()  # the mapped file's device, inode, size and mtime
     layers: dict[str, WeightLayer] = field(default_factory=dict)
     record_names: list[str | None] = field(default_factory=list)
+
+
+@dataclass
+class UndecodedLayer(WeightLayer):
+    """A layer record holding a blob that does not decode as float values (a fork's encoding:
+    another `raw_data_type`, packed bits in a field of its own ...): no blobs, and why."""
+
+    problem: str = ""
 
 
 def read_net(path: Path) -> object:
@@ -179,21 +189,32 @@ def file_identity(fd: int) -> tuple[int, ...]:
 
 
 def _index_layer(weights: Weights, record: wire.Field) -> str | None:
-    """Record the layer stored in `record` (if it is one); return its name."""
+    """Record the layer stored in `record` (if it is one); return its name. A blob that does not
+    decode makes the layer an `UndecodedLayer` (a V1 record, which is written anew, is refused)."""
     if record.number not in LAYER_FIELDS or record.wire_type != wire.LENGTH:
         return None
     name_field, blob_field = LAYER_FIELDS[record.number]
-    name, blobs, legacy = "", [], []
+    name, blobs, legacy, count, problem = "", [], [], 0, ""
     for item in wire.iter_fields(weights.buffer, record.value_start, record.end):
         if item.number == name_field and item.wire_type == wire.LENGTH:
             name = bytes(weights.buffer[item.value_start : item.end]).decode("utf-8", "replace")
         elif item.number == blob_field and item.wire_type == wire.LENGTH:
-            if len(blobs) == MAX_BLOBS:
+            count += 1
+            if count > MAX_BLOBS:
                 raise wire.WireError(f"layer '{name}' has more than {MAX_BLOBS} blobs")
-            array, is_legacy = _decode_blob(weights.buffer, item)
+            try:
+                array, is_legacy = _decode_blob(weights.buffer, item)
+            except wire.WireError as err:
+                problem = problem or str(err)
+                continue
             blobs.append(array)
             legacy.append(is_legacy)
-    weights.layers[name] = WeightLayer(name, blobs, legacy)
+    if problem and record.number != 100:
+        raise InputError(
+            f"{weights.path}: V1 layer '{name}': {problem}; a V1 caffemodel is written anew in today's "
+            "form, which needs every blob's values: upgrade it with the fork's own Caffe first"
+        )
+    weights.layers[name] = UndecodedLayer(name, [], [], problem) if problem else WeightLayer(name, blobs, legacy)
     return name
 
 

@@ -6,33 +6,34 @@
   y = (x - mean) / sqrt(var + eps) * gamma + beta, with eps raised to at least 1e-5.
 - `nvcaffe-0.15` (BatchNorm): blobs gamma, beta, mean, var, reserved; y as above, eps as given.
 - `bn` (type BN, PSPNet-era forks): blobs slope, bias, mean, var; y as above, eps from bn_param.
+- `segnet` (type BN, SegNet's fork): blobs scale, shift (each [1, C, 1, 1]); with
+  `bn_mode: INFERENCE`, y = scale * x + shift (SegNet's compute_bn_statistics script folded the
+  statistics in); in `LEARN` (the default) it normalises with the batch's own statistics.
 
 NVIDIA Caffe 0.16+ writes 5 blobs with `scale_bias` (the 3rd, "variance correction", has shape [1]);
 0.15 and Xilinx's fork wrote the last blob as the [1]-shaped one. With 3 blobs, NVIDIA Caffe and
 BVLC differ only when blob 2 is not 1: `scale_bias` (a field BVLC does not have) marks NVIDIA Caffe,
-otherwise BVLC is assumed and `--bn-flavour nvcaffe` says otherwise.
+otherwise BVLC is assumed and `--bn-flavour nvcaffe` says otherwise. The two `BN` layers differ in
+blob count (2 or 4) and in their `bn_param` fields. A layout that fits none is kept, not refused:
+only a layer we change must be understood.
 """
 
 import numpy as np
 
-from ..errors import MismatchError
 from ..maths.affine import ChannelAffine, batchnorm_affine, scale_affine
 from .reasons import Reason, Refusal
 
-VARIANTS = ("bvlc", "nvcaffe", "nvcaffe-0.15", "bn")
+VARIANTS = ("bvlc", "nvcaffe", "nvcaffe-0.15", "bn")  # the ones --bn-flavour may name
+SEGNET = "segnet"  # told apart by its blob count alone
 NVCAFFE_MIN_EPS = 1e-5
+_SEGNET_FIELDS = ("bn_mode", "scale_filler", "shift_filler")
+_PSPNET_FIELDS = ("slope_filler", "bias_filler", "momentum", "eps", "frozen")
 
 
 def detect(layer: object, blobs: list[np.ndarray], override: str = "auto") -> str | Refusal:
-    """The variant of a BatchNorm / BN layer, or why its blobs fit none. A blob count no variant
-    has means the caffemodel is not this net's (Caffe itself would refuse to load it)."""
-    if len(blobs) not in (3, 4, 5):
-        raise MismatchError(
-            f"layer '{layer.name}': {layer.type} with {len(blobs)} blob(s) in the caffemodel; Caffe's have "
-            "3 (BVLC), 5 (NVIDIA Caffe) or 4 (BN): are the prototxt and caffemodel from the same net?"
-        )
+    """The variant of a BatchNorm / BN layer, or why its blobs fit none."""
     if layer.type == "BN":
-        found = "bn"
+        found = _bn_fork(layer.bn_param, blobs)
     elif len(blobs) == 5 and blobs[2].size == 1 and blobs[4].size == 1 and not _declared_nvcaffe(layer):
         found = ""  # one channel: both 5-blob layouts fit; --bn-flavour (or scale_bias) decides
     elif len(blobs) == 5 and blobs[2].size == 1:
@@ -54,8 +55,27 @@ def _declared_nvcaffe(layer: object) -> bool:
     return layer.batch_norm_param.HasField("scale_bias")
 
 
+def _bn_fork(param: object, blobs: list[np.ndarray]) -> str:
+    """SegNet's BN (2 blobs of one size, none of PSPNet's fields) or PSPNet's (4 blobs, none of
+    SegNet's fields); "" when neither fits."""
+    if len(blobs) == 2 and blobs[0].size == blobs[1].size and not any(map(param.HasField, _PSPNET_FIELDS)):
+        return SEGNET
+    if len(blobs) == 4 and not any(map(param.HasField, _SEGNET_FIELDS)):
+        return "bn"
+    return ""
+
+
+def segnet_learns(layer: object, blobs: list[np.ndarray] | None = None) -> bool:
+    """A SegNet BN not in `bn_mode: INFERENCE` (LEARN is the default): batch statistics at test
+    time. Without `blobs`, only when its parameters say it is SegNet's."""
+    param = layer.bn_param
+    if param.bn_mode == param.INFERENCE:
+        return False
+    return _bn_fork(param, blobs) == SEGNET if blobs is not None else any(map(param.HasField, _SEGNET_FIELDS))
+
+
 def _blob_count(variant: str, blobs: list[np.ndarray]) -> int | None:
-    counts = {"bvlc": (3,), "nvcaffe": (3, 5), "nvcaffe-0.15": (5,), "bn": (4,)}[variant]
+    counts = {"bvlc": (3,), "nvcaffe": (3, 5), "nvcaffe-0.15": (5,), "bn": (4,), SEGNET: (2,)}[variant]
     return len(blobs) if len(blobs) in counts else None
 
 
@@ -72,7 +92,9 @@ def statistics(variant: str, blobs: list[np.ndarray]) -> tuple[np.ndarray, ...]:
 
 
 def affine(variant: str, layer: object, blobs: list[np.ndarray], channels: int) -> ChannelAffine:
-    """The per-channel map the layer computes at inference."""
+    """The per-channel map the layer computes at inference (for SegNet's, in INFERENCE mode)."""
+    if variant == SEGNET:
+        return scale_affine(blobs[0], blobs[1], channels)
     mean, var, gamma, beta, factor = statistics(variant, blobs)
     eps = layer.bn_param.eps if variant == "bn" else layer.batch_norm_param.eps
     if variant == "nvcaffe":

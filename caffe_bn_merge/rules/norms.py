@@ -24,6 +24,8 @@ def own_refusal(layer: object) -> Refusal | None:
         param = layer.batch_norm_param
         if param.HasField("use_global_stats") and not param.use_global_stats:
             return Refusal(Reason.BATCH_STATS)
+    elif layer.type == "BN" and bn_variants.segnet_learns(layer):
+        return Refusal(Reason.BATCH_STATS, "SegNet BN in bn_mode LEARN")
     elif layer.type == "Power" and layer.power_param.power != 1:
         return Refusal(Reason.NOT_AFFINE, f"power {layer.power_param.power:g}")
     return None
@@ -35,7 +37,7 @@ def channels_of(layer: object, stored: WeightLayer | None) -> int | None:
         return None
     if layer.type in ("BatchNorm", "BN"):
         variant = bn_variants.detect(layer, stored.blobs)
-        return None if isinstance(variant, Refusal) else bn_variants.statistics(variant, stored.blobs)[0].size
+        return None if isinstance(variant, Refusal) else stored.blobs[0].size  # blob 0 is per channel in each
     param = layer.scale_param if layer.type == "Scale" else layer.bias_param
     if param.axis == 1 and param.num_axes == 1:
         return stored.blobs[0].size
@@ -76,6 +78,11 @@ def _batchnorm(layer: object, stored: WeightLayer, channels: int, flavour: str) 
     variant = bn_variants.detect(layer, stored.blobs, flavour)
     if isinstance(variant, Refusal):
         return variant
+    if variant == bn_variants.SEGNET:
+        if bn_variants.segnet_learns(layer, stored.blobs):
+            return Refusal(Reason.BATCH_STATS, "SegNet BN in bn_mode LEARN")
+        _check_size(layer, stored.blobs[0].size == channels, channels)
+        return bn_variants.affine(variant, layer, stored.blobs, channels)
     statistics = bn_variants.statistics(variant, stored.blobs)
     per_channel = [b for b in statistics[:4] if b is not None]
     _check_size(layer, all(b.size == channels for b in per_channel), channels)

@@ -27,7 +27,7 @@ def run_rules(
     refusals: dict[str, list[Refusal]] = {}
     for rule in rules:
         while True:
-            ctx = Context(rewrite.layers, flavour, conv_like, frozen)
+            ctx = Context(rewrite.layers, flavour, conv_like, frozen, graph.duplicated)
             result = RULES[rule](graph, ctx)
             for name, refusal in result.refusals.items():
                 refusals.setdefault(name, []).append(refusal)

@@ -19,7 +19,11 @@ in order, applying each rule's actions before the next rule looks at the net:
    nothing rewrites the blob v0 between N1 and C.
 4. standalone  (a chain that cannot fold anywhere)
        Before: v0 -> N1 -> ... -> Nk -> vk              After: v0 -> Scale -> vk
-   Conditions: two or more layers, or a BatchNorm / Bias / Power; the channel count is known.
+   Conditions: two or more layers, or a BatchNorm (not SegNet's BN, a scale and shift already);
+   the channel count is known.
+
+Layers that must stay as written (`Context.fixed`: fields our schema lacks, a name other layers
+share, blobs that are not float values) are never removed, folded or folded into.
 """
 
 from collections.abc import Callable, Mapping
@@ -27,9 +31,11 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from ..graph import BlobVersion, LayerNode, NetGraph
+from ..io.read import UndecodedLayer
 from ..maths.affine import ChannelAffine
 from ..maths.fold_math import HOST_LAYOUTS
 from ..net import WeightLayer
+from . import bn_variants
 from .hosts import Host, is_host_type, read_host
 from .norms import NORM_TYPES, channels_of, own_refusal, read_affine
 from .reasons import Reason, Refusal
@@ -47,21 +53,29 @@ class Context:
     bn_flavour: str = "auto"
     conv_like: frozenset[str] = frozenset()
     frozen: frozenset[str] = frozenset()
+    duplicated: frozenset[str] = frozenset()  # names several layers share: Caffe's weights go by name
 
     def is_host(self, node: LayerNode) -> bool:
         return is_host_type(node.type, self.conv_like)
 
-    def host(self, node: LayerNode) -> Host | Refusal:
-        """The host `node` as folding sees it, or why it cannot take a fold."""
+    def fixed(self, node: LayerNode) -> Refusal | None:
+        """Why `node` must stay exactly as it is written and stored, if it must."""
+        stored = self.layers.get(node.name)
         if node.name in self.frozen:
             return Refusal(Reason.UNKNOWN_FIELDS, f"'{node.name}'")
-        return read_host(node.param, self.layers.get(node.name))
+        if node.name in self.duplicated:
+            return Refusal(Reason.DUPLICATE_NAME, f"'{node.name}'")
+        if isinstance(stored, UndecodedLayer):
+            return Refusal(Reason.UNDECODABLE_BLOBS, f"'{node.name}': {stored.problem}")
+        return None
+
+    def host(self, node: LayerNode) -> Host | Refusal:
+        """The host `node` as folding sees it, or why it cannot take a fold."""
+        return self.fixed(node) or read_host(node.param, self.layers.get(node.name))
 
     def affine(self, node: LayerNode, channels: int, rank: int | None) -> ChannelAffine | Refusal:
         """The map an affine-type layer computes, or why it is not a fixed one."""
-        if node.name in self.frozen:
-            return Refusal(Reason.UNKNOWN_FIELDS, f"'{node.name}'")
-        return read_affine(node.param, self.layers.get(node.name), channels, rank, self.bn_flavour)
+        return self.fixed(node) or read_affine(node.param, self.layers.get(node.name), channels, rank, self.bn_flavour)
 
     def channels(self, node: LayerNode) -> int | None:
         return channels_of(node.param, self.layers.get(node.name))
@@ -159,9 +173,9 @@ def plan_identity(graph: NetGraph, ctx: Context) -> RuleResult:
     """Remove the first identity layer that can be removed (merge repeats the rule until none)."""
     result = RuleResult()
     for node in graph.layers:
-        if node.name in ctx.frozen or not _is_identity(node, ctx):
+        if not _is_identity(node, ctx):
             continue
-        rewires = _bypass(graph, node, ctx)
+        rewires = ctx.fixed(node) or _bypass(graph, node, ctx)
         if isinstance(rewires, Refusal):
             result.refusals[node.name] = rewires
             continue
@@ -364,11 +378,19 @@ def plan_standalone(graph: NetGraph, ctx: Context) -> RuleResult:
             result.refusals[start.name] = Refusal(Reason.UNKNOWN_CHANNELS)
             continue
         chain, affine = _read_chain(nodes, ctx, channels, None, result.refusals)
-        if len(chain) < 2 and not (chain and chain[0].type in ("BatchNorm", "BN")):
+        if len(chain) < 2 and not (chain and _normalises(chain[0], ctx)):
             continue
         top = Rewire(chain[0].index, 0, chain[-1].tops[0].name)
         result.actions.append(Action(Rule.STANDALONE, _names(chain), chain[0].name, affine=affine, tops=(top,)))
     return result
+
+
+def _normalises(node: LayerNode, ctx: Context) -> bool:
+    """A BatchNorm, worth a Scale on its own; not SegNet's BN, already one scale and shift (and its
+    fork has no Scale layer)."""
+    if node.type not in ("BatchNorm", "BN"):
+        return False
+    return bn_variants.detect(node.param, ctx.layers[node.name].blobs, ctx.bn_flavour) != bn_variants.SEGNET
 
 
 def _names(nodes: list[LayerNode]) -> tuple[str, ...]:

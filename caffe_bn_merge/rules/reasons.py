@@ -7,7 +7,7 @@ from enum import StrEnum
 class Reason(StrEnum):
     """Short, stable codes (used in the JSON report) with the text shown to users."""
 
-    BATCH_STATS = "uses batch statistics (use_global_stats: false), not a fixed map"
+    BATCH_STATS = "uses batch statistics (use_global_stats: false, SegNet's bn_mode LEARN), not a fixed map"
     TWO_BOTTOMS = "does not have one bottom and one top (a second bottom gives its scale at run time)"
     NOT_PER_CHANNEL = "is not per channel on axis 1"
     UNKNOWN_LAYOUT = "has a blob layout this version does not know"
@@ -23,6 +23,8 @@ class Reason(StrEnum):
     CONSUMER_UNSUITABLE = "the layer reading it cannot take it"
     OUTPUT_NAME = "removing it would rename a net output or a blob rewritten later"
     UNKNOWN_FIELDS = "a layer involved has fields our schema does not know, so it is kept as written"
+    DUPLICATE_NAME = "a layer involved shares its name with another layer (Caffe gives weights by name)"
+    UNDECODABLE_BLOBS = "a layer involved stores blobs that are not float values we read (a fork's encoding)"
 
     @property
     def code(self) -> str:

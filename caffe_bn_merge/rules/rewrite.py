@@ -120,7 +120,7 @@ def _apply_standalone(rewrite: Rewrite, net: object, index_of: dict[str, int], a
 def _become_scale(layer: object) -> None:
     """Turn a BatchNorm / Scale / Bias / Power layer into a per-channel Scale with bias."""
     layer.type = "Scale"
-    for name in ("batch_norm_param", "bias_param", "power_param", "scale_param"):
+    for name in ("batch_norm_param", "bn_param", "bias_param", "power_param", "scale_param"):
         layer.ClearField(name)
     layer.scale_param.bias_term = True
     del layer.param[:]

@@ -9,6 +9,9 @@ from dataclasses import dataclass
 
 from google.protobuf import text_format
 
+from ..errors import InputError
+from .bridge import convert
+
 # What block structure depends on: braces, and strings and comments (which may hold braces).
 _STRUCTURE = re.compile(r"""[{}<>]|"(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*'|\#[^\n]*|["']""")
 _WORD = "_0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"  # field name characters
@@ -119,26 +122,35 @@ class Schema:
     net_class: type
     layer_class: type
 
-    def parse(self, text: str, strict: bool) -> object:
-        """Text -> our NetParameter; raises text_format.ParseError."""
+    def parse(self, text: str, strict: bool) -> tuple[object, set[str]]:
+        """Text -> our NetParameter, and the names of the layers holding fields our schema has no
+        place for (only with another schema); raises text_format.ParseError."""
         from . import proto
 
         net = self.net_class()
         text_format.Parse(text, net, allow_unknown_field=not strict)
-        return net if self.net_class is proto.NetParameter else proto.NetParameter.FromString(net.SerializeToString())
+        if self.net_class is proto.NetParameter:
+            return net, set()
+        layer_classes = ((net.layer, proto.LayerParameter), (net.layers, proto.V1LayerParameter))
+        lossy = {layer.name for layers, ours in layer_classes for layer in layers if convert(layer, ours)[1]}
+        return convert(net, proto.NetParameter)[0], lossy
 
     def render(self, layer: object, indent: str) -> str:
         """Our LayerParameter -> a `layer { ... }` block in this schema's terms."""
-        if not isinstance(layer, self.layer_class):
-            layer = self.layer_class.FromString(layer.SerializeToString())
-        return render_layer(layer, indent)
+        return render_layer(self._theirs(layer, self.layer_class), indent)
 
     def render_net(self, net: object) -> str:
-        from . import proto
+        return text_format.MessageToString(self._theirs(net, self.net_class))
 
-        if self.net_class is not proto.NetParameter:
-            net = self.net_class.FromString(net.SerializeToString())
-        return text_format.MessageToString(net)
+    @staticmethod
+    def _theirs(message: object, target_class: type) -> object:
+        """One of our messages in this schema's terms; refuses to drop anything."""
+        if isinstance(message, target_class):
+            return message
+        theirs, lost = convert(message, target_class)
+        if lost:
+            raise InputError(f"the --caffe-proto schema has no field for {', '.join(lost[:3])}")
+        return theirs
 
 
 def parse_net_text(text: str, schema: Schema) -> NetText:
@@ -146,13 +158,15 @@ def parse_net_text(text: str, schema: Schema) -> NetText:
     from .upgrade import upgrade_net
 
     try:
-        net, unknown = schema.parse(text, strict=True), False
+        (net, lossy), unknown = schema.parse(text, strict=True), False
     except text_format.ParseError:
-        net, unknown = schema.parse(text, strict=False), True
+        (net, lossy), unknown = schema.parse(text, strict=False), True
     if any(old.HasField("layer") for old in net.layers):
         raise text_format.ParseError("V0 layers are not supported")
     blocks = _match_blocks(text, net)
     frozen = frozenset(_unknown_field_layers(text, blocks, net, schema)) if unknown and blocks else frozenset()
+    frozen |= lossy if blocks else frozenset()
+    unknown = unknown or bool(lossy)
     if net.layers:
         net, blocks = upgrade_net(net), None
     return NetText(text, net, blocks, frozen, schema, unknown)

@@ -267,3 +267,55 @@ def test_caffe_proto_that_does_not_compile_is_one_line(tmp_path, capfd) -> None:
             options,
         )
     assert capfd.readouterr().err == ""
+
+
+def _fork_schema(tmp_path: Path, *edits: tuple[str, str]) -> Path:
+    """Our caffe.proto with `edits` (old, new) applied: a fork numbering some fields its own way."""
+    schema = (ROOT / "caffe_bn_merge" / "io" / "proto" / "caffe.proto").read_text()
+    for old, new in edits:
+        assert old in schema
+        schema = schema.replace(old, new, 1)
+    (tmp_path / "caffe.proto").write_text(schema)
+    return tmp_path / "caffe.proto"
+
+
+PSPNET_NUMBERS = (
+    ("optional EmbedParameter embed_param = 137;", "optional EmbedParameter embed_param = 1999;"),
+    ("optional BNParameter bn_param = 1137;", "optional BNParameter bn_param = 137;"),
+)
+
+
+@pytest.mark.parametrize("eps", [0.5, 1e-3, 2.0])
+def test_caffe_proto_numbering_a_field_otherwise_is_read_by_name(eps: float, tmp_path) -> None:
+    """PSPNet's caffe.proto numbers `bn_param` 137 (ours 1137): its eps must reach the fold."""
+    pytest.importorskip("grpc_tools")
+    options = MergeOptions(caffe_proto=_fork_schema(tmp_path, *PSPNET_NUMBERS))
+    mean, var, gamma, beta = _stats()
+    b = _conv_with_bn([_col(gamma), _col(beta), _col(mean), _col(var)], "BN", eps=eps)
+    merged = merge_and_check(b, tmp_path, options=options, flavour="bvlc")
+    assert merged.removed == {"bn"}
+    assert "bn_param" not in (tmp_path / "merged.prototxt").read_text()
+
+
+def test_caffe_proto_field_colliding_with_ours_keeps_its_layer(tmp_path) -> None:
+    """A fork field we do not know, under a number that means something else to us, cannot be
+    carried: its layer is kept exactly as written."""
+    pytest.importorskip("grpc_tools")
+    options = MergeOptions(
+        caffe_proto=_fork_schema(
+            tmp_path,
+            ("optional EmbedParameter embed_param = 137;", "optional ForkParameter fork_param = 137;"),
+            (
+                "message BNParameter {",
+                "message ForkParameter {\n  optional int32 mode = 1;\n}\n\nmessage BNParameter {",
+            ),
+        )
+    )
+    mean, var, *_ = _stats()
+    b = _conv_with_bn([mean, var, np.ones(1)])
+    prototxt, caffemodel = tmp_path / "f.prototxt", tmp_path / "f.caffemodel"
+    b.save(prototxt, caffemodel)
+    text = prototxt.read_text().replace('type: "BatchNorm"', 'type: "BatchNorm"\n  fork_param {\n    mode: 3\n  }')
+    prototxt.write_text(text)
+    merged = merge_and_check((prototxt, caffemodel), tmp_path, engine=None, options=options)
+    assert merged.removed == set() and "fork_param {\n    mode: 3\n  }" in (tmp_path / "merged.prototxt").read_text()

@@ -1,0 +1,127 @@
+"""Quantization readiness: flags from nets built for it, and the int8 numbers against a direct numpy
+computation written here."""
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from caffe_bn_merge import merge
+from caffe_bn_merge.io import read as caffe_io
+from caffe_bn_merge.maths.quant import SQNR_DROP_DB, int8_error, range_ratio, readiness
+from caffe_bn_merge.synthetic.synth import NetBuilder
+
+SEEDS = range(12)
+
+
+def _int8_sqnr(w: np.ndarray, axis: int | None) -> tuple[float, float]:
+    """Symmetric int8 (per tensor when `axis` is None, else one scale per row), computed directly:
+    each row's noise / signal power, averaged over the rows that are not all zero."""
+    w = w.reshape(w.shape[0], -1).astype(np.float64)
+    top = np.abs(w).max() if axis is None else np.abs(w).max(axis=1, keepdims=True)
+    s = top / 127.0
+    q = np.round(np.divide(w, s, out=np.zeros_like(w), where=s > 0)) * s
+    power, noise = (w**2).sum(axis=1), ((w - q) ** 2).sum(axis=1)
+    mean = np.mean([n / p for n, p in zip(noise, power, strict=True) if p > 0])
+    return -10 * np.log10(mean), np.sqrt(mean)
+
+
+def _conv_bn(seed: int, channels: int = 16, depthwise: bool = False) -> tuple[NetBuilder, str, str]:
+    b = NetBuilder(f"q{seed}", (1, channels if depthwise else 3, 8, 8), seed=seed)
+    top = b.conv("data", channels, group=channels if depthwise else 1, name="conv")
+    b.bn(top, name="bn")
+    b.scale(top, name="scale")
+    b.relu(top)
+    return b, "bn", "scale"
+
+
+def _readiness(builder: NetBuilder, folder: Path) -> tuple[object, tuple[Path, Path]]:
+    model, weights = folder / "net.prototxt", folder / "net.caffemodel"
+    builder.save(model, weights)
+    out = (folder / "m.prototxt", folder / "m.caffemodel")
+    result = merge(model, weights, *out)
+    (host,) = result.hosts
+    return readiness(host), out
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("depthwise", [False, True])
+def test_well_conditioned_batchnorm_is_not_flagged(tmp_path: Path, seed: int, depthwise: bool) -> None:
+    b, _, _ = _conv_bn(seed, depthwise=depthwise)
+    found, _ = _readiness(b, tmp_path)
+    assert not found.flagged and found.advice() == ""
+    assert found.sqnr_drop_db < SQNR_DROP_DB
+    assert found.tiny_variance_channels == () and found.constant_channels == ()
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("depthwise", [False, True])
+def test_one_tiny_variance_channel_is_flagged(tmp_path: Path, seed: int, depthwise: bool) -> None:
+    b, bn, _ = _conv_bn(seed, depthwise=depthwise)
+    channel = seed % 16
+    b.blobs[bn][1][channel] = 0.0  # var = 0: the channel is scaled by 1/sqrt(eps)
+    found, _ = _readiness(b, tmp_path)
+    assert found.flagged and found.sqnr_drop_db > SQNR_DROP_DB
+    assert found.tiny_variance_channels == (channel,)
+    assert found.ranges_after.argmax() == channel and found.ratio_after > 10 * found.ratio_before
+    assert "per channel" in found.advice() and "keep bn + scale unfolded" in found.advice()
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_gamma_zero_channels_are_listed(tmp_path: Path, seed: int) -> None:
+    b, _, scale = _conv_bn(seed)
+    zeros = sorted(np.random.default_rng(seed).choice(16, size=1 + seed % 4, replace=False).tolist())
+    b.blobs[scale][0][zeros] = 0.0
+    found, _ = _readiness(b, tmp_path)
+    assert found.constant_channels == tuple(zeros)
+    assert np.all(found.ranges_after[zeros] == 0)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_int8_numbers_match_a_direct_computation(tmp_path: Path, seed: int) -> None:
+    b, bn, _ = _conv_bn(seed)
+    if seed % 2:
+        b.blobs[bn][1][seed % 16] = 1e-9
+    original = np.asarray(b.blobs["conv"][0], np.float32)
+    found, (_, merged_weights) = _readiness(b, tmp_path)
+    folded = np.asarray(caffe_io.read_weights(merged_weights).layers["conv"].blobs[0])
+    for got, (w, axis) in (
+        (found.tensor_before, (original, None)),
+        (found.tensor_after, (folded, None)),
+        (found.channel_after, (folded, 1)),
+    ):
+        sqnr, rms = _int8_sqnr(w, axis)
+        assert got.sqnr_db == pytest.approx(sqnr, rel=1e-9)
+        assert got.relative_rms == pytest.approx(rms, rel=1e-9)
+    ranges = np.abs(folded.reshape(16, -1).astype(np.float64)).max(axis=1)
+    assert found.ratio_after == pytest.approx(ranges.max() / np.median(ranges), rel=1e-12)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_int8_error_of_arrays(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    rows = rng.normal(0, 1, (1 + seed, 5 + seed)) * rng.lognormal(0, 2, (1 + seed, 1))
+    for per_channel, axis in ((False, None), (True, 1)):
+        sqnr, rms = _int8_sqnr(rows, axis)
+        got = int8_error(rows, per_channel)
+        assert got.sqnr_db == pytest.approx(sqnr, rel=1e-12) and got.relative_rms == pytest.approx(rms, rel=1e-12)
+
+
+def test_degenerate_tensors() -> None:
+    assert int8_error(np.zeros((3, 4)), False).sqnr_db == math.inf
+    assert int8_error(np.full((2, 2), 0.5), True).relative_rms == 0.0
+    assert range_ratio(np.zeros(4)) == 1.0 and range_ratio(np.array([0.0, 0.0, 2.0])) == math.inf
+
+
+def test_backward_fold_advises_keeping_it(tmp_path: Path) -> None:
+    """A BatchNorm folded into the layer reading it scales input columns: the advice names --no-backward."""
+    b = NetBuilder("back", (1, 8, 6, 6), seed=3)
+    top = b.pool("data", kernel=1, stride=1, name="pool")
+    b.bn(top, name="bn")
+    b.scale(top, name="scale")
+    b.conv(top, 8, kernel=1, pad=0, name="conv")
+    b.blobs["bn"][1][2] = 0.0
+    found, _ = _readiness(b, tmp_path)
+    assert found.backward and found.flagged and found.tiny_variance_channels == (2,)
+    assert "--no-backward" in found.advice()

@@ -8,16 +8,17 @@ channel then keeps only a few of its 255 levels. The measures, per folded host:
 - per-channel weight range: max |w| over each output channel, before and after folding;
 - dynamic-range ratio: largest channel range / median channel range (1 is ideal);
 - symmetric int8 error, per tensor (one scale max|w|/127) and per channel (one per output channel),
-  judged channel by channel, since each output channel is read against its own magnitude: with
-  r_c = sum_c (w - q(w))^2 / sum_c w^2 over the weights of output channel c, and R the mean of r_c
+  judged on the typical channel, since each output channel is read against its own magnitude: with
+  r_c = sum_c (w - q(w))^2 / sum_c w^2 over the weights of output channel c, and R the median of r_c
   over the channels that are not all zero, SQNR = -10 log10(R) dB and relative RMS error = sqrt(R).
-  (A whole-tensor ratio would let one huge channel hide what every other channel lost.) The folded
+  (A whole-tensor ratio would let one huge channel hide what every other channel lost; a mean would
+  let one near-zero channel decide.) The folded
   weights' error is judged on the scale the unfolded net had (divided by what folding multiplied
   each weight by), so a backward fold, which scales input columns, shows its cost too.
 
 A host is flagged when folding lowers its per-tensor int8 SQNR by more than `SQNR_DROP_DB`: 12 dB,
 two bits of resolution (the largest channel range grew about 4x more than the typical one). Folding
-well-conditioned BatchNorms (trained-looking statistics: `synthetic.synth`) costs 2-8 dB; one channel
+well-conditioned BatchNorms (trained-looking statistics: `synthetic.synth`) costs 0-10 dB; one channel
 with a near-zero variance costs 30 dB and more.
 """
 
@@ -127,7 +128,7 @@ def quantize_int8(rows: np.ndarray, per_channel: bool) -> np.ndarray:
 
 def int8_error(rows: np.ndarray, per_channel: bool, factors: np.ndarray | None = None) -> Int8Error:
     """The error symmetric int8 quantization (per tensor or per channel) makes in `rows`, as the
-    mean over the rows (output channels) that are not all zero of each row's noise / signal power.
+    median over the rows (output channels) that are not all zero of each row's noise / signal power.
     `factors` (the shape of `rows`): what folding multiplied each weight by; noise and signal are
     then measured divided by them (weights with factor 0 are 0 and carry no error)."""
     noise = rows - quantize_int8(rows, per_channel)
@@ -137,7 +138,7 @@ def int8_error(rows: np.ndarray, per_channel: bool, factors: np.ndarray | None =
     signal = np.sum(np.square(rows), axis=1)
     noise = np.sum(np.square(noise), axis=1)
     live = signal > 0
-    ratio = float(np.mean(noise[live] / signal[live])) if live.any() else 0.0
+    ratio = float(np.median(noise[live] / signal[live])) if live.any() else 0.0
     if ratio == 0:
         return Int8Error(math.inf, 0.0)
     return Int8Error(-10 * math.log10(ratio), math.sqrt(ratio))

@@ -17,14 +17,14 @@ SEEDS = range(12)
 
 def _int8_sqnr(w: np.ndarray, axis: int | None) -> tuple[float, float]:
     """Symmetric int8 (per tensor when `axis` is None, else one scale per row), computed directly:
-    each row's noise / signal power, averaged over the rows that are not all zero."""
+    the median over the rows that are not all zero of each row's noise / signal power."""
     w = w.reshape(w.shape[0], -1).astype(np.float64)
     top = np.abs(w).max() if axis is None else np.abs(w).max(axis=1, keepdims=True)
     s = top / 127.0
     q = np.round(np.divide(w, s, out=np.zeros_like(w), where=s > 0)) * s
     power, noise = (w**2).sum(axis=1), ((w - q) ** 2).sum(axis=1)
-    mean = np.mean([n / p for n, p in zip(noise, power, strict=True) if p > 0])
-    return -10 * np.log10(mean), np.sqrt(mean)
+    typical = np.median([n / p for n, p in zip(noise, power, strict=True) if p > 0])
+    return -10 * np.log10(typical), np.sqrt(typical)
 
 
 def _conv_bn(seed: int, channels: int = 16, depthwise: bool = False) -> tuple[NetBuilder, str, str]:

@@ -2,12 +2,14 @@
 computation written here."""
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from caffe_bn_merge import merge
+from caffe_bn_merge.cli import main
 from caffe_bn_merge.io import read as caffe_io
 from caffe_bn_merge.maths.quant import SQNR_DROP_DB, int8_error, range_ratio, readiness
 from caffe_bn_merge.synthetic.synth import NetBuilder
@@ -125,3 +127,23 @@ def test_backward_fold_advises_keeping_it(tmp_path: Path) -> None:
     found, _ = _readiness(b, tmp_path)
     assert found.backward and found.flagged and found.tiny_variance_channels == (2,)
     assert "--no-backward" in found.advice()
+
+
+def test_command_line_shows_flagged_layers_and_advice(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    b, bn, scale = _conv_bn(7)
+    b.blobs[bn][1][5] = 0.0
+    b.blobs[scale][0][[1, 9]] = 0.0
+    model, weights = tmp_path / "net.prototxt", tmp_path / "net.caffemodel"
+    b.save(model, weights)
+    assert main(["--model", str(model), "--weights", str(weights), "--dry-run", "--quant"]) == 0
+    out = capsys.readouterr().out
+    section = out[out.index("int8 readiness: 1 of 1 folded layers flagged") :]
+    assert max(len(line) for line in section.splitlines()) <= 80
+    row = re.search(r"│ conv +│ ([^│]+)│ ([^│]+)│ ([^│]+)│ ([^│]+)│", section)
+    assert row and re.fullmatch(r"[\d.]+ -> \d{3}", row[1].strip()) and row[4].strip().startswith("FLAGGED")
+    assert all(word in section for word in ("2 constant", "1 tiny-var"))
+    assert "conv: folding costs per-tensor int8" in section and "per channel" in section
+    assert main(["--model", str(model), "--weights", str(weights), "--dry-run", "--quant", "-v"]) == 0
+    out = capsys.readouterr().out
+    assert "conv: constant channels (gamma == 0, prunable): [1, 9]" in out
+    assert "conv: tiny var + eps channels: [5]" in out

@@ -76,7 +76,7 @@ def prepare(key: str, shared: Path, folder: Path) -> tuple[Path, Path] | None:
 
 def main() -> None:
     args = parse_args()
-    console = Console(width=100)
+    console = Console(width=120)
     backends = [b for b in args.backends if b != "caffe" or pycaffe_python()]
     console.print(f"{platform.node()}: {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}; backends {backends}")
     table = Table(title=f"forward pass, {args.threads} thread(s), {args.rounds} interleaved rounds")

@@ -17,6 +17,7 @@ import numpy as np
 
 from ..errors import VerifyError
 from .compare import load_inputs, opencv_net, pick_backend
+from .pycaffe import time_caffe
 
 Forward = Callable[[], object]
 # (model, weights, inputs) -> a function running one forward pass, inside `threads` pinning
@@ -135,23 +136,10 @@ def in_process(loader: Loader, pin: Callable[[int | None], AbstractContextManage
     return timer
 
 
-def _time_caffe(
-    original: tuple[Path, Path],
-    merged: tuple[Path, Path],
-    inputs: dict[str, np.ndarray],
-    rounds: int,
-    warmup: int,
-    threads: int | None,
-) -> tuple[list[float], list[float]]:
-    from .pycaffe import time_caffe
-
-    return time_caffe(original, merged, inputs, rounds, warmup, threads)
-
-
 # One line per engine. pycaffe times inside its own process (`_caffe_child.py`, timing mode).
 BENCHMARKS: dict[str, Timer] = {
     "opencv": in_process(_load_opencv, _opencv_threads),
-    "caffe": _time_caffe,
+    "caffe": time_caffe,
 }
 
 

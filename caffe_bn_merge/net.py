@@ -93,12 +93,12 @@ class LayerEdit:
 @dataclass(frozen=True)
 class FoldedChain:
     """One chain of affine layers folded into a host: its per-channel scale (a 0 makes that channel
-    constant) and each BatchNorm's `var + eps` (float64 vectors over the chain's channels)."""
+    constant) and each BatchNorm's `var + eps` by layer name (float64 vectors over its channels)."""
 
     layers: tuple[str, ...]
     rule: str  # "forward" (channels are the host's outputs) or "backward" (its inputs)
     scale: np.ndarray
-    variance_eps: tuple[np.ndarray, ...]
+    variance_eps: dict[str, np.ndarray]
 
 
 @dataclass(frozen=True)

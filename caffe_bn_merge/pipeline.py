@@ -120,7 +120,7 @@ def _folded_hosts(plan: FoldPlan, rewrite: Rewrite, net: object, flavour: str) -
         if action.host is None:
             continue
         norms = [name for name in action.layers if plan.types[name] in ("BatchNorm", "BN")]
-        variance_eps = tuple(_variance_eps(params[name], rewrite.layers[name].blobs, flavour) for name in norms)
+        variance_eps = {name: _variance_eps(params[name], rewrite.layers[name].blobs, flavour) for name in norms}
         chain = FoldedChain(action.layers, str(action.rule), action.affine.scale, variance_eps)
         host, earlier = action.host, hosts.get(action.target)
         original = earlier.original if earlier else host.weights  # a second fold sees the first's weights

@@ -147,8 +147,8 @@ def _quant_json(readiness: list[HostReadiness]) -> dict[str, Any]:
                 "sqnr_drop_db": _finite(h.sqnr_drop_db),
                 "flagged": h.flagged,
                 "advice": h.advice() or None,
-                "constant_channels": list(h.constant_channels),
-                "tiny_variance_channels": list(h.tiny_variance_channels),
+                "constant_channels": {k: list(v) for k, v in h.constant_channels.items()},
+                "tiny_variance_channels": {k: list(v) for k, v in h.tiny_variance_channels.items()},
             }
             for h in readiness
         ],
@@ -262,11 +262,14 @@ def _db(error: Int8Error) -> str:
 
 def _note(h: HostReadiness) -> str:
     notes = ["FLAGGED"] if h.flagged else []
-    if h.constant_channels:
-        notes.append(f"{len(h.constant_channels)} constant ch")
-    if h.tiny_variance_channels:
-        notes.append(f"{len(h.tiny_variance_channels)} tiny-var ch")
+    for count, what in ((_count(h.constant_channels), "constant"), (_count(h.tiny_variance_channels), "tiny-var")):
+        if count:
+            notes.append(f"{count} {what} ch")
     return ", ".join(notes)
+
+
+def _count(channels: dict[str, tuple[int, ...]]) -> int:
+    return sum(len(c) for c in channels.values())
 
 
 def readiness_notes(readiness: list[HostReadiness], everything: bool) -> list[str]:
@@ -274,8 +277,8 @@ def readiness_notes(readiness: list[HostReadiness], everything: bool) -> list[st
     constant (gamma == 0: pruning candidates) or have a tiny var + eps."""
     lines = [f"{h.host}: {h.advice()}" for h in readiness if h.flagged]
     for h in readiness if everything else ():
-        if h.constant_channels:
-            lines.append(f"{h.host}: constant channels (gamma == 0, prunable): {list(h.constant_channels)}")
-        if h.tiny_variance_channels:
-            lines.append(f"{h.host}: tiny var + eps channels: {list(h.tiny_variance_channels)}")
+        for chain, channels in h.constant_channels.items():
+            lines.append(f"{h.host}: constant channels of {chain} (gamma == 0, prunable): {list(channels)}")
+        for layer, channels in h.tiny_variance_channels.items():
+            lines.append(f"{h.host}: tiny var + eps channels of {layer}: {list(channels)}")
     return lines

@@ -119,8 +119,8 @@ def _readiness(item: WorkItem, result: object, wanted: Readiness) -> dict[str, d
         details["quant"] = {
             "hosts": len(hosts),
             "flagged": [h.host for h in hosts if h.flagged],
-            "constant_channels": sum(len(h.constant_channels) for h in hosts),
-            "tiny_variance_channels": sum(len(h.tiny_variance_channels) for h in hosts),
+            "constant_channels": sum(len(c) for h in hosts for c in h.constant_channels.values()),
+            "tiny_variance_channels": sum(len(c) for h in hosts for c in h.tiny_variance_channels.values()),
         }
     if wanted.benchmark:
         from ..verification.benchmark import benchmark

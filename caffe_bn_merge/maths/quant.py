@@ -55,8 +55,9 @@ class HostReadiness:
     tensor_before: Int8Error  # per-tensor int8, as stored
     tensor_after: Int8Error  # per-tensor int8, folded
     channel_after: Int8Error  # per-channel int8, folded
-    constant_channels: tuple[int, ...]  # scale 0 (gamma == 0): the channel no longer depends on the input
-    tiny_variance_channels: tuple[int, ...]  # a BatchNorm's var + eps < TINY_VARIANCE x its median
+    # by chain ("bn + scale") or BatchNorm layer, the channels (only those with any), in its channel numbers:
+    constant_channels: dict[str, tuple[int, ...]]  # scale 0 (gamma == 0): the output no longer depends on the input
+    tiny_variance_channels: dict[str, tuple[int, ...]]  # var + eps < TINY_VARIANCE x the BatchNorm's median
 
     @property
     def ratio_before(self) -> float:
@@ -84,8 +85,8 @@ class HostReadiness:
             f"folding costs per-tensor int8 {self.sqnr_drop_db:.0f} dB (range ratio "
             f"{self.ratio_before:.3g} -> {self.ratio_after:.3g})"
         )
-        if self.tiny_variance_channels:
-            text += f", from tiny var + eps in channel(s) {_listed(self.tiny_variance_channels)}"
+        for layer, channels in self.tiny_variance_channels.items():
+            text += f", from tiny var + eps in {layer} channel(s) {_listed(channels)}"
         keep = f"keep {' + '.join(self.layers)} unfolded" + (" (--no-backward)" if self.backward else "")
         if self.channel_after.sqnr_db >= self.tensor_before.sqnr_db - SQNR_DROP_DB:
             return f"{text}: quantize its weights per channel ({self.channel_after.sqnr_db:.0f} dB), or {keep}"
@@ -172,8 +173,8 @@ def readiness(host: FoldedHost) -> HostReadiness:
     before = output_rows(host.original, host.layout, host.groups, host.c_out)
     after = output_rows(host.folded.blobs[0], host.layout, host.groups, host.c_out)
     factors = fold_factors(host)
-    constant = {int(c) for chain in host.chains for c in np.flatnonzero(chain.scale == 0)}
-    tiny = {int(c) for chain in host.chains for v in chain.variance_eps for c in tiny_variance_channels(v)}
+    constant = {" + ".join(chain.layers): _channels(np.flatnonzero(chain.scale == 0)) for chain in host.chains}
+    tiny = {bn: _channels(tiny_variance_channels(v)) for chain in host.chains for bn, v in chain.variance_eps.items()}
     return HostReadiness(
         host.name,
         tuple(name for chain in host.chains for name in chain.layers),
@@ -183,6 +184,10 @@ def readiness(host: FoldedHost) -> HostReadiness:
         int8_error(before, per_channel=False),
         int8_error(after, per_channel=False, factors=factors),
         int8_error(after, per_channel=True, factors=factors),
-        tuple(sorted(constant)),
-        tuple(sorted(tiny)),
+        {chain: channels for chain, channels in constant.items() if channels},
+        {layer: channels for layer, channels in tiny.items() if channels},
     )
+
+
+def _channels(indices: np.ndarray) -> tuple[int, ...]:
+    return tuple(int(i) for i in indices)

@@ -11,7 +11,7 @@ import pytest
 from caffe_bn_merge import merge
 from caffe_bn_merge.cli import main
 from caffe_bn_merge.io import read as caffe_io
-from caffe_bn_merge.maths.quant import SQNR_DROP_DB, int8_error, range_ratio, readiness
+from caffe_bn_merge.maths.quant import SQNR_DROP_DB, fold_factors, int8_error, output_rows, range_ratio, readiness
 from caffe_bn_merge.synthetic.synth import NetBuilder
 
 SEEDS = range(12)
@@ -54,7 +54,7 @@ def test_well_conditioned_batchnorm_is_not_flagged(tmp_path: Path, seed: int, de
     found, _ = _readiness(b, tmp_path)
     assert not found.flagged and found.advice() == ""
     assert found.sqnr_drop_db < SQNR_DROP_DB
-    assert found.tiny_variance_channels == () and found.constant_channels == ()
+    assert found.tiny_variance_channels == {} and found.constant_channels == {}
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -65,7 +65,7 @@ def test_one_tiny_variance_channel_is_flagged(tmp_path: Path, seed: int, depthwi
     b.blobs[bn][1][channel] = 0.0  # var = 0: the channel is scaled by 1/sqrt(eps)
     found, _ = _readiness(b, tmp_path)
     assert found.flagged and found.sqnr_drop_db > SQNR_DROP_DB
-    assert found.tiny_variance_channels == (channel,)
+    assert found.tiny_variance_channels == {"bn": (channel,)}
     assert found.ranges_after.argmax() == channel and found.ratio_after > 10 * found.ratio_before
     assert "per channel" in found.advice() and "keep bn + scale unfolded" in found.advice()
 
@@ -76,7 +76,7 @@ def test_gamma_zero_channels_are_listed(tmp_path: Path, seed: int) -> None:
     zeros = sorted(np.random.default_rng(seed).choice(16, size=1 + seed % 4, replace=False).tolist())
     b.blobs[scale][0][zeros] = 0.0
     found, _ = _readiness(b, tmp_path)
-    assert found.constant_channels == tuple(zeros)
+    assert found.constant_channels == {"bn + scale": tuple(zeros)}
     assert np.all(found.ranges_after[zeros] == 0)
 
 
@@ -125,7 +125,7 @@ def test_backward_fold_advises_keeping_it(tmp_path: Path) -> None:
     b.conv(top, 8, kernel=1, pad=0, name="conv")
     b.blobs["bn"][1][2] = 0.0
     found, _ = _readiness(b, tmp_path)
-    assert found.backward and found.flagged and found.tiny_variance_channels == (2,)
+    assert found.backward and found.flagged and found.tiny_variance_channels == {"bn": (2,)}
     assert "--no-backward" in found.advice()
 
 
@@ -145,5 +145,43 @@ def test_command_line_shows_flagged_layers_and_advice(tmp_path: Path, capsys: py
     assert "conv: folding costs per-tensor int8" in section and "per channel" in section
     assert main(["--model", str(model), "--weights", str(weights), "--dry-run", "--quant", "-v"]) == 0
     out = capsys.readouterr().out
-    assert "conv: constant channels (gamma == 0, prunable): [1, 9]" in out
-    assert "conv: tiny var + eps channels: [5]" in out
+    assert "conv: constant channels of bn + scale (gamma == 0, prunable): [1, 9]" in out
+    assert "conv: tiny var + eps channels of bn: [5]" in out
+
+
+def _layouts(seed: int) -> NetBuilder:
+    """Hosts of every layout, forward and backward folds: conv (grouped), deconv (grouped), ip,
+    ip with transpose, a BatchNorm folded backward into an InnerProduct and into a 1x1 conv."""
+    rng = np.random.default_rng(seed)
+    b = NetBuilder(f"layouts{seed}", (1, 4, 6, 6), seed=seed)
+    x = b.conv("data", 6, group=2, name="conv")
+    b.scale(b.bn(x, name="bn_conv"), name="sc_conv")
+    x = b.conv(x, 4, kernel=2, stride=2, pad=0, group=2, deconv=True, name="deconv")
+    b.bn(x, name="bn_deconv")
+    x = b.pool(x, kernel=1, stride=1, name="pool")
+    x = b.conv(b.bn(x, name="bn_back_conv"), 4, kernel=1, pad=0, name="conv1x1")
+    x = b.pool(x, kernel=1, stride=1, name="pool2")
+    x = b.ip(b.bn(x, name="bn_back_ip"), 7, transpose=bool(seed % 2), name="fc")
+    b.bn(x, name="bn_fc")
+    for name, blobs in b.blobs.items():
+        if name.startswith("bn_"):
+            blobs[1][rng.integers(blobs[1].size)] *= 1e-7  # a tiny variance somewhere in every layer
+    return b
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_fold_factors_map_stored_to_folded_weights(tmp_path: Path, seed: int) -> None:
+    """For every layout, original weights times `fold_factors` are the folded weights (to float32
+    rounding), and every tiny-variance channel is found."""
+    model, weights = tmp_path / "net.prototxt", tmp_path / "net.caffemodel"
+    _layouts(seed).save(model, weights)
+    result = merge(model, weights, write=False)
+    assert {h.name for h in result.hosts} == {"conv", "deconv", "conv1x1", "fc"}
+    for host in result.hosts:
+        before = output_rows(host.original, host.layout, host.groups, host.c_out)
+        after = output_rows(host.folded.blobs[0], host.layout, host.groups, host.c_out)
+        np.testing.assert_allclose(before * fold_factors(host), after, rtol=1e-6, atol=0)
+        found = readiness(host)
+        norms = [bn for chain in host.chains for bn in chain.variance_eps]
+        assert {bn: len(c) for bn, c in found.tiny_variance_channels.items()} == dict.fromkeys(norms, 1)
+        assert found.backward == (host.name in ("conv1x1", "fc"))

@@ -185,3 +185,17 @@ def test_fold_factors_map_stored_to_folded_weights(tmp_path: Path, seed: int) ->
         norms = [bn for chain in host.chains for bn in chain.variance_eps]
         assert {bn: len(c) for bn, c in found.tiny_variance_channels.items()} == dict.fromkeys(norms, 1)
         assert found.backward == (host.name in ("conv1x1", "fc"))
+
+
+def test_real_mobilenet_ssd_depthwise_layers_are_flagged(real_nets: Path) -> None:
+    """The real MobileNet-SSD 0.5's first depthwise BatchNorms have near-zero variances (dead
+    channels): folding them ruins per-tensor int8, per-channel int8 recovers it."""
+    folder = real_nets / "mobilenet_ssd_0.5_hx"
+    result = merge(folder / "MobileNetSSD_deploy_bn.DERIVED.prototxt", folder / "mobilenet_0.5.caffemodel", write=False)
+    found = {h.host: h for h in map(readiness, result.hosts)}
+    flagged = sorted(name for name, h in found.items() if h.flagged)
+    assert flagged == ["conv1/dw", "conv2/dw", "conv3/dw"]
+    for name in flagged:
+        h = found[name]
+        assert h.tiny_variance_channels and h.sqnr_drop_db > 20
+        assert h.channel_after.sqnr_db > h.tensor_before.sqnr_db

@@ -102,3 +102,15 @@ def test_benchmark_rounds_must_be_positive(tmp_path: Path, capsys: pytest.Captur
         main(["--model", "m", "--weights", "w", "--benchmark", bad])
     assert exit_info.value.code == 2
     assert "positive whole number" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("backend", ["opencv", "caffe"])
+def test_benchmark_on_a_real_net(backend: str, real_nets: Path, tmp_path: Path, capsys, request) -> None:
+    if backend == "caffe":
+        request.getfixturevalue("pycaffe")
+    folder = real_nets / "mobilenet_ssd_0.5_hx"
+    model, weights = folder / "MobileNetSSD_deploy_bn.DERIVED.prototxt", folder / "mobilenet_0.5.caffemodel"
+    out = ["--output-model", str(tmp_path / "m.prototxt"), "--output-weights", str(tmp_path / "m.caffemodel")]
+    argv = ["--model", str(model), "--weights", str(weights), *out, "--benchmark", "2", "--backend", backend]
+    assert main(argv) == 0
+    assert re.search(r"merged / original\s*│\s*\d\.\d{3}\s*│\s*\d\.\d{3} - \d\.\d{3}", capsys.readouterr().out)

@@ -4,6 +4,10 @@ warm-up, so that a shared machine's drift hits both alike. Numbers only; nothing
 
 Each round times one forward pass of each model, alternating which goes first; the ratio of a round
 is merged / original, and the result is the median ratio with its interquartile range.
+
+An engine is one entry of `BENCHMARKS`. One that runs in this process needs only a loader,
+`loader(model, weights, inputs) -> forward` (a function running one forward pass), and optionally a
+thread pin: `"name": in_process(loader, pin)`.
 """
 
 import statistics

@@ -121,23 +121,28 @@ def range_ratio(ranges: np.ndarray) -> float:
 def quantize_int8(rows: np.ndarray, per_channel: bool) -> np.ndarray:
     """Symmetric int8 round trip: w -> round(w / s) clipped to +-127, times s, with s = max|w| / 127
     over the tensor or over each row. All-zero rows (or tensor) stay 0."""
-    ranges = channel_ranges(rows)[:, None] if per_channel else np.max(np.abs(rows), initial=0.0)
-    step = np.asarray(ranges, np.float64) / INT8_LEVELS
-    safe = np.where(step > 0, step, 1.0)
-    return np.clip(np.rint(rows / safe), -INT8_LEVELS, INT8_LEVELS) * step
+    ranges = channel_ranges(rows)
+    step = (ranges[:, None] if per_channel else np.max(ranges, initial=0.0)) / INT8_LEVELS
+    q = rows / np.where(step > 0, step, 1.0)
+    np.rint(q, out=q)
+    np.clip(q, -INT8_LEVELS, INT8_LEVELS, out=q)
+    q *= step
+    return q
 
 
 def int8_error(rows: np.ndarray, per_channel: bool, factors: np.ndarray | None = None) -> Int8Error:
     """The error symmetric int8 quantization (per tensor or per channel) makes in `rows`, as the
     median over the rows (output channels) that are not all zero of each row's noise / signal power.
     `factors` (the shape of `rows`): what folding multiplied each weight by; noise and signal are
-    then measured divided by them (weights with factor 0 are 0 and carry no error)."""
-    noise = rows - quantize_int8(rows, per_channel)
+    then measured divided by them (weights with factor 0 are 0 and carry no error). Factors that
+    scale whole rows need not be given: they change no row's ratio."""
+    noise = quantize_int8(rows, per_channel)
+    np.subtract(rows, noise, out=noise)
     if factors is not None:
         safe = np.where(factors != 0, factors, 1.0)
         rows, noise = rows / safe, noise / safe
-    signal = np.sum(np.square(rows), axis=1)
-    noise = np.sum(np.square(noise), axis=1)
+    signal = np.einsum("ij,ij->i", rows, rows)
+    noise = np.einsum("ij,ij->i", noise, noise)
     live = signal > 0
     ratio = float(np.median(noise[live] / signal[live])) if live.any() else 0.0
     if ratio == 0:
@@ -145,20 +150,19 @@ def int8_error(rows: np.ndarray, per_channel: bool, factors: np.ndarray | None =
     return Int8Error(-10 * math.log10(ratio), math.sqrt(ratio))
 
 
-def fold_factors(host: FoldedHost) -> np.ndarray:
-    """What folding multiplied each weight by, as rows like `output_rows`: a forward chain's scale
-    on the output channels times a backward chain's on the input channels (per group)."""
+def input_factors(host: FoldedHost) -> np.ndarray | None:
+    """What backward folds multiplied each weight by (their scales on the host's input channels, per
+    group), as rows like `output_rows`; None without a backward fold. (A forward fold scales whole
+    rows, which changes no row's relative error.)"""
+    backward = [chain.scale for chain in host.chains if chain.rule == "backward"]
+    if not backward:
+        return None
     g, c_out = host.groups, host.c_out
-    spec = HOST_LAYOUTS[host.layout]
-    c_in = spec.input_size(host.original, g)
+    c_in = HOST_LAYOUTS[host.layout].input_size(host.original, g)
     k = host.original.size // (c_out * c_in // g)
-    factors = np.ones((g, c_out // g, c_in // g, 1))
-    for chain in host.chains:
-        if chain.rule == "backward":
-            per_input = np.repeat(chain.scale, c_in // chain.scale.size)  # InnerProduct: channel x positions
-            factors = factors * per_input.reshape(g, 1, c_in // g, 1)
-        else:
-            factors = factors * chain.scale.reshape(g, c_out // g, 1, 1)
+    factors = np.ones((g, 1, c_in // g, 1))
+    for scale in backward:
+        factors = factors * np.repeat(scale, c_in // scale.size).reshape(g, 1, c_in // g, 1)  # IP: x positions
     return np.broadcast_to(factors, (g, c_out // g, c_in // g, k)).reshape(c_out, -1)
 
 
@@ -172,7 +176,7 @@ def readiness(host: FoldedHost) -> HostReadiness:
     the host's outputs for a forward fold, its inputs for a backward one."""
     before = output_rows(host.original, host.layout, host.groups, host.c_out)
     after = output_rows(host.folded.blobs[0], host.layout, host.groups, host.c_out)
-    factors = fold_factors(host)
+    factors = input_factors(host)
     constant = {" + ".join(chain.layers): _channels(np.flatnonzero(chain.scale == 0)) for chain in host.chains}
     tiny = {bn: _channels(tiny_variance_channels(v)) for chain in host.chains for bn, v in chain.variance_eps.items()}
     return HostReadiness(

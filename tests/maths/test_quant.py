@@ -11,7 +11,7 @@ import pytest
 from caffe_bn_merge import merge
 from caffe_bn_merge.cli import main
 from caffe_bn_merge.io import read as caffe_io
-from caffe_bn_merge.maths.quant import SQNR_DROP_DB, fold_factors, int8_error, output_rows, range_ratio, readiness
+from caffe_bn_merge.maths.quant import SQNR_DROP_DB, input_factors, int8_error, output_rows, range_ratio, readiness
 from caffe_bn_merge.synthetic.synth import NetBuilder
 
 SEEDS = range(12)
@@ -171,8 +171,8 @@ def _layouts(seed: int) -> NetBuilder:
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_fold_factors_map_stored_to_folded_weights(tmp_path: Path, seed: int) -> None:
-    """For every layout, original weights times `fold_factors` are the folded weights (to float32
-    rounding), and every tiny-variance channel is found."""
+    """For every layout, original weights times the forward chains' scales (rows) and `input_factors`
+    (columns) are the folded weights (to float32 rounding), and every tiny-variance channel is found."""
     model, weights = tmp_path / "net.prototxt", tmp_path / "net.caffemodel"
     _layouts(seed).save(model, weights)
     result = merge(model, weights, write=False)
@@ -180,7 +180,11 @@ def test_fold_factors_map_stored_to_folded_weights(tmp_path: Path, seed: int) ->
     for host in result.hosts:
         before = output_rows(host.original, host.layout, host.groups, host.c_out)
         after = output_rows(host.folded.blobs[0], host.layout, host.groups, host.c_out)
-        np.testing.assert_allclose(before * fold_factors(host), after, rtol=1e-6, atol=0)
+        rows = np.prod([np.ones(host.c_out)] + [c.scale for c in host.chains if c.rule == "forward"], axis=0)
+        columns = input_factors(host)
+        assert (columns is None) == (host.name in ("conv", "deconv"))
+        folded = before * rows[:, None] * (1 if columns is None else columns)
+        np.testing.assert_allclose(folded, after, rtol=1e-6, atol=0)
         found = readiness(host)
         norms = [bn for chain in host.chains for bn in chain.variance_eps]
         assert {bn: len(c) for bn, c in found.tiny_variance_channels.items()} == dict.fromkeys(norms, 1)

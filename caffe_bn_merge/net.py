@@ -1,6 +1,7 @@
 """The values every stage passes along: a caffemodel layer's blobs (`WeightLayer`), blobs made
 on demand by a fold (`FoldedLayer`, `LayerEdit`) and folded weights computed block by block as they
-are written (`ScaledRows`). No I/O, no rules: numpy only."""
+are written (`ScaledRows`), and what a merge folded into each host (`FoldedHost`, for the
+quantization readiness report). No I/O, no rules: numpy only."""
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -87,3 +88,28 @@ class LayerEdit:
     @property
     def blobs(self) -> tuple[np.ndarray | ScaledRows, ...]:
         return self.make_blobs()
+
+
+@dataclass(frozen=True)
+class FoldedChain:
+    """One chain of affine layers folded into a host: its per-channel scale (a 0 makes that channel
+    constant) and each BatchNorm's `var + eps` by layer name (float64 vectors over its channels)."""
+
+    layers: tuple[str, ...]
+    rule: str  # "forward" (channels are the host's outputs) or "backward" (its inputs)
+    scale: np.ndarray
+    variance_eps: dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class FoldedHost:
+    """A host that took folds: its weights as stored, its folded layer (blobs made when read), how
+    its weights are laid out (`fold_math.HOST_LAYOUTS`) and the chains it took, in order."""
+
+    name: str
+    layout: str
+    groups: int
+    c_out: int
+    original: np.ndarray
+    folded: WeightLayer
+    chains: tuple[FoldedChain, ...]

@@ -7,10 +7,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from .errors import MismatchError
 from .graph import NetGraph, build_graph, included, inference_state
 from .io import emit, read
 from .io.user_schema import compile_schema
+from .net import FoldedChain, FoldedHost
+from .rules import bn_variants
 from .rules.hosts import DEFAULT_CONV_LIKE, is_host_type, read_host
 from .rules.norms import NORM_TYPES
 from .rules.passes import run_rules
@@ -46,6 +50,7 @@ class MergeResult:
     layers_after: Counter[str]
     output_model: Path | None
     output_weights: Path | None
+    hosts: tuple[FoldedHost, ...] = ()  # every host that took a fold (`maths.quant` reads them)
 
 
 def default_outputs(model: Path, weights: Path) -> tuple[Path, Path]:
@@ -102,7 +107,33 @@ def merge(
         Counter(layer.type for layer in rewrite.net.layer),
         output_model if write else None,
         output_weights if write else None,
+        _folded_hosts(plan, rewrite, net, options.bn_flavour),
     )
+
+
+def _folded_hosts(plan: FoldPlan, rewrite: Rewrite, net: object, flavour: str) -> tuple[FoldedHost, ...]:
+    """Each host that took folds, as stored and as folded (nothing is computed here: the folded
+    weights are made when read), with the chains it took and their BatchNorms' `var + eps`."""
+    params = {layer.name: layer for layer in net.layer}
+    hosts: dict[str, FoldedHost] = {}
+    for action in plan.actions:
+        if action.host is None:
+            continue
+        norms = [name for name in action.layers if plan.types[name] in ("BatchNorm", "BN")]
+        found = {name: _variance_eps(params[name], rewrite.layers[name].blobs, flavour) for name in norms}
+        variance_eps = {name: value for name, value in found.items() if value is not None}
+        chain = FoldedChain(action.layers, str(action.rule), action.affine.scale, variance_eps)
+        host, earlier = action.host, hosts.get(action.target)
+        original = earlier.original if earlier else host.weights  # a second fold sees the first's weights
+        chains = (*earlier.chains, chain) if earlier else (chain,)
+        folded = rewrite.layers[host.name]
+        hosts[host.name] = FoldedHost(host.name, host.layout, host.groups, host.c_out, original, folded, chains)
+    return tuple(hosts.values())
+
+
+def _variance_eps(layer: object, blobs: list[np.ndarray], flavour: str) -> np.ndarray | None:
+    variant = bn_variants.detect(layer, blobs, flavour)  # detected before, when the chain was read
+    return bn_variants.variance_eps(variant, layer, blobs)
 
 
 def _log_input(net_text: object) -> None:

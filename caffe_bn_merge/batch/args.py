@@ -4,7 +4,7 @@ import argparse
 import os
 from pathlib import Path
 
-from ..defaults import DEFAULT_TOLERANCE
+from ..defaults import BENCHMARK_ROUNDS, DEFAULT_TOLERANCE
 from .worklist import parse_shard
 
 
@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run each merged model against its original on OpenCV dnn; "
         f"fail above {DEFAULT_TOLERANCE:g} relative error",
     )
+    _add_readiness_flags(parser)
     parser.add_argument("--report", type=Path, metavar="FILE", help="write a JSON report of every deployment")
     parser.add_argument(
         "--skip-existing",
@@ -81,3 +82,20 @@ def build_parser() -> argparse.ArgumentParser:
         "-v", "--verbose", action="store_true", help="list every note and every deployment in the table"
     )
     return parser
+
+
+def _add_readiness_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--quant", action="store_true", help="int8 readiness of each deployment's folded layers (README: --quant)"
+    )
+    parser.add_argument(
+        "--benchmark",
+        nargs="?",
+        const=BENCHMARK_ROUNDS,
+        default=0,
+        type=_positive,
+        metavar="N",
+        help=f"time N (default {BENCHMARK_ROUNDS}) interleaved forward passes of each original and merged model "
+        "on OpenCV dnn (use --jobs 1 for figures that mean something)",
+    )
+    parser.add_argument("--threads", type=_positive, metavar="N", help="OpenCV threads for --benchmark")

@@ -9,9 +9,9 @@ from collections.abc import Sequence
 from ..defaults import DEFAULT_TOLERANCE
 from ..errors import UsageError
 from .args import build_parser
-from .console import EVERY_ROW_UP_TO, Console
-from .pool import ItemResult, Status, item_result, run_items
-from .report import make_report, write_report
+from .console import EVERY_ROW_UP_TO, Console, fleet_lines
+from .pool import ItemResult, Readiness, Status, item_result, run_items
+from .report import fleet_totals, make_report, write_report
 from .worklist import WorkItem, WorkList, build_work_list, is_up_to_date, shard
 
 
@@ -44,6 +44,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     console.note(
         f"{len(results)} deployments: {summary} in {seconds:.1f} s" + (f"; report {args.report}" if args.report else "")
     )
+    for line in fleet_lines(fleet_totals(results)):
+        console.note(line)
     return 1 if counts["failed"] else 0
 
 
@@ -87,7 +89,8 @@ def _convert(args: argparse.Namespace, console: "Console", items: Sequence[WorkI
                 progress.advance(result)
             else:
                 todo.append(item)
-        results += run_items(todo, args.jobs, args.verify, progress.advance)
+        readiness = Readiness(args.quant, args.benchmark, args.threads)
+        results += run_items(todo, args.jobs, args.verify, progress.advance, readiness)
     return sorted(results, key=lambda r: r.key)
 
 
@@ -100,6 +103,8 @@ def _run_settings(args: argparse.Namespace, work: WorkList) -> dict[str, object]
         "jobs": args.jobs,
         "shard": list(args.shard) if args.shard else None,
         "verify": args.verify,
+        "quant": args.quant,
+        "benchmark": args.benchmark or None,
         "tolerance": DEFAULT_TOLERANCE if args.verify else None,
         "skip_existing": args.skip_existing,
         "force": args.force,

@@ -74,6 +74,21 @@ def _row(r: ItemResult) -> list[str]:
     return [r.key, str(r.status), layers, folds, error, f"{r.seconds:.2f}"]
 
 
+def fleet_lines(totals: dict) -> list[str]:
+    """The fleet totals of `report.fleet_totals` as lines for the console."""
+    lines = []
+    if totals["quant"]:
+        q = totals["quant"]
+        lines.append(
+            f"int8 readiness: {q['deployments_flagged']} of {q['deployments']} deployments have flagged layers "
+            f"({q['flagged_layers']} layers; --report lists them)"
+        )
+    if totals["benchmark"]:
+        b = totals["benchmark"]
+        lines.append(f"speed: merged / original forward time {b['median_ratio']:.3f} (median of {b['deployments']})")
+    return lines
+
+
 class Progress:
     """A progress bar with counts of converted / skipped / failed deployments (nothing when quiet)."""
 

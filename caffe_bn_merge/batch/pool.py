@@ -43,9 +43,20 @@ class ItemResult:
     folds: dict[str, int] = field(default_factory=dict)  # actions by rule
     max_verify_error: float | None = None  # max relative error of the gating blobs, when verified
     seconds: float = 0.0
+    quant: dict | None = None  # int8 readiness summary (--quant)
+    benchmark: dict | None = None  # merged / original forward time on OpenCV (--benchmark)
 
     def to_json(self) -> dict:
         return {k: (str(v) if isinstance(v, Status) else v) for k, v in asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """What to measure besides converting: int8 readiness, and forward-pass timing rounds (0: none)."""
+
+    quant: bool = False
+    benchmark: int = 0
+    threads: int | None = None
 
 
 def item_result(item: WorkItem, status: Status, reason: str | None = None, **details: object) -> ItemResult:
@@ -59,7 +70,9 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
-def convert_item(item: WorkItem, verify: bool = False, tolerance: float = DEFAULT_TOLERANCE) -> ItemResult:
+def convert_item(
+    item: WorkItem, verify: bool = False, tolerance: float = DEFAULT_TOLERANCE, readiness: Readiness = Readiness()
+) -> ItemResult:
     """Merge one deployment into its outputs (replacing them if they exist: `main` decides up front
     whether that is wanted), verify it on OpenCV when asked; never raises: any error becomes a failed
     result with a one-line reason. A deployment that fails verification has its outputs removed, so
@@ -83,6 +96,7 @@ def convert_item(item: WorkItem, verify: bool = False, tolerance: float = DEFAUL
                 _remove_outputs(item)
                 reason = f"verification failed: max relative error {error:.3g} > {tolerance:g} (outputs removed)"
                 return _finish(item, Status.FAILED, reason, start, details)
+        details |= _readiness(item, result, readiness)
     except Exception as err:  # one bad deployment never stops the others
         if "layers_before" in details:  # merged, then verification could not run
             _remove_outputs(item)
@@ -93,6 +107,35 @@ def convert_item(item: WorkItem, verify: bool = False, tolerance: float = DEFAUL
 
 def _finish(item: WorkItem, status: Status, reason: str | None, start: float, details: dict) -> ItemResult:
     return item_result(item, status, reason, seconds=round(time.perf_counter() - start, 4), **details)
+
+
+def _readiness(item: WorkItem, result: object, wanted: Readiness) -> dict[str, dict]:
+    """The summaries of --quant and --benchmark for one converted deployment."""
+    details = {}
+    if wanted.quant:
+        from ..maths.quant import readiness
+
+        hosts = [readiness(host) for host in result.hosts]
+        details["quant"] = {
+            "hosts": len(hosts),
+            "flagged": [h.host for h in hosts if h.flagged],
+            "constant_channels": sum(len(c) for h in hosts for c in h.constant_channels.values()),
+            "tiny_variance_channels": sum(len(c) for h in hosts for c in h.tiny_variance_channels.values()),
+        }
+    if wanted.benchmark:
+        from ..verification.benchmark import benchmark
+
+        pairs = (item.prototxt, item.caffemodel), (item.out_prototxt, item.out_caffemodel)
+        timed = benchmark(*pairs, "opencv", wanted.benchmark, wanted.threads)
+        ratio = timed.ratio
+        details["benchmark"] = {
+            "rounds": timed.rounds,
+            "original_ms": timed.times("original").median * 1e3,
+            "merged_ms": timed.times("merged").median * 1e3,
+            "ratio": ratio.median,
+            "ratio_iqr": [ratio.q1, ratio.q3],
+        }
+    return details
 
 
 def max_verify_error(item: WorkItem) -> float:
@@ -108,13 +151,13 @@ def _remove_outputs(item: WorkItem) -> None:
         out.unlink(missing_ok=True)
 
 
-def _init_worker(verify: bool) -> None:
+def _init_worker(opencv: bool) -> None:
     """Worker processes: one BLAS / OpenMP / OpenCV thread each (unless set otherwise), so that N
     workers use N cores, not N * cores. (The BLAS settings take effect when numpy was not loaded yet,
     as in `merge-bn batch`, whose own process leaves it to the workers.)"""
     for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(variable, "1")
-    if verify:
+    if opencv:
         try:
             import cv2
 
@@ -128,6 +171,7 @@ def run_items(
     jobs: int = 1,
     verify: bool = False,
     on_result: Callable[[ItemResult], None] | None = None,
+    readiness: Readiness = Readiness(),
 ) -> list[ItemResult]:
     """Convert `items` (in this process when `jobs` is 1, else in `jobs` worker processes); call
     `on_result` as each finishes; return the results in the order of `items`. Items whose worker
@@ -141,22 +185,26 @@ def run_items(
 
     if jobs <= 1 or len(items) <= 1:
         for item in items:
-            done(convert_item(item, verify))
+            done(convert_item(item, verify, readiness=readiness))
     else:
-        crashed = _run_pool(items, min(jobs, len(items)), verify, done)
+        crashed = _run_pool(items, min(jobs, len(items)), verify, done, readiness)
         for item in crashed:
-            again = _run_pool([item], 1, verify, done)
+            again = _run_pool([item], 1, verify, done, readiness)
             if again:
                 done(item_result(item, Status.FAILED, "the worker process died converting it (crash in native code?)"))
     return [results[item.key] for item in items]
 
 
-def _run_pool(items: Sequence[WorkItem], jobs: int, verify: bool, done: Callable[[ItemResult], None]) -> list[WorkItem]:
+def _run_pool(
+    items: Sequence[WorkItem], jobs: int, verify: bool, done: Callable[[ItemResult], None], readiness: Readiness
+) -> list[WorkItem]:
     """Run `items` on a pool of `jobs` processes; return those lost to a dead worker."""
     crashed = []
     context = multiprocessing.get_context(START_METHOD)
-    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker, initargs=(verify,)) as pool:
-        futures = {pool.submit(convert_item, item, verify): item for item in items}
+    with ProcessPoolExecutor(
+        jobs, mp_context=context, initializer=_init_worker, initargs=(verify or readiness.benchmark > 0,)
+    ) as pool:
+        futures = {pool.submit(convert_item, item, verify, DEFAULT_TOLERANCE, readiness): item for item in items}
         try:
             for future in as_completed(futures):
                 item = futures[future]

@@ -2,6 +2,7 @@
 
 import json
 import os
+import statistics
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,7 +24,24 @@ def make_report(results: Sequence[ItemResult], notes: Sequence[str], seconds: fl
         "seconds": round(seconds, 3),
         "counts": {str(s): counts[str(s)] for s in Status} | {"total": len(results)},
         "notes": list(notes),
+        "totals": fleet_totals(results),
         "deployments": [r.to_json() for r in results],
+    }
+
+
+def fleet_totals(results: Sequence[ItemResult]) -> dict:
+    """Fleet-level figures of --quant (deployments with flagged layers) and --benchmark (median ratio)."""
+    quant = [r.quant for r in results if r.quant is not None]
+    ratios = [r.benchmark["ratio"] for r in results if r.benchmark is not None]
+    return {
+        "quant": None
+        if not quant
+        else {
+            "deployments": len(quant),
+            "deployments_flagged": sum(bool(q["flagged"]) for q in quant),
+            "flagged_layers": sum(len(q["flagged"]) for q in quant),
+        },
+        "benchmark": None if not ratios else {"deployments": len(ratios), "median_ratio": statistics.median(ratios)},
     }
 
 

@@ -96,10 +96,22 @@ def affine(variant: str, layer: object, blobs: list[np.ndarray], channels: int) 
     if variant == SEGNET:
         return scale_affine(blobs[0], blobs[1], channels)
     mean, var, gamma, beta, factor = statistics(variant, blobs)
-    eps = layer.bn_param.eps if variant == "bn" else layer.batch_norm_param.eps
-    if variant == "nvcaffe":
-        eps = max(eps, NVCAFFE_MIN_EPS)
-    normalise = batchnorm_affine(mean, var, factor, eps)
+    normalise = batchnorm_affine(mean, var, factor, _eps(variant, layer))
     if gamma is None:
         return normalise
     return normalise.then(scale_affine(gamma, beta, channels))
+
+
+def variance_eps(variant: str, layer: object, blobs: list[np.ndarray]) -> np.ndarray | None:
+    """`var + eps` per channel (float64), as the layer divides by its square root at inference;
+    None for SegNet's inference `BN`, a plain scale and shift with no statistics."""
+    if variant == SEGNET:
+        return None
+    _, var, _, _, factor = statistics(variant, blobs)
+    f = 0.0 if factor == 0 else 1.0 / factor
+    return np.asarray(var, np.float64).ravel() * f + _eps(variant, layer)
+
+
+def _eps(variant: str, layer: object) -> float:
+    eps = layer.bn_param.eps if variant == "bn" else layer.batch_norm_param.eps
+    return max(eps, NVCAFFE_MIN_EPS) if variant == "nvcaffe" else eps

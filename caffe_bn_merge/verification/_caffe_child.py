@@ -8,6 +8,10 @@ caffe, numpy and protobuf importable, so it imports nothing from caffe_bn_merge:
 REQUEST.json: {"model", "weights", "inputs": [[blob, file.npy], ...], "outputs": [[layer, top], ...],
 "out_dir"}. For output i it writes out_dir/out{i}.npy: the value of `top` right after `layer` ran
 (in-place layers later in the net may overwrite the blob, so the net is run up to each layer in turn).
+With "timing": {"models": [[model, weights], [model, weights]], "rounds", "warmup"} instead of
+"model" / "weights" / "outputs", it loads both models, sets the inputs, runs `warmup` untimed forward
+passes of each, then `rounds` rounds timing one forward pass of each (which goes first alternates),
+and writes out_dir/times.json: [[seconds of the first model per round], [of the second]].
 On failure: one line "caffe_child: error: ..." on stderr and exit code 1; Caffe's own fatal checks
 abort the process with glog's "F... ] message" line instead.
 """
@@ -35,22 +39,11 @@ def main(request_path: str) -> None:
         raise ChildError(f"cannot import pycaffe in {sys.executable}: {err}") from err
 
     caffe.set_mode_cpu()
+    if "timing" in request:
+        _time(caffe, np, request)
+        return
     net = caffe.Net(request["model"], caffe.TEST, weights=request["weights"])  # = Net(model, weights, TEST)
-
-    reshaped = False
-    values = {}
-    for name, path in request["inputs"]:
-        if name not in net.inputs:
-            raise ChildError(f"{name!r} is not an input of the net (inputs: {', '.join(net.inputs)})")
-        value = np.load(path, allow_pickle=False)
-        values[name] = value
-        if net.blobs[name].data.shape != value.shape:
-            net.blobs[name].reshape(*value.shape)
-            reshaped = True
-    if reshaped:
-        net.reshape()
-    for name, value in values.items():
-        net.blobs[name].data[...] = value
+    _set_inputs(net, request["inputs"], np)
 
     layer_names = list(net._layer_names)
     index = {name: i for i, name in enumerate(layer_names)}
@@ -72,6 +65,46 @@ def main(request_path: str) -> None:
                 results[i] = np.array(net.blobs[top].data, dtype=np.float64)
     for i in range(len(wanted)):
         np.save(os.path.join(request["out_dir"], f"out{i}.npy"), results[i], allow_pickle=False)
+
+
+def _set_inputs(net, inputs, np):
+    """Load each [name, file.npy] into the net's input blob of that name, reshaping when needed."""
+    reshaped = False
+    values = {}
+    for name, path in inputs:
+        if name not in net.inputs:
+            raise ChildError(f"{name!r} is not an input of the net (inputs: {', '.join(net.inputs)})")
+        value = np.load(path, allow_pickle=False)
+        values[name] = value
+        if net.blobs[name].data.shape != value.shape:
+            net.blobs[name].reshape(*value.shape)
+            reshaped = True
+    if reshaped:
+        net.reshape()
+    for name, value in values.items():
+        net.blobs[name].data[...] = value
+
+
+def _time(caffe, np, request):
+    """Timing mode: interleaved forward passes of the models, seconds per round in times.json."""
+    import time
+
+    timing = request["timing"]
+    nets = [caffe.Net(model, caffe.TEST, weights=weights) for model, weights in timing["models"]]
+    for net in nets:
+        _set_inputs(net, request["inputs"], np)
+    for _ in range(int(timing["warmup"])):
+        for net in nets:
+            net.forward()
+    times = [[] for _ in nets]
+    for round_ in range(int(timing["rounds"])):
+        order = range(len(nets)) if round_ % 2 == 0 else reversed(range(len(nets)))
+        for i in order:
+            start = time.perf_counter()
+            nets[i].forward()
+            times[i].append(time.perf_counter() - start)
+    with open(os.path.join(request["out_dir"], "times.json"), "w", encoding="utf-8") as file:
+        json.dump(times, file)
 
 
 if __name__ == "__main__":

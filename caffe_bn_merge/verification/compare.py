@@ -159,9 +159,7 @@ def run_opencv(
     OpenCV 4.x renames a Convolution layer after its top, so a layer is looked up under both names."""
     cv2 = _import_cv2()
     try:
-        net = cv2.dnn.readNetFromCaffe(str(model), str(weights))
-        net.enableFusion(False)
-        net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
+        net = opencv_net(model, weights)
         for name, value in inputs.items():
             net.setInput(value, name)
         known = set(net.getLayerNames())
@@ -169,6 +167,16 @@ def run_opencv(
         return [np.array(out, np.float64) for out in net.forward(layers)]
     except cv2.error as err:
         raise VerifyError(f"OpenCV could not run {model}: {str(err).strip().splitlines()[-1]}") from err
+
+
+def opencv_net(model: Path, weights: Path) -> object:
+    """The model as an OpenCV dnn net with run-time fusion off, on OpenCV's own backend (raises
+    cv2.error)."""
+    cv2 = _import_cv2()
+    net = cv2.dnn.readNetFromCaffe(str(model), str(weights))
+    net.enableFusion(False)
+    net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
+    return net
 
 
 def _run_caffe(

@@ -55,52 +55,102 @@ def run_caffe(
     """Values of `outputs` ((layer, top) pairs) computed by pycaffe on the CPU, phase TEST, as float64
     arrays in that order: each is `top` right after `layer` ran, even when a later in-place layer
     rewrites the blob. Raises VerifyError (one line) when pycaffe is missing or cannot run the model."""
-    python = pycaffe_python()
-    if python is None:
-        explicit = os.environ.get(ENV_PYTHON)
-        where = f"{ENV_PYTHON}={explicit} is not a Python executable" if explicit else "pycaffe is not installed"
-        raise VerifyError(f"{where}: {INSTALL_HINT} (or point {ENV_PYTHON} to a Python that imports caffe)")
-    model, weights = Path(model).resolve(), Path(weights).resolve()
-    for path in (model, weights):
-        if not path.is_file():
-            raise VerifyError(f"{path}: no such file")
+    model, weights = _existing(model, weights)
     with tempfile.TemporaryDirectory(prefix="caffe-bn-merge-pycaffe-") as tmp:
         folder = Path(tmp)
         request = {
             "model": str(model),
             "weights": str(weights),
-            "inputs": [],
+            "inputs": _save_inputs(folder, inputs),
             "outputs": [[layer, top] for layer, top in outputs],
             "out_dir": str(folder),
         }
-        for i, (name, value) in enumerate(inputs.items()):
-            path = folder / f"in{i}.npy"
-            np.save(path, np.ascontiguousarray(value, dtype=np.float32), allow_pickle=False)
-            request["inputs"].append([name, str(path)])
-        (folder / "request.json").write_text(json.dumps(request), encoding="utf-8")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-        env["GLOG_minloglevel"] = "2"  # Caffe's errors and fatal checks only
-        try:
-            done = subprocess.run(
-                [str(python), "-I", str(CHILD), str(folder / "request.json")],
-                env=env,
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                text=True,
-                errors="replace",
-                timeout=timeout,
-                check=False,
-            )
-        except subprocess.TimeoutExpired as err:
-            raise VerifyError(f"pycaffe did not finish {model.name} within {timeout:g} s") from err
-        except OSError as err:
-            raise VerifyError(f"cannot start {python}: {err.strerror}; {INSTALL_HINT}") from err
-        if done.returncode != 0:
-            raise VerifyError(f"pycaffe could not run {model}: {_failure(done.returncode, done.stderr)}")
+        _call_child(folder, request, model, timeout)
         try:
             return [np.load(folder / f"out{i}.npy", allow_pickle=False) for i in range(len(outputs))]
         except (OSError, ValueError) as err:
             raise VerifyError(f"pycaffe gave no readable result for {model}: {err}") from err
+
+
+def time_caffe(
+    original: tuple[Path, Path],
+    merged: tuple[Path, Path],
+    inputs: dict[str, np.ndarray],
+    rounds: int,
+    warmup: int,
+    threads: int | None,
+    *,
+    timeout: float = 3600.0,
+) -> tuple[list[float], list[float]]:
+    """Seconds per forward pass of each model on pycaffe, `rounds` interleaved rounds after `warmup`
+    (timed inside the child process); `threads` pins OpenMP / BLAS threads there."""
+    pairs = [_existing(*original), _existing(*merged)]
+    with tempfile.TemporaryDirectory(prefix="caffe-bn-merge-pycaffe-") as tmp:
+        folder = Path(tmp)
+        request = {
+            "timing": {"models": [[str(m), str(w)] for m, w in pairs], "rounds": rounds, "warmup": warmup},
+            "inputs": _save_inputs(folder, inputs),
+            "out_dir": str(folder),
+        }
+        pinned = {name: str(threads) for name in THREAD_VARIABLES} if threads else {}
+        _call_child(folder, request, pairs[0][0], timeout, pinned)
+        try:
+            times = json.loads((folder / "times.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise VerifyError(f"pycaffe gave no timing for {pairs[0][0]}: {err}") from err
+        return [float(t) for t in times[0]], [float(t) for t in times[1]]
+
+
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def _existing(model: Path, weights: Path) -> tuple[Path, Path]:
+    model, weights = Path(model).resolve(), Path(weights).resolve()
+    for path in (model, weights):
+        if not path.is_file():
+            raise VerifyError(f"{path}: no such file")
+    return model, weights
+
+
+def _save_inputs(folder: Path, inputs: dict[str, np.ndarray]) -> list[list[str]]:
+    saved = []
+    for i, (name, value) in enumerate(inputs.items()):
+        path = folder / f"in{i}.npy"
+        np.save(path, np.ascontiguousarray(value, dtype=np.float32), allow_pickle=False)
+        saved.append([name, str(path)])
+    return saved
+
+
+def _call_child(
+    folder: Path, request: dict, model: Path, timeout: float, extra_env: dict[str, str] | None = None
+) -> None:
+    """Run `_caffe_child.py` on `request` (written to `folder`); raise VerifyError when it fails."""
+    python = pycaffe_python()
+    if python is None:
+        explicit = os.environ.get(ENV_PYTHON)
+        where = f"{ENV_PYTHON}={explicit} is not a Python executable" if explicit else "pycaffe is not installed"
+        raise VerifyError(f"{where}: {INSTALL_HINT} (or point {ENV_PYTHON} to a Python that imports caffe)")
+    (folder / "request.json").write_text(json.dumps(request), encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env["GLOG_minloglevel"] = "2"  # Caffe's errors and fatal checks only
+    env.update(extra_env or {})
+    try:
+        done = subprocess.run(
+            [str(python), "-I", str(CHILD), str(folder / "request.json")],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            errors="replace",
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as err:
+        raise VerifyError(f"pycaffe did not finish {model.name} within {timeout:g} s") from err
+    except OSError as err:
+        raise VerifyError(f"cannot start {python}: {err.strerror}; {INSTALL_HINT}") from err
+    if done.returncode != 0:
+        raise VerifyError(f"pycaffe could not run {model}: {_failure(done.returncode, done.stderr)}")
 
 
 def _failure(returncode: int, stderr: str) -> str:

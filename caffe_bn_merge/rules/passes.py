@@ -19,15 +19,16 @@ def run_rules(
     flavour: str,
     conv_like: frozenset[str],
     frozen: frozenset[str],
+    assume_global_stats: bool = False,
 ) -> tuple[Rewrite, FoldPlan]:
     """Each rule plans on the net as the rules before it left it (`graph` is the input net's);
-    identity repeats until done."""
+    identity repeats until done. `assume_global_stats`: see `Context`."""
     rewrite = Rewrite(net, dict(stored.layers))
     actions: list[Action] = []
     refusals: dict[str, list[Refusal]] = {}
     for rule in rules:
         while True:
-            ctx = Context(rewrite.layers, flavour, conv_like, frozen)
+            ctx = Context(rewrite.layers, flavour, conv_like, frozen, assume_global_stats)
             result = RULES[rule](graph, ctx)
             for name, refusal in result.refusals.items():
                 refusals.setdefault(name, []).append(refusal)

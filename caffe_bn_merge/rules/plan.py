@@ -47,6 +47,7 @@ class Context:
     bn_flavour: str = "auto"
     conv_like: frozenset[str] = frozenset()
     frozen: frozenset[str] = frozenset()
+    assume_global_stats: bool = False  # fold BatchNorm set to batch statistics with its stored ones
 
     def is_host(self, node: LayerNode) -> bool:
         return is_host_type(node.type, self.conv_like)
@@ -61,7 +62,8 @@ class Context:
         """The map an affine-type layer computes, or why it is not a fixed one."""
         if node.name in self.frozen:
             return Refusal(Reason.UNKNOWN_FIELDS, f"'{node.name}'")
-        return read_affine(node.param, self.layers.get(node.name), channels, rank, self.bn_flavour)
+        stored = self.layers.get(node.name)
+        return read_affine(node.param, stored, channels, rank, self.bn_flavour, self.assume_global_stats)
 
     def channels(self, node: LayerNode) -> int | None:
         return channels_of(node.param, self.layers.get(node.name))
@@ -265,7 +267,7 @@ def _first_norm_reader(graph: NetGraph, node: LayerNode) -> LayerNode | None:
 
 def _explain(graph: NetGraph, node: LayerNode, ctx: Context) -> Refusal:
     """Why an affine layer that no forward chain reached cannot fold forward."""
-    own = own_refusal(node.param)
+    own = own_refusal(node.param, ctx.assume_global_stats)
     if own:
         return own
     version = node.bottoms[0]

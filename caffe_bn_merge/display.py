@@ -25,8 +25,8 @@ SHOW_AFTER = 1.0  # seconds of work before a progress bar appears
 
 def make_console(stderr: bool = False) -> "Console":
     """A console for stdout (or stderr): on a terminal, as wide as the terminal (or `COLUMNS`);
-    piped, `COLUMNS` or 100 columns for tables. Print message lines with `soft_wrap=True` (as
-    `message` does) so that a path is never broken across lines."""
+    piped, `COLUMNS` or 100 columns for tables. Print message lines with `message`, so that piped,
+    a path is never broken across lines."""
     from rich.console import Console
 
     probe = Console(stderr=stderr)
@@ -41,8 +41,9 @@ def _columns() -> int | None:
 
 
 def message(console: "Console", text: str, style: str | None = None) -> None:
-    """One line of text, never wrapped by us (a long path stays whole), never read as markup."""
-    console.print(text, style=style, markup=False, highlight=False, soft_wrap=True)
+    """A line of text, never read as markup: wrapped at the terminal's width, and never wrapped at
+    all when not a terminal (so a long path stays whole for whatever reads it)."""
+    console.print(text, style=style, markup=False, highlight=False, soft_wrap=not console.is_terminal)
 
 
 class LiveLog(logging.Handler):

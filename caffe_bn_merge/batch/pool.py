@@ -43,6 +43,7 @@ class ItemResult:
     folds: dict[str, int] = field(default_factory=dict)  # actions by rule
     max_verify_error: float | None = None  # max relative error of the gating blobs, when verified
     seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)  # each distinct warning of its merge
 
     def to_json(self) -> dict:
         return {k: (str(v) if isinstance(v, Status) else v) for k, v in asdict(self).items()}
@@ -76,6 +77,7 @@ def convert_item(item: WorkItem, verify: bool = False, tolerance: float = DEFAUL
         details["layers_before"] = sum(result.layers_before.values())
         details["layers_after"] = sum(result.layers_after.values())
         details["folds"] = dict(sorted(Counter(str(a.rule) for a in result.plan.actions).items()))
+        details["warnings"] = list(result.warnings)
         if verify:
             error = max_verify_error(item)
             details["max_verify_error"] = error

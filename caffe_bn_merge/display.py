@@ -96,18 +96,18 @@ class StepProgress:
         self.bar = self.task = None
         if console is None or not console.is_terminal:
             return
-        from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+        from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
         self.bar = Progress(
             SpinnerColumn(),
             TextColumn("{task.description}"),
             BarColumn(),
-            DownloadColumn(),
+            TextColumn("{task.fields[amount]}"),
             TimeElapsedColumn(),
             console=console,
             transient=True,
         )
-        self.task = self.bar.add_task("starting", total=None)
+        self.task = self.bar.add_task("starting ...", total=None, amount="")
         self._lock = threading.Lock()
         self._shown = self._closed = False
         self._timer = threading.Timer(SHOW_AFTER, self._show)
@@ -136,13 +136,14 @@ class StepProgress:
     def step(self, name: str) -> None:
         """A new step begins (its amount of work not known yet)."""
         logging.getLogger(LOGGER).info("%s ...", name)
-        if self.bar is not None:
-            self.bar.reset(self.task, description=f"{name} ...", total=None)
+        if self.bar is not None:  # a new task: its amount of work is not known yet
+            self.bar.remove_task(self.task)
+            self.task = self.bar.add_task(f"{name} ...", total=None, amount="")
 
     def advance(self, done: int, total: int) -> None:
         """`done` of `total` bytes of the current step are through."""
         if self.bar is not None:
-            self.bar.update(self.task, completed=done, total=total)
+            self.bar.update(self.task, completed=done, total=total, amount=f"{done / 1e6:.0f}/{total / 1e6:.0f} MB")
 
 
 def show_result(

@@ -88,3 +88,36 @@ def copy_sample(folder: Path, name: str = "resnet_mini") -> tuple[Path, Path]:
 
 def seeded_input(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def altered_sample(
+    folder: Path,
+    rename: dict[str, str] | None = None,
+    negative_variance: bool = False,
+    batch_stats: bool = False,
+) -> tuple[Path, Path]:
+    """resnet_mini written to `folder` as net.prototxt + net.caffemodel with its layers renamed
+    (`rename`: old -> new), the first BatchNorm's first channel given a small negative variance
+    (still finite: folded with a warning), or every BatchNorm set to `use_global_stats: false`."""
+    import re
+
+    from caffe_bn_merge.io.emit import write_new_weights
+
+    sample = Path(__file__).resolve().parent.parent / "sample_nets" / "resnet_mini"
+    rename = rename or {}
+    text = sample.with_suffix(".prototxt").read_text()
+    text = re.sub(r'(\n\s*name: )"([^"]*)"', lambda m: f'{m[1]}"{rename.get(m[2], m[2])}"', text)
+    if batch_stats:
+        text = text.replace('type: "BatchNorm"', 'type: "BatchNorm"\n  batch_norm_param { use_global_stats: false }')
+    types = {layer.name: layer.type for layer in caffe_io.read_net(sample.with_suffix(".prototxt")).layer}
+    layers, spoiled = [], not negative_variance
+    for name, stored in caffe_io.read_weights(sample.with_suffix(".caffemodel")).layers.items():
+        blobs = [np.array(blob) for blob in stored.blobs]
+        if not spoiled and types[name] == "BatchNorm":
+            blobs[1][0] = -1e-6 * blobs[2].flat[0]  # variance -1e-6 after Caffe's scaling; eps is 1e-5
+            spoiled = True
+        layers.append((rename.get(name, name), types[name], blobs))
+    model, weights = folder / "net.prototxt", folder / "net.caffemodel"
+    model.write_text(text)
+    write_new_weights(layers, weights)
+    return model, weights

@@ -73,6 +73,8 @@ def write_weights(
                 edit.update(layer)
                 blobs = edit.blobs
                 _write_layer(out, layer.SerializeToString(), blobs, [False] * len(blobs))
+        if progress is not None:  # all through, dropped records included
+            out.then(partial(progress, len(weights.buffer), len(weights.buffer)))
 
 
 @contextmanager

@@ -1,5 +1,13 @@
 """One numeric harness for the tests: build or take a net, merge it, run both on OpenCV, compare."""
 
+import fcntl
+import os
+import pty
+import re
+import struct
+import subprocess
+import sys
+import termios
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,8 +107,6 @@ def altered_sample(
     """resnet_mini written to `folder` as net.prototxt + net.caffemodel with its layers renamed
     (`rename`: old -> new), the first BatchNorm's first channel given a small negative variance
     (still finite: folded with a warning), or every BatchNorm set to `use_global_stats: false`."""
-    import re
-
     from caffe_bn_merge.io.emit import write_new_weights
 
     sample = Path(__file__).resolve().parent.parent / "sample_nets" / "resnet_mini"
@@ -121,3 +127,30 @@ def altered_sample(
     model.write_text(text)
     write_new_weights(layers, weights)
     return model, weights
+
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")  # colours, cursor moves, titles
+
+
+def run_in_terminal(args: list[str], columns: int, cwd: Path) -> str:
+    """Run `python -m caffe_bn_merge ARGS` on a pseudo-terminal `columns` wide (stdin, stdout and
+    stderr); what it showed, escape codes removed."""
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 50, columns, 0, 0))
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+    command = [sys.executable, "-m", "caffe_bn_merge", *args]
+    child = subprocess.Popen(command, cwd=cwd, env=env, stdin=follower, stdout=follower, stderr=follower)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 1 << 16)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(leader)
+    assert child.wait(timeout=300) in (0, 1)
+    return ANSI.sub("", b"".join(chunks).decode()).replace("\r\n", "\n")

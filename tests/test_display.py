@@ -4,18 +4,12 @@ progress bar, and defaults a user expects."""
 
 import io
 import json
-import os
-import pty
 import random
 import re
-import struct
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from conftest import ROOT
-from harness import altered_sample, copy_sample
+from harness import altered_sample, copy_sample, run_in_terminal
 from hypothesis import given
 from hypothesis import strategies as st
 from rich.console import Console
@@ -28,7 +22,6 @@ from caffe_bn_merge.rules.reasons import Reason
 
 WIDTHS = (80, 100, 120)
 SEPARATORS = "/_.:-"
-ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")
 
 
 # --- names folded only after a separator --------------------------------------------------------
@@ -109,31 +102,6 @@ def test_piped_output_fits_and_never_breaks_a_path(columns: str | None, tmp_path
     wrote = f"wrote {out / 'x y.prototxt'} and {out / 'x y.caffemodel'}"
     assert wrote in lines
     _check_fits("\n".join(line for line in lines if line != wrote), int(columns or 100), list(_long_names(7).values()))
-
-
-def run_in_terminal(args: list[str], columns: int, cwd: Path) -> str:
-    """Run `python -m caffe_bn_merge ARGS` on a pseudo-terminal `columns` wide; its output, escape codes removed."""
-    import fcntl
-    import termios
-
-    leader, follower = pty.openpty()
-    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 50, columns, 0, 0))
-    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")} | {"PYTHONPATH": str(ROOT)}
-    child = subprocess.Popen([sys.executable, "-m", "caffe_bn_merge", *args], cwd=cwd, env=env,
-                             stdin=follower, stdout=follower, stderr=follower)  # fmt: skip
-    os.close(follower)
-    chunks = []
-    while True:
-        try:
-            chunk = os.read(leader, 1 << 16)
-        except OSError:  # the child closed the terminal
-            break
-        if not chunk:
-            break
-        chunks.append(chunk)
-    os.close(leader)
-    assert child.wait(timeout=120) in (0, 1)
-    return ANSI.sub("", b"".join(chunks).decode()).replace("\r\n", "\n")
 
 
 @pytest.mark.parametrize("width", WIDTHS)

@@ -43,7 +43,10 @@ def _columns() -> int | None:
 def message(console: "Console", text: str, style: str | None = None) -> None:
     """A line of text, never read as markup: wrapped at the terminal's width, and never wrapped at
     all when not a terminal (so a long path stays whole for whatever reads it)."""
-    console.print(text, style=style, markup=False, highlight=False, soft_wrap=not console.is_terminal)
+    from rich.text import Text
+
+    # styled as a Text, not through print's style, which would also colour a live bar redrawn below
+    console.print(Text(text, style=style or ""), soft_wrap=not console.is_terminal)
 
 
 class LiveLog(logging.Handler):

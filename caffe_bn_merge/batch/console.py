@@ -67,6 +67,7 @@ STATUS_STYLES = {Status.CONVERTED: "green", Status.SKIPPED: "dim", Status.FAILED
 
 
 NAME_WIDTH = 16  # columns deployment names get at least (folded after a separator to fit)
+FOLDS_WIDTH = 14  # columns the folds get, if they need them, before names take what is left
 FOLDS, NAMES = 3, 0  # the two columns that fold: names at separators, folds at spaces
 
 
@@ -80,7 +81,8 @@ def _table(title: str, rows: Sequence[ItemResult], width: int) -> "Table":  # no
     widths = [max(len(header), *(len(row[i]) for row in cells)) for i, (header, _) in enumerate(TABLE_COLUMNS)]
     folds_least = max((len(word) + 1 for row in cells for word in row[FOLDS].split()), default=len("folds"))
     free = width - (3 * len(widths) + 1) - sum(widths) + widths[NAMES] + widths[FOLDS]  # cells, padding, rules
-    widths[NAMES] = min(widths[NAMES], max(NAME_WIDTH, free - folds_least))
+    folds_wanted = min(widths[FOLDS], max(folds_least, FOLDS_WIDTH))  # before names get the rest
+    widths[NAMES] = min(widths[NAMES], max(NAME_WIDTH, free - folds_wanted))
     widths[FOLDS] = max(folds_least, min(widths[FOLDS], free - widths[NAMES]))
     table = Table(title=title)
     for (column, justify), size in zip(TABLE_COLUMNS, widths, strict=True):

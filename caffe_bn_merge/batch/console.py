@@ -5,7 +5,7 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..display import make_console, message
+from ..display import live_log, make_console, message
 from ..fitting import fold_name
 from .pool import ItemResult, Status
 
@@ -110,6 +110,7 @@ class Progress:
     def __init__(self, console: object | None, total: int) -> None:
         self.counts: Counter[str] = Counter()
         self.console = console
+        self._log = live_log(None, verbose=False, quiet=True)  # warnings come named, with each result
         self.bar = self.task = None
         if console is not None and console.is_terminal:
             from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
@@ -132,6 +133,7 @@ class Progress:
         )
 
     def __enter__(self) -> "Progress":
+        self._log.__enter__()
         if self.bar is not None:
             self.bar.start()
         return self
@@ -139,6 +141,7 @@ class Progress:
     def __exit__(self, *exc: object) -> None:
         if self.bar is not None:
             self.bar.stop()
+        self._log.__exit__(*exc)
 
     def advance(self, result: ItemResult) -> None:
         self.counts[str(result.status)] += 1

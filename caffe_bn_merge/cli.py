@@ -1,4 +1,4 @@
-"""`merge-bn`: the command line; with `batch/console.py`, the only code that prints, and the only
+"""`merge-bn`: the command line; with `display.py` and `batch/console.py`, the only code that prints, and the only
 place that turns errors into exit codes.
 
 Exit codes: 0 done; 1 internal error; 2 bad input or usage; 3 --verify found the merged model

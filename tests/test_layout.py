@@ -1,5 +1,5 @@
 """The package layout keeps its promises: no import circles (lazy imports included), the lower
-stages never import the higher ones, and only the command line and batch's console print."""
+stages never import the higher ones, and only the command line, the display and batch's console print."""
 
 import ast
 from pathlib import Path

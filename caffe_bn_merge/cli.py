@@ -1,5 +1,5 @@
-"""`merge-bn`: the command line; with `display.py` and `batch/console.py`, the only code that prints, and the only
-place that turns errors into exit codes.
+"""`merge-bn`: the command line; with `display.py` and `batch/console.py`, the only code that
+prints, and the only place that turns errors into exit codes.
 
 Exit codes: 0 done; 1 internal error; 2 bad input or usage; 3 --verify found the merged model
 further from the original than --tolerance.

@@ -91,7 +91,7 @@ def _source(weights: Weights) -> Iterator[int | None]:
         os.close(fd)
 
 
-def _release(weights: Weights, start: int, end: int, progress: Callable[[int, int], None] | None = None) -> None:
+def _release(weights: Weights, start: int, end: int, progress: Callable[[int, int], None] | None) -> None:
     """Drop the pages of bytes we are done with from our memory (they stay in the page cache), so
     writing a model never holds the whole input in our resident memory; tell `progress`."""
     if progress is not None:

@@ -1,5 +1,5 @@
-"""`merge-bn`: the command line; with `batch/console.py`, the only code that prints, and the only
-place that turns errors into exit codes.
+"""`merge-bn`: the command line; with `display.py` and `batch/console.py`, the only code that
+prints, and the only place that turns errors into exit codes.
 
 Exit codes: 0 done; 1 internal error; 2 bad input or usage; 3 --verify found the merged model
 further from the original than --tolerance.
@@ -9,13 +9,12 @@ import argparse
 import logging
 import signal
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import __version__
-from .defaults import BENCHMARK_ROUNDS, DEFAULT_TOLERANCE, EXIT_VERIFY_FAILED, TABLE_WIDTH
+from .defaults import BENCHMARK_ROUNDS, DEFAULT_TOLERANCE, EXIT_VERIFY_FAILED
 from .errors import MergeError
 
 if TYPE_CHECKING:  # the heavy modules load only once there is work to do, so --help is fast
@@ -48,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="merged caffemodel to write (default: <weights>_merged.caffemodel beside --weights)",
     )
     _add_rule_flags(parser)
+    _add_statistics_flag(parser)
     _add_fork_flags(parser)
     _add_verify_flags(parser)
     _add_readiness_flags(parser)
@@ -75,6 +75,16 @@ def _add_rule_flags(parser: argparse.ArgumentParser) -> None:
     )
     rules.add_argument(
         "--keep-identity", action="store_true", help="keep Dropout, Split and layers that compute the identity"
+    )
+
+
+def _add_statistics_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument_group("BatchNorm statistics").add_argument(
+        "--assume-global-stats",
+        action="store_true",
+        help="fold BatchNorm layers set to use_global_stats: false with their stored moving averages "
+        "(for deploy files that copied the setting from training); this changes what Caffe computes "
+        "for the file, and the report records it",
     )
 
 
@@ -223,11 +233,12 @@ def _terminate(signum: int, frame: object) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from .display import StepProgress, live_log, make_console, show_result
     from .io.emit import atomic_output
     from .pipeline import MergeOptions, merge
     from .rules.hosts import DEFAULT_CONV_LIKE
 
-    console = None if args.quiet else _console()
+    console, errors = None if args.quiet else make_console(), make_console(stderr=True)
     options = MergeOptions(
         identity=not args.keep_identity,
         backward=not args.no_backward,
@@ -235,11 +246,13 @@ def _run(args: argparse.Namespace) -> int:
         bn_flavour=args.bn_flavour,
         conv_like=(*DEFAULT_CONV_LIKE, *args.conv_like),
         caffe_proto=args.caffe_proto,
+        assume_global_stats=args.assume_global_stats,
     )
-    with _progress(console) as step:
+    with live_log(errors, args.verbose, args.quiet) as logged, StepProgress(None if args.quiet else errors) as progress:
+        step = progress.step
         result = merge(
             args.model, args.weights, args.output_model, args.output_weights, options,
-            write=not args.dry_run, overwrite=args.force, on_step=step,
+            write=not args.dry_run, overwrite=args.force, on_step=step, on_progress=progress.advance,
         )  # fmt: skip
         checked = None
         if args.verify:
@@ -250,14 +263,16 @@ def _run(args: argparse.Namespace) -> int:
                 checked = _verify(args, result)
         bench, readiness = _readiness(args, result, step)
     if console is not None:
-        _print(console, result, checked, args.verbose or args.dry_run)
+        show_result(console, result, checked, args.verbose or args.dry_run, args.dry_run)
         _print_readiness(console, bench, readiness, args.verbose)
     if args.report:
         import json
 
         from .report import build_report
 
-        report = build_report(result, str(args.model), str(args.weights), checked, bench, readiness)
+        report = build_report(
+            result, str(args.model), str(args.weights), checked, bench, readiness, warnings=logged.warnings
+        )
         with atomic_output(args.report) as handle:
             handle.write(json.dumps(report, indent=2).encode())
     return EXIT_VERIFY_FAILED if checked is not None and not checked.passed else 0
@@ -269,43 +284,3 @@ def _verify(args: argparse.Namespace, result: "MergeResult") -> "VerifyResult":
     original = (args.model, args.weights)
     merged = (result.output_model, result.output_weights)
     return verify(original, merged, args.backend, args.tolerance, args.input, args.seed)
-
-
-def _console() -> object:
-    """Where tables go (rich loads only when something is printed)."""
-    from rich.console import Console
-
-    return Console(width=TABLE_WIDTH)
-
-
-@contextmanager
-def _progress(console: object | None) -> Iterator[Callable[[str], None]]:
-    """A spinner naming the current step (shown on terminals only, so slow steps are visible)."""
-    if console is None or not console.is_terminal:
-        yield lambda name: log.info("%s ...", name)
-        return
-    with console.status("starting") as status:
-
-        def step(name: str) -> None:
-            log.info("%s ...", name)
-            status.update(f"{name} ...")
-
-        yield step
-
-
-def _print(console: object, result: "MergeResult", checked: "VerifyResult | None", everything: bool) -> None:
-    from .report import counts_table, decisions_table, verify_table
-
-    console.print(counts_table(result))
-    table = decisions_table(result, everything)
-    if table.row_count:
-        console.print(table)
-    if checked is not None:
-        console.print(verify_table(checked))
-    if not result.plan.actions:
-        console.print("nothing to fold: the merged model is the input model (already merged, or no BatchNorm)")
-    if result.output_model is not None:
-        console.print(f"wrote {result.output_model} and {result.output_weights}")
-    if checked is not None and not checked.passed:
-        console.print("the merged model differs from the original: rerun with --no-backward or "
-                      "--keep-standalone to narrow it down, and please report it")  # fmt: skip

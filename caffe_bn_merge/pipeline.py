@@ -4,20 +4,18 @@
 import logging
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-
-import numpy as np
 
 from .errors import MismatchError
 from .graph import NetGraph, build_graph, included, inference_state
 from .io import emit, read
 from .io.user_schema import compile_schema
-from .net import FoldedChain, FoldedHost
-from .rules import bn_variants
+from .logs import collected
+from .net import FoldedHost
 from .rules.hosts import DEFAULT_CONV_LIKE, is_host_type, read_host
-from .rules.norms import NORM_TYPES
-from .rules.passes import run_rules
+from .rules.norms import NORM_TYPES, uses_batch_stats
+from .rules.passes import folded_hosts, run_rules
 from .rules.plan import FoldPlan, Rule
 from .rules.rewrite import Rewrite
 
@@ -34,6 +32,7 @@ class MergeOptions:
     bn_flavour: str = "auto"  # BatchNorm layout: auto or one of bn_variants.VARIANTS
     conv_like: tuple[str, ...] = DEFAULT_CONV_LIKE  # layer types that are Convolutions under another name
     caffe_proto: Path | None = None  # the fork's caffe.proto, to read its prototxt fields by name
+    assume_global_stats: bool = False  # fold BatchNorm set to batch statistics with its stored averages
 
     def rules(self) -> list[Rule]:
         wanted = {Rule.IDENTITY: self.identity, Rule.FORWARD: True, Rule.BACKWARD: self.backward}
@@ -51,13 +50,22 @@ class MergeResult:
     output_model: Path | None
     output_weights: Path | None
     hosts: tuple[FoldedHost, ...] = ()  # every host that took a fold (`maths.quant` reads them)
+    warnings: tuple[str, ...] = ()  # each distinct warning logged while merging
+    assume_global_stats: bool = False  # BatchNorm set to batch statistics was folded with stored ones
 
 
-def default_outputs(model: Path, weights: Path) -> tuple[Path, Path]:
-    """`<stem>_merged<suffix>` next to each input."""
+def default_outputs(
+    model: Path, weights: Path, output_model: Path | None = None, output_weights: Path | None = None
+) -> tuple[Path, Path]:
+    """The output paths: those given; one given alone has the other beside it (`out/x.prototxt` ->
+    `out/x.caffemodel`); none given, `<stem>_merged<suffix>` next to each input."""
+    if output_model is not None and output_weights is None:
+        return Path(output_model), Path(output_model).with_suffix(".caffemodel")
+    if output_weights is not None and output_model is None:
+        return Path(output_weights).with_suffix(".prototxt"), Path(output_weights)
     return (
-        model.with_name(f"{model.stem}_merged{model.suffix}"),
-        weights.with_name(f"{weights.stem}_merged{weights.suffix}"),
+        Path(output_model or model.with_name(f"{model.stem}_merged{model.suffix}")),
+        Path(output_weights or weights.with_name(f"{weights.stem}_merged{weights.suffix}")),
     )
 
 
@@ -71,14 +79,31 @@ def merge(
     write: bool = True,
     overwrite: bool = False,
     on_step: Callable[[str], None] = lambda step: None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> MergeResult:
     """Fold the BatchNorm/Scale layers of `model` + `weights`; write the merged pair unless `write`
     is False, replacing existing output files only when `overwrite`. `on_step` hears the name of
-    each step as it starts (for progress displays)."""
-    model, weights = Path(model), Path(weights)
-    defaults = default_outputs(model, weights)
-    output_model = Path(output_model or defaults[0])
-    output_weights = Path(output_weights or defaults[1])
+    each step as it starts, `on_progress` (bytes done, total) the writing of the caffemodel (for
+    progress displays). The result lists the warnings logged on the way."""
+    with collected() as warnings:
+        result = _merge(
+            Path(model), Path(weights), *default_outputs(Path(model), Path(weights), output_model, output_weights),
+            options, write, overwrite, on_step, on_progress,
+        )  # fmt: skip
+    return replace(result, warnings=tuple(warnings))
+
+
+def _merge(
+    model: Path,
+    weights: Path,
+    output_model: Path,
+    output_weights: Path,
+    options: MergeOptions,
+    write: bool,
+    overwrite: bool,
+    on_step: Callable[[str], None],
+    on_progress: Callable[[int, int], None] | None,
+) -> MergeResult:
     on_step("reading")
     schema = compile_schema(options.caffe_proto) if options.caffe_proto else None
     net_text = read.read_net_text(model, schema)
@@ -91,49 +116,43 @@ def merge(
     _log_input(net_text)
     on_step("folding")
     rewrite, plan = run_rules(
-        net, graph, stored, options.rules(), options.bn_flavour, frozenset(options.conv_like), net_text.frozen
-    )
-    for action in plan.actions:
-        log.info("%s: %s%s", action.rule, " + ".join(action.layers), f" -> {action.target}" if action.target else "")
-    for kept in plan.kept:
-        log.info("kept %s '%s': %s", kept.type, kept.layer, kept)
+        net, graph, stored, options.rules(), options.bn_flavour, frozenset(options.conv_like), net_text.frozen,
+        options.assume_global_stats,
+    )  # fmt: skip
+    _log_plan(plan, net, options.assume_global_stats)
     if write:
         on_step("writing")
         dropped = plan.removed & set(stored.layers)
-        _write(net_text, rewrite, stored, dropped, output_model, output_weights)
+        _write(net_text, rewrite, stored, dropped, output_model, output_weights, on_progress)
     return MergeResult(
         plan,
         Counter(layer.type for layer in net.layer),
         Counter(layer.type for layer in rewrite.net.layer),
         output_model if write else None,
         output_weights if write else None,
-        _folded_hosts(plan, rewrite, net, options.bn_flavour),
+        hosts=folded_hosts(plan, rewrite, net, options.bn_flavour),
+        assume_global_stats=options.assume_global_stats,
     )
 
 
-def _folded_hosts(plan: FoldPlan, rewrite: Rewrite, net: object, flavour: str) -> tuple[FoldedHost, ...]:
-    """Each host that took folds, as stored and as folded (nothing is computed here: the folded
-    weights are made when read), with the chains it took and their BatchNorms' `var + eps`."""
-    params = {layer.name: layer for layer in net.layer}
-    hosts: dict[str, FoldedHost] = {}
-    for action in plan.actions:
-        if action.host is None:
-            continue
-        norms = [name for name in action.layers if plan.types[name] in ("BatchNorm", "BN")]
-        found = {name: _variance_eps(params[name], rewrite.layers[name].blobs, flavour) for name in norms}
-        variance_eps = {name: value for name, value in found.items() if value is not None}
-        chain = FoldedChain(action.layers, str(action.rule), action.affine.scale, variance_eps)
-        host, earlier = action.host, hosts.get(action.target)
-        original = earlier.original if earlier else host.weights  # a second fold sees the first's weights
-        chains = (*earlier.chains, chain) if earlier else (chain,)
-        folded = rewrite.layers[host.name]
-        hosts[host.name] = FoldedHost(host.name, host.layout, host.groups, host.c_out, original, folded, chains)
-    return tuple(hosts.values())
-
-
-def _variance_eps(layer: object, blobs: list[np.ndarray], flavour: str) -> np.ndarray | None:
-    variant = bn_variants.detect(layer, blobs, flavour)  # detected before, when the chain was read
-    return bn_variants.variance_eps(variant, layer, blobs)
+def _log_plan(plan: FoldPlan, net: object, assume_global_stats: bool) -> None:
+    """Log each action and each kept layer in net order; warn when batch statistics were assumed away."""
+    order = {name: i for i, name in enumerate(plan.types)}
+    for action in sorted(plan.actions, key=lambda a: order.get(a.layers[0], len(order))):
+        log.info("%s: %s%s", action.rule, " + ".join(action.layers), f" -> {action.target}" if action.target else "")
+    for kept in plan.kept:
+        log.info("kept %s '%s': %s", kept.type, kept.layer, kept)
+    kept = {k.layer for k in plan.kept}
+    assumed = [layer.name for layer in net.layer if uses_batch_stats(layer) and layer.name not in kept]
+    if assume_global_stats and assumed:
+        log.warning(
+            "--assume-global-stats: %d BatchNorm layer(s) set to use batch statistics (use_global_stats: false; "
+            "'%s'%s) were folded with their stored moving averages; this changes what Caffe computes for this "
+            "file: the merged model is not the same function as the original in Caffe",
+            len(assumed),
+            assumed[0],
+            ", ..." if len(assumed) > 1 else "",
+        )
 
 
 def _log_input(net_text: object) -> None:
@@ -189,10 +208,16 @@ def _undecoded(stored: read.Weights) -> str:
 
 
 def _write(
-    net_text: object, rewrite: Rewrite, stored: read.Weights, removed: set[str], model: Path, weights: Path
+    net_text: object,
+    rewrite: Rewrite,
+    stored: read.Weights,
+    removed: set[str],
+    model: Path,
+    weights: Path,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> None:
     """Write the caffemodel, then the prototxt; never leave one without the other."""
-    emit.write_weights(stored, rewrite.edits, removed, weights)
+    emit.write_weights(stored, rewrite.edits, removed, weights, on_progress)
     try:
         emit.write_net_text(net_text, rewrite.net, rewrite.origin, model)
     except BaseException:

@@ -1,14 +1,17 @@
 """What a merge did, for people and for programs: the per-layer decision log, the before/after
-table, the verify table (rich, 100 columns at most), the benchmark and int8 readiness tables (80
-columns) and the JSON report (`report_schema.json`)."""
+table, the verify table (rich, fitted to a given width, 80 columns or more), the benchmark and int8
+readiness tables (80 columns) and the JSON report (`report_schema.json`)."""
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib.resources import files
 from typing import Any
 
 from . import __version__
+from .defaults import TABLE_WIDTH
+from .fitting import fold_name
 from .maths import quant
 from .maths.quant import HostReadiness, Int8Error
 from .pipeline import MergeResult
@@ -19,6 +22,13 @@ from .verification.compare import VerifyResult
 
 SCHEMA_VERSION = 1
 _ACTION_OF_RULE = {Rule.FORWARD: "folded", Rule.BACKWARD: "folded", Rule.IDENTITY: "removed"}
+_WHY = {  # why a layer went where it went, by action and rule
+    ("removed", "identity"): "computes the identity at inference",
+    ("folded", "forward"): "a fixed affine map right after {into}",
+    ("folded", "backward"): "a fixed affine map read only by {into}",
+    ("collapsed", "standalone"): "folds into no layer: its chain becomes this one Scale",
+    ("merged", "standalone"): "folds into no layer: merged into its chain's Scale {into}",
+}
 
 
 @dataclass(frozen=True)
@@ -54,8 +64,10 @@ def build_report(
     checked: VerifyResult | None,
     benchmark: BenchmarkResult | None = None,
     readiness: list[HostReadiness] | None = None,
+    warnings: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """The JSON report (see report_schema.json, README 'JSON report')."""
+    """The JSON report (see report_schema.json, README 'JSON report'); `warnings` replaces the
+    merge's own (`result.warnings`), e.g. with those of the whole run."""
     return {
         "schema_version": SCHEMA_VERSION,
         "tool": f"caffe-bn-merge {__version__}",
@@ -68,6 +80,8 @@ def build_report(
         "verify": None if checked is None else _verify_json(checked),
         "benchmark": None if benchmark is None else _benchmark_json(benchmark),
         "quantization": None if readiness is None else _quant_json(readiness),
+        "warnings": list(result.warnings if warnings is None else warnings),
+        "assume_global_stats": result.assume_global_stats,
     }
 
 
@@ -176,34 +190,49 @@ def counts_table(result: MergeResult) -> "Table":  # noqa: F821 (rich is importe
     return table
 
 
-def decisions_table(result: MergeResult, everything: bool) -> "Table":  # noqa: F821
-    """The decision log; without `everything`, only the layers that were not folded away."""
+def decisions_table(result: MergeResult, everything: bool, width: int = TABLE_WIDTH) -> "Table":  # noqa: F821
+    """The decision log, fitted to `width` columns (layer names broken only after a separator);
+    without `everything`, only the layers that were not folded away."""
     from rich.table import Table
 
+    names = max(12, width // 4)
     table = Table(title="decisions", title_justify="left")
-    for column, width in (("layer", 30), ("type", 9), ("decision", 30), ("why", 40)):
-        table.add_column(column, max_width=width, overflow="fold")
+    table.add_column("layer", no_wrap=True)
+    table.add_column("type", no_wrap=True)
+    for column in ("decision", "why"):
+        table.add_column(column, overflow="fold")
     for d in decisions(result):
         if everything or d.action in ("kept", "collapsed"):
             what = d.action if d.into is None or d.action == "collapsed" else f"{d.action} into {d.into}"
-            table.add_row(d.layer, d.type, what + (f" ({d.rule})" if d.rule else ""), "; ".join(map(str, d.reasons)))
+            table.add_row(fold_name(d.layer, names), d.type, what + (f" ({d.rule})" if d.rule else ""), why(d))
     return table
 
 
-def verify_table(checked: VerifyResult) -> "Table":  # noqa: F821
-    """Per-blob errors; informational rows (after Softmax / DetectionOutput) are marked."""
+def why(decision: Decision) -> str:
+    """Why a layer went where it did: the rule's reason, then why earlier rules could not take it."""
+    reasons = [str(r) for r in decision.reasons]
+    if decision.action != "kept":
+        reasons.insert(0, _WHY[decision.action, decision.rule].format(into=decision.into))
+    return "; ".join(reasons)
+
+
+def verify_table(checked: VerifyResult, width: int = TABLE_WIDTH) -> "Table":  # noqa: F821
+    """Per-blob errors, fitted to `width` columns; informational rows (after Softmax /
+    DetectionOutput) are marked in the `role` column. (The inputs, which may be paths, are for a
+    line of their own: `checked.inputs`.)"""
     from rich.table import Table
 
     verdict = "passed" if checked.passed else "FAILED"
     title = f"verify on {checked.backend}: {verdict} (max relative error {checked.max_relative:.2e}"
     title += f", tolerance {checked.tolerance:g})"
-    caption = f"inputs: {checked.inputs}" + "".join(f"\nnot run on {why}" for why in checked.passed_over)
-    table = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
-    for column in ("blob", "max abs", "scale", "relative", ""):
-        table.add_column(column, justify="left" if column in ("blob", "") else "right", max_width=44, overflow="fold")
+    table = Table(title=title, title_justify="left", min_width=min(len(title), width))  # wraps only when it must
+    table.add_column("blob", overflow="fold", max_width=max(20, width - 50))
+    for column in ("max abs", "scale", "relative"):
+        table.add_column(column, justify="right", no_wrap=True)
+    table.add_column("role", no_wrap=True)
     for e in checked.errors:
-        note = "" if e.gating else "info only"
-        table.add_row(e.blob, f"{e.max_abs:.3g}", f"{e.scale:.3g}", f"{e.relative:.2e}", note)
+        role = "gating" if e.gating else "info only"
+        table.add_row(e.blob, f"{e.max_abs:.3g}", f"{e.scale:.3g}", f"{e.relative:.2e}", role)
     return table
 
 

@@ -1,5 +1,13 @@
 """One numeric harness for the tests: build or take a net, merge it, run both on OpenCV, compare."""
 
+import fcntl
+import os
+import pty
+import re
+import struct
+import subprocess
+import sys
+import termios
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,3 +96,61 @@ def copy_sample(folder: Path, name: str = "resnet_mini") -> tuple[Path, Path]:
 
 def seeded_input(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def altered_sample(
+    folder: Path,
+    rename: dict[str, str] | None = None,
+    negative_variance: bool = False,
+    batch_stats: bool = False,
+) -> tuple[Path, Path]:
+    """resnet_mini written to `folder` as net.prototxt + net.caffemodel with its layers renamed
+    (`rename`: old -> new), the first BatchNorm's first channel given a small negative variance
+    (still finite: folded with a warning), or every BatchNorm set to `use_global_stats: false`."""
+    from caffe_bn_merge.io.emit import write_new_weights
+
+    sample = Path(__file__).resolve().parent.parent / "sample_nets" / "resnet_mini"
+    rename = rename or {}
+    text = sample.with_suffix(".prototxt").read_text()
+    text = re.sub(r'(\n\s*name: )"([^"]*)"', lambda m: f'{m[1]}"{rename.get(m[2], m[2])}"', text)
+    if batch_stats:
+        text = text.replace('type: "BatchNorm"', 'type: "BatchNorm"\n  batch_norm_param { use_global_stats: false }')
+    types = {layer.name: layer.type for layer in caffe_io.read_net(sample.with_suffix(".prototxt")).layer}
+    layers, spoiled = [], not negative_variance
+    for name, stored in caffe_io.read_weights(sample.with_suffix(".caffemodel")).layers.items():
+        blobs = [np.array(blob) for blob in stored.blobs]
+        if not spoiled and types[name] == "BatchNorm":
+            blobs[1][0] = -1e-6 * blobs[2].flat[0]  # variance -1e-6 after Caffe's scaling; eps is 1e-5
+            spoiled = True
+        layers.append((rename.get(name, name), types[name], blobs))
+    model, weights = folder / "net.prototxt", folder / "net.caffemodel"
+    model.write_text(text)
+    write_new_weights(layers, weights)
+    return model, weights
+
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")  # colours, cursor moves, titles
+
+
+def run_in_terminal(args: list[str], columns: int, cwd: Path) -> str:
+    """Run `python -m caffe_bn_merge ARGS` on a pseudo-terminal `columns` wide (stdin, stdout and
+    stderr); what it showed, escape codes removed."""
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 50, columns, 0, 0))
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+    command = [sys.executable, "-m", "caffe_bn_merge", *args]
+    child = subprocess.Popen(command, cwd=cwd, env=env, stdin=follower, stdout=follower, stderr=follower)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 1 << 16)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(leader)
+    assert child.wait(timeout=300) in (0, 1)
+    return ANSI.sub("", b"".join(chunks).decode()).replace("\r\n", "\n")

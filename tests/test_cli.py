@@ -115,14 +115,16 @@ def test_bad_input_gets_one_line_and_exit_2(case: str, tmp_path) -> None:
     assert {p.name: _digest(p) for p in tmp_path.iterdir()} == before  # nothing written, nothing touched
 
 
-def test_readme_first_command_runs(tmp_path) -> None:
-    """The README's first command, after its `pip install .`, as a new user runs it."""
+def test_readme_first_command_runs_twice(tmp_path) -> None:
+    """The README's first command, after its `pip install .`, as a new user runs it, and again."""
     readme = (ROOT / "README.md").read_text()
     first = next(line for line in readme.splitlines() if line.startswith("pip install . && merge-bn"))
     args = first.split("&& merge-bn", 1)[1].split()
     (tmp_path / "sample_nets").mkdir()
     for path in (ROOT / "sample_nets").glob("mobilenet_ssd.*"):
         (tmp_path / "sample_nets" / path.name).write_bytes(path.read_bytes())
-    done = subprocess.run([sys.executable, "-m", "caffe_bn_merge", *args], cwd=tmp_path, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert (tmp_path / "sample_nets" / "mobilenet_ssd_merged.caffemodel").is_file()
+    for _ in range(2):
+        command = [sys.executable, "-m", "caffe_bn_merge", *args]
+        done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        assert (tmp_path / "sample_nets" / "mobilenet_ssd_merged.caffemodel").is_file()

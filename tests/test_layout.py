@@ -1,5 +1,5 @@
 """The package layout keeps its promises: no import circles (lazy imports included), the lower
-stages never import the higher ones, and only the command line and batch's console print."""
+stages never import the higher ones, and only the command line, the display and batch's console print."""
 
 import ast
 from pathlib import Path
@@ -9,7 +9,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "caffe_bn_merge"
 LOWER = ("caffe_bn_merge.io", "caffe_bn_merge.maths", "caffe_bn_merge.graph", "caffe_bn_merge.net")
 HIGHER = ("caffe_bn_merge.rules", "caffe_bn_merge.verification", "caffe_bn_merge.batch", "caffe_bn_merge.cli")
-PRINTERS = {"caffe_bn_merge.cli", "caffe_bn_merge.batch.console"}
+PRINTERS = {"caffe_bn_merge.cli", "caffe_bn_merge.batch.console", "caffe_bn_merge.display"}
 
 
 def _module_name(path: Path) -> str:

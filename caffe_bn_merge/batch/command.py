@@ -3,7 +3,6 @@
 import argparse
 import importlib.util
 import time
-from collections import Counter
 from collections.abc import Sequence
 
 from ..defaults import DEFAULT_TOLERANCE
@@ -39,14 +38,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         except UsageError as err:
             console.error(f"merge-bn batch: error: {err}")
             return 2
-    counts = Counter(str(r.status) for r in results)
-    summary = ", ".join(f"{counts[str(s)]} {s}" for s in Status)
-    console.note(
-        f"{len(results)} deployments: {summary} in {seconds:.1f} s" + (f"; report {args.report}" if args.report else "")
-    )
+    console.summary(results, seconds, args.report)
     for line in fleet_lines(fleet_totals(results)):
         console.note(line)
-    return 1 if counts["failed"] else 0
+    return 1 if any(r.status is Status.FAILED for r in results) else 0
 
 
 def _prepare(args: argparse.Namespace) -> tuple[WorkList, list[WorkItem]]:

@@ -1,9 +1,12 @@
-"""What a batch run shows a person: notes and failures on stderr, a progress bar, the final table."""
+"""What a batch run shows a person: notes, warnings (named by deployment) and failures on stderr,
+a progress bar, the final table (fitted to the terminal, down to 80 columns) and the closing line."""
 
 from collections import Counter
 from collections.abc import Sequence
+from pathlib import Path
 
-from ..defaults import TABLE_WIDTH
+from ..display import live_log, make_console, message
+from ..fitting import fold_name
 from .pool import ItemResult, Status
 
 
@@ -11,10 +14,8 @@ class Console:
     """Notes, failures and the final table (rich): notes and errors on stderr, the table on stdout."""
 
     def __init__(self, quiet: bool) -> None:
-        from rich.console import Console as RichConsole
-
         self.quiet = quiet
-        self.out, self.err = RichConsole(width=TABLE_WIDTH), RichConsole(stderr=True)
+        self.out, self.err = make_console(), make_console(stderr=True)
 
     def note(self, text: str) -> None:
         """A line on stderr, unless quiet."""
@@ -23,11 +24,19 @@ class Console:
 
     def error(self, text: str) -> None:
         """A line on stderr, always."""
-        self.err.print(text, markup=False, highlight=False, soft_wrap=True)
+        message(self.err, text)
 
     def progress(self, total: int) -> "Progress":
-        """A progress bar on stderr (none when quiet)."""
+        """A progress bar on stderr (none when quiet or not a terminal) and each deployment's
+        warnings, named (none when quiet)."""
         return Progress(None if self.quiet else self.err, total)
+
+    def summary(self, results: Sequence[ItemResult], seconds: float, report: Path | None) -> None:
+        """The closing line: how many deployments became what, how long it took, where the report is."""
+        counts = Counter(str(r.status) for r in results)
+        done = ", ".join(f"{counts[str(s)]} {s}" for s in Status)
+        noun = "deployment" if len(results) == 1 else "deployments"
+        self.note(f"{len(results)} {noun}: {done} in {seconds:.1f} s" + (f"; report {report}" if report else ""))
 
     def table(self, results: Sequence[ItemResult], every: bool) -> None:
         """A table of the failed deployments (of all when `every`), then each failure's reason on a
@@ -39,19 +48,10 @@ class Console:
             return
         rows = [r for r in results if every or r.status is Status.FAILED]
         if rows:
-            from rich.table import Table
-            from rich.text import Text
-
-            table = Table(title="merge-bn batch" if every else "merge-bn batch: failed deployments")
-            for column, justify in TABLE_COLUMNS:
-                table.add_column(column, justify=justify, overflow="fold", no_wrap=column != "deployment")
-            for r in rows:
-                cells = [Text(cell) for cell in _row(r)]
-                cells[1].stylize(STATUS_STYLES[r.status])
-                table.add_row(*cells)
-            self.out.print(table)
+            title = "merge-bn batch" if every else "merge-bn batch: failed deployments"
+            self.out.print(_table(title, rows, self.out.width))
         for line in failures:
-            self.out.print(line, markup=False, highlight=False, soft_wrap=True)
+            message(self.out, line)
 
 
 TABLE_COLUMNS = (
@@ -59,11 +59,40 @@ TABLE_COLUMNS = (
     ("status", "left"),
     ("layers", "right"),
     ("folds", "left"),
-    ("verify err", "right"),
+    ("verify", "right"),  # the largest relative error, with --verify
     ("seconds", "right"),
 )
 EVERY_ROW_UP_TO = 25  # larger runs list only failures in the table, unless --verbose
 STATUS_STYLES = {Status.CONVERTED: "green", Status.SKIPPED: "dim", Status.FAILED: "bold red"}
+
+
+NAME_WIDTH = 16  # columns deployment names get at least (folded after a separator to fit)
+FOLDS_WIDTH = 14  # columns the folds get, if they need them, before names take what is left
+FOLDS, NAMES = 3, 0  # the two columns that fold: names at separators, folds at spaces
+
+
+def _table(title: str, rows: Sequence[ItemResult], width: int) -> "Table":  # noqa: F821 (rich is lazy)
+    """The table of `rows` in `width` columns: every column but the names and the folds as wide as
+    its widest cell; those two share what is left, names folded after a separator, never mid-word."""
+    from rich.table import Table
+    from rich.text import Text
+
+    cells = [_row(r) for r in rows]
+    widths = [max(len(header), *(len(row[i]) for row in cells)) for i, (header, _) in enumerate(TABLE_COLUMNS)]
+    folds_least = max((len(word) + 1 for row in cells for word in row[FOLDS].split()), default=len("folds"))
+    free = width - (3 * len(widths) + 1) - sum(widths) + widths[NAMES] + widths[FOLDS]  # cells, padding, rules
+    folds_wanted = min(widths[FOLDS], max(folds_least, FOLDS_WIDTH))  # before names get the rest
+    widths[NAMES] = min(widths[NAMES], max(NAME_WIDTH, free - folds_wanted))
+    widths[FOLDS] = max(folds_least, min(widths[FOLDS], free - widths[NAMES]))
+    table = Table(title=title)
+    for (column, justify), size in zip(TABLE_COLUMNS, widths, strict=True):
+        table.add_column(column, justify=justify, width=size, no_wrap=column != "folds")
+    for r, row in zip(rows, cells, strict=True):
+        row[NAMES] = fold_name(row[NAMES], widths[NAMES])
+        texts = [Text(cell) for cell in row]
+        texts[1].stylize(STATUS_STYLES[r.status])
+        table.add_row(*texts)
+    return table
 
 
 def _row(r: ItemResult) -> list[str]:
@@ -90,12 +119,15 @@ def fleet_lines(totals: dict) -> list[str]:
 
 
 class Progress:
-    """A progress bar with counts of converted / skipped / failed deployments (nothing when quiet)."""
+    """A progress bar with counts of converted / skipped / failed deployments, on a terminal, and
+    each deployment's warnings above it, named (nothing when quiet)."""
 
     def __init__(self, console: object | None, total: int) -> None:
         self.counts: Counter[str] = Counter()
+        self.console = console
+        self._log = live_log(None, verbose=False, quiet=True)  # warnings come named, with each result
         self.bar = self.task = None
-        if console is not None:
+        if console is not None and console.is_terminal:
             from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
             from rich.progress import Progress as RichProgress
 
@@ -116,6 +148,7 @@ class Progress:
         )
 
     def __enter__(self) -> "Progress":
+        self._log.__enter__()
         if self.bar is not None:
             self.bar.start()
         return self
@@ -123,8 +156,12 @@ class Progress:
     def __exit__(self, *exc: object) -> None:
         if self.bar is not None:
             self.bar.stop()
+        self._log.__exit__(*exc)
 
     def advance(self, result: ItemResult) -> None:
         self.counts[str(result.status)] += 1
+        if self.console is not None:
+            for text in result.warnings:
+                message(self.console, f"warning: {result.key}: {text}", "yellow")
         if self.bar is not None:
             self.bar.update(self.task, advance=1, counts=self._counts(), refresh=True)

@@ -26,6 +26,7 @@ _TYPE = re.compile(r"\btype\s*:\s*\"?([A-Za-z0-9_]+)\"?")
 _SOLVER = re.compile(rf"^\s*({'|'.join(SOLVER_FIELDS)})\s*:", re.MULTILINE)
 _TRAIN_PHASE = re.compile(r"\binclude\s*\{[^}]*\bphase\s*:\s*TRAIN\b")
 _INPUT = re.compile(r"^\s*(input|input_shape|input_dim)\s*[:{]", re.MULTILINE)
+MERGED_STEM = "_merged"  # what `merge-bn` adds to the stems of the inputs for its default outputs
 
 
 # --- discovery ----------------------------------------------------------------------------------
@@ -93,8 +94,10 @@ def pair_folder(prototxts: Sequence[Path], caffemodels: Sequence[Path]) -> tuple
     stem unless it is a train/test net or a solver; else the only deploy-looking one; among several,
     the only one named like `*deploy*`. Anything else is a Pairing with a problem, never a guess.
     Also returns notes: the train/test/solver prototxts skipped, deploy prototxts left unused."""
+    own, notes = own_outputs(prototxts, caffemodels)
+    prototxts, caffemodels = [p for p in prototxts if p not in own], [c for c in caffemodels if c not in own]
     kinds = {p: classify_prototxt(p) for p in sorted(prototxts)}
-    notes = [f"skipped {p}: {c.why}" for p, c in kinds.items() if c.kind in (Kind.SOLVER, Kind.TRAIN_TEST)]
+    notes += [f"skipped {p}: {c.why}" for p, c in kinds.items() if c.kind in (Kind.SOLVER, Kind.TRAIN_TEST)]
     by_stem = {p.stem: p for p in kinds}
     deploys = [p for p, c in kinds.items() if c.kind is Kind.DEPLOY]
     pairings = []
@@ -124,6 +127,34 @@ def pair_folder(prototxts: Sequence[Path], caffemodels: Sequence[Path]) -> tuple
     used = {p.prototxt for p in pairings}
     notes += [f"unused deploy prototxt {p}: no caffemodel beside it" for p in deploys if p not in used]
     return pairings, notes
+
+
+def own_outputs(prototxts: Sequence[Path], caffemodels: Sequence[Path]) -> tuple[set[Path], list[str]]:
+    """The files of one folder that `merge-bn` wrote (`<stem>_merged.<suffix>` beside `<stem>.<suffix>`),
+    and merged pairs (a `*_merged` caffemodel whose same-stem prototxt has no BatchNorm left), with
+    a note for each: converting them again would only copy them."""
+    names = {f.name for f in (*prototxts, *caffemodels)}
+    own: set[Path] = set()
+    notes = []
+    for f in sorted((*prototxts, *caffemodels)):
+        source = f.name[: -len(f.suffix) - len(MERGED_STEM)] + f.suffix
+        if f.stem.endswith(MERGED_STEM) and source in names:
+            own.add(f)
+            notes.append(f"skipped {f}: output of an earlier merge of {source}")
+    for caffemodel in sorted(set(caffemodels) - own):
+        prototxt = caffemodel.with_suffix(PROTOTXT_SUFFIX)
+        if caffemodel.stem.endswith(MERGED_STEM) and prototxt in prototxts and not _has_batchnorm(prototxt):
+            own |= {caffemodel, prototxt}
+            notes.append(f"skipped {caffemodel}: already merged (no BatchNorm in {prototxt.name})")
+    return own, notes
+
+
+def _has_batchnorm(prototxt: Path) -> bool:
+    try:
+        text = _COMMENT.sub("", prototxt.read_text(errors="replace"))
+    except OSError:
+        return True  # unreadable: left to pairing, which reports it
+    return bool({"BatchNorm", "BN", "BATCHNORM"} & set(_TYPE.findall(text)))
 
 
 @dataclass

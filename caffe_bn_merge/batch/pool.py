@@ -45,6 +45,7 @@ class ItemResult:
     seconds: float = 0.0
     quant: dict | None = None  # int8 readiness summary (--quant)
     benchmark: dict | None = None  # merged / original forward time on OpenCV (--benchmark)
+    warnings: list[str] = field(default_factory=list)  # each distinct warning of its merge
 
     def to_json(self) -> dict:
         return {k: (str(v) if isinstance(v, Status) else v) for k, v in asdict(self).items()}
@@ -89,6 +90,7 @@ def convert_item(
         details["layers_before"] = sum(result.layers_before.values())
         details["layers_after"] = sum(result.layers_after.values())
         details["folds"] = dict(sorted(Counter(str(a.rule) for a in result.plan.actions).items()))
+        details["warnings"] = list(result.warnings)
         if verify:
             error = max_verify_error(item)
             details["max_verify_error"] = error

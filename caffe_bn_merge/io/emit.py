@@ -4,7 +4,7 @@ a temporary name and published only when complete (`atomic_output`)."""
 
 import mmap
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -43,10 +43,17 @@ def write_net_text(original: prototxt.NetText, net: object, origin: Sequence[int
 VERBATIM_CHUNK = 16 << 20  # untouched bytes are copied (and released) this much at a time
 
 
-def write_weights(weights: Weights, edits: dict[str, LayerEdit], dropped: set[str], path: Path) -> None:
+def write_weights(
+    weights: Weights,
+    edits: dict[str, LayerEdit],
+    dropped: set[str],
+    path: Path,
+    progress: Callable[[int, int], None] | None = None,
+) -> None:
     """Write `weights` with `edits` applied and `dropped` layers left out; other bytes verbatim
     (copied file to file inside the kernel where it can). An edit for a layer the caffemodel does
-    not hold (a Power layer turned Scale) adds a record."""
+    not hold (a Power layer turned Scale) adds a record. `progress(done, total)` hears how many
+    bytes of the input are written out."""
     upgrade_v1 = any(r.number == 2 for r in weights.records)  # V1 input: written in today's form
     with atomic_output(path) as handle, _source(weights) as source, OrderedWriter(handle) as out:
         for record, name in zip(weights.records, weights.record_names, strict=True):
@@ -54,18 +61,20 @@ def write_weights(weights: Weights, edits: dict[str, LayerEdit], dropped: set[st
                 continue
             if name in edits or (upgrade_v1 and record.number == 2):
                 _write_edited_layer(out, weights, record, weights.layers[name], edits.get(name))
-                out.then(partial(_release, weights, record.start, record.end))
+                out.then(partial(_release, weights, record.start, record.end, progress))
                 continue
             for start in range(record.start, record.end, VERBATIM_CHUNK):
                 end = min(start + VERBATIM_CHUNK, record.end)
                 out.copy(source, start, weights.buffer[start:end])
-                out.then(partial(_release, weights, start, end))
+                out.then(partial(_release, weights, start, end, progress))
         for name, edit in edits.items():
             if name not in weights.layers:
                 layer = proto.LayerParameter(name=name)
                 edit.update(layer)
                 blobs = edit.blobs
                 _write_layer(out, layer.SerializeToString(), blobs, [False] * len(blobs))
+        if progress is not None:  # all through, dropped records included
+            out.then(partial(progress, len(weights.buffer), len(weights.buffer)))
 
 
 @contextmanager
@@ -82,9 +91,11 @@ def _source(weights: Weights) -> Iterator[int | None]:
         os.close(fd)
 
 
-def _release(weights: Weights, start: int, end: int) -> None:
+def _release(weights: Weights, start: int, end: int, progress: Callable[[int, int], None] | None) -> None:
     """Drop the pages of bytes we are done with from our memory (they stay in the page cache), so
-    writing a model never holds the whole input in our resident memory."""
+    writing a model never holds the whole input in our resident memory; tell `progress`."""
+    if progress is not None:
+        progress(end, len(weights.buffer))
     if weights.mapping is None or not hasattr(mmap, "MADV_DONTNEED"):
         return
     start -= start % mmap.PAGESIZE

@@ -16,19 +16,24 @@ NORM_TYPES = ("BatchNorm", "BN", "Scale", "Bias", "Power")
 log = logging.getLogger(__name__)
 
 
-def own_refusal(layer: object) -> Refusal | None:
-    """A reason found in the layer alone (no neighbours, no weights) why it can never fold."""
+def own_refusal(layer: object, assume_global_stats: bool = False) -> Refusal | None:
+    """A reason found in the layer alone (no neighbours, no weights) why it can never fold;
+    `assume_global_stats` reads a BatchNorm with `use_global_stats: false` as if it were true."""
     if len(layer.bottom) != 1 or len(layer.top) != 1:
         return Refusal(Reason.TWO_BOTTOMS, f"{len(layer.bottom)} bottom(s), {len(layer.top)} top(s)")
-    if layer.type == "BatchNorm":
-        param = layer.batch_norm_param
-        if param.HasField("use_global_stats") and not param.use_global_stats:
-            return Refusal(Reason.BATCH_STATS)
-    elif layer.type == "BN" and bn_variants.segnet_learns(layer):
+    if uses_batch_stats(layer) and not assume_global_stats:
+        return Refusal(Reason.BATCH_STATS)
+    if layer.type == "BN" and bn_variants.segnet_learns(layer):
         return Refusal(Reason.BATCH_STATS, "SegNet BN in bn_mode LEARN")
-    elif layer.type == "Power" and layer.power_param.power != 1:
+    if layer.type == "Power" and layer.power_param.power != 1:
         return Refusal(Reason.NOT_AFFINE, f"power {layer.power_param.power:g}")
     return None
+
+
+def uses_batch_stats(layer: object) -> bool:
+    """A BatchNorm that computes batch statistics at inference (`use_global_stats: false`)."""
+    param = layer.batch_norm_param
+    return layer.type == "BatchNorm" and param.HasField("use_global_stats") and not param.use_global_stats
 
 
 def channels_of(layer: object, stored: WeightLayer | None) -> int | None:
@@ -45,11 +50,17 @@ def channels_of(layer: object, stored: WeightLayer | None) -> int | None:
 
 
 def read_affine(
-    layer: object, stored: WeightLayer | None, channels: int, rank: int | None, bn_flavour: str = "auto"
+    layer: object,
+    stored: WeightLayer | None,
+    channels: int,
+    rank: int | None,
+    bn_flavour: str = "auto",
+    assume_global_stats: bool = False,
 ) -> ChannelAffine | Refusal:
     """The map `layer` applies to a blob of `channels` channels (axis 1) and rank `rank`;
-    `bn_flavour` overrides the detected BatchNorm layout (`bn_variants`)."""
-    refusal = own_refusal(layer)
+    `bn_flavour` overrides the detected BatchNorm layout (`bn_variants`); `assume_global_stats`
+    takes a BatchNorm's stored statistics even when it is set to use batch statistics."""
+    refusal = own_refusal(layer, assume_global_stats)
     if refusal:
         return refusal
     if layer.type == "Power":

@@ -54,6 +54,7 @@ class Context:
     conv_like: frozenset[str] = frozenset()
     frozen: frozenset[str] = frozenset()
     duplicated: frozenset[str] = frozenset()  # names several layers share: Caffe's weights go by name
+    assume_global_stats: bool = False  # fold BatchNorm set to batch statistics with its stored ones
 
     def is_host(self, node: LayerNode) -> bool:
         return is_host_type(node.type, self.conv_like)
@@ -75,7 +76,10 @@ class Context:
 
     def affine(self, node: LayerNode, channels: int, rank: int | None) -> ChannelAffine | Refusal:
         """The map an affine-type layer computes, or why it is not a fixed one."""
-        return self.fixed(node) or read_affine(node.param, self.layers.get(node.name), channels, rank, self.bn_flavour)
+        stored = self.layers.get(node.name)
+        return self.fixed(node) or read_affine(
+            node.param, stored, channels, rank, self.bn_flavour, self.assume_global_stats
+        )
 
     def channels(self, node: LayerNode) -> int | None:
         return channels_of(node.param, self.layers.get(node.name))
@@ -279,7 +283,7 @@ def _first_norm_reader(graph: NetGraph, node: LayerNode) -> LayerNode | None:
 
 def _explain(graph: NetGraph, node: LayerNode, ctx: Context) -> Refusal:
     """Why an affine layer that no forward chain reached cannot fold forward."""
-    own = own_refusal(node.param)
+    own = own_refusal(node.param, ctx.assume_global_stats)
     if own:
         return own
     version = node.bottoms[0]

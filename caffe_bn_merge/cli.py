@@ -198,7 +198,11 @@ def _print_readiness(
     if bench is not None:
         console.print(benchmark_table(bench))
     if readiness is not None:
-        console.print(readiness_table(readiness, everything))
+        table = readiness_table(readiness, everything)
+        if table.row_count:
+            console.print(table)
+        else:
+            console.print(table.title, markup=False, highlight=False)
         for line in readiness_notes(readiness, everything):
             console.print(line, markup=False, highlight=False, width=80)
 

@@ -3,13 +3,13 @@
 
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import MismatchError
 from .graph import NetGraph, build_graph, included, inference_state
-from .io import emit, read
+from .io import emit, outputs, read
 from .io.user_schema import compile_schema
 from .rules.hosts import DEFAULT_CONV_LIKE, is_host_type, read_host
 from .rules.norms import NORM_TYPES
@@ -46,6 +46,7 @@ class MergeResult:
     layers_after: Counter[str]
     output_model: Path | None
     output_weights: Path | None
+    staged: outputs.Staged | None = None  # with `merge(..., stage=True)`: the pair, not yet published
 
 
 def default_outputs(model: Path, weights: Path) -> tuple[Path, Path]:
@@ -65,11 +66,17 @@ def merge(
     *,
     write: bool = True,
     overwrite: bool = False,
+    stage: bool = False,
+    more_inputs: Sequence[Path] = (),
+    more_outputs: Sequence[outputs.Output] = (),
     on_step: Callable[[str], None] = lambda step: None,
 ) -> MergeResult:
     """Fold the BatchNorm/Scale layers of `model` + `weights`; write the merged pair unless `write`
-    is False, replacing existing output files only when `overwrite`. `on_step` hears the name of
-    each step as it starts (for progress displays)."""
+    is False, replacing existing output files only when `overwrite`. With `stage`, the pair is left
+    under temporary names (`MergeResult.staged`) for the caller to publish or discard. Every path
+    written (the pair, and `more_outputs` the caller will write) is checked against every input
+    (`more_inputs` too) and each other once the inputs are read. `on_step` hears the name of each
+    step as it starts (for progress displays)."""
     model, weights = Path(model), Path(weights)
     defaults = default_outputs(model, weights)
     output_model = Path(output_model or defaults[0])
@@ -79,8 +86,9 @@ def merge(
     net_text = read.read_net_text(model, schema)
     net = net_text.net
     stored = read.read_weights(weights)
-    if write:
-        emit.check_outputs((model, weights), (output_model, output_weights), overwrite)
+    pair = [outputs.Output(output_weights, "--output-weights"), outputs.Output(output_model, "--output-model")]
+    written = [*pair, *more_outputs] if write else list(more_outputs)
+    outputs.check_outputs((model, weights, *more_inputs), written, overwrite)
     graph = build_graph(net)
     _check_pairing(graph, stored, model, weights, options.conv_like)
     _log_input(net_text)
@@ -92,16 +100,24 @@ def merge(
         log.info("%s: %s%s", action.rule, " + ".join(action.layers), f" -> {action.target}" if action.target else "")
     for kept in plan.kept:
         log.info("kept %s '%s': %s", kept.type, kept.layer, kept)
+    staged = None
     if write:
         on_step("writing")
         dropped = plan.removed & set(stored.layers)
-        _write(net_text, rewrite, stored, dropped, output_model, output_weights)
+        staged = _write(net_text, rewrite, stored, dropped, output_model, output_weights)
+        if not stage:
+            try:
+                staged.publish(overwrite)
+            finally:
+                staged.discard()
+            staged = None
     return MergeResult(
         plan,
         Counter(layer.type for layer in net.layer),
         Counter(layer.type for layer in rewrite.net.layer),
         output_model if write else None,
         output_weights if write else None,
+        staged,
     )
 
 
@@ -150,11 +166,13 @@ def _check_pairing(
 
 def _write(
     net_text: object, rewrite: Rewrite, stored: read.Weights, removed: set[str], model: Path, weights: Path
-) -> None:
-    """Write the caffemodel, then the prototxt; never leave one without the other."""
-    emit.write_weights(stored, rewrite.edits, removed, weights)
+) -> outputs.Staged:
+    """Write the caffemodel and the prototxt under temporary names, to be published together."""
+    staged = outputs.Staged()
     try:
-        emit.write_net_text(net_text, rewrite.net, rewrite.origin, model)
+        emit.write_weights(stored, rewrite.edits, removed, staged.stage(weights))
+        emit.write_net_text(net_text, rewrite.net, rewrite.origin, staged.stage(model))
     except BaseException:
-        weights.unlink(missing_ok=True)
+        staged.discard()
         raise
+    return staged

@@ -4,7 +4,7 @@ import argparse
 import os
 from pathlib import Path
 
-from ..defaults import DEFAULT_TOLERANCE
+from ..defaults import BACKENDS, DEFAULT_TOLERANCE
 from .worklist import parse_shard
 
 
@@ -58,8 +58,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--verify",
         action="store_true",
-        help="run each merged model against its original on OpenCV dnn; "
-        f"fail above {DEFAULT_TOLERANCE:g} relative error",
+        help="run each merged model against its original; a deployment above --tolerance fails and is not written",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="opencv",
+        help="engine for --verify (default opencv): pycaffe (scripts/install_pycaffe.sh) or OpenCV dnn; "
+        "auto prefers pycaffe when installed",
+    )
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=DEFAULT_TOLERANCE,
+        help=f"largest error --verify allows, relative to each output's magnitude (default {DEFAULT_TOLERANCE:g})",
     )
     parser.add_argument("--report", type=Path, metavar="FILE", help="write a JSON report of every deployment")
     parser.add_argument(

@@ -137,20 +137,22 @@ def _add_verify_flags(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code."""
-    from .io.outputs import Interrupted, clean_up_interrupted, raise_on_signals
+    from .io.outputs import Interrupted, clean_up_interrupted, pause_point, signals_raise
 
-    raise_on_signals()  # SIGINT, SIGTERM, SIGHUP: temporary files removed, exit 128 + signal, one line
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        if argv[:1] == ["batch"]:
-            from .batch.command import main as batch_main
+    # SIGINT, SIGTERM, SIGHUP: temporary files removed, exit 128 + signal, one line
+    with signals_raise():
+        try:
+            pause_point("started")
+            if argv[:1] == ["batch"]:
+                from .batch.command import main as batch_main
 
-            return batch_main(argv[1:])
-        return _main(argv)
-    except Interrupted as signalled:
-        clean_up_interrupted()
-        print(f"merge-bn: interrupted by {signalled}; no partial output left", file=sys.stderr)
-        return signalled.exit_code
+                return batch_main(argv[1:])
+            return _main(argv)
+        except Interrupted as signalled:
+            clean_up_interrupted()
+            print(f"merge-bn: interrupted by {signalled}; no partial output left", file=sys.stderr)
+            return signalled.exit_code
 
 
 def _main(argv: list[str]) -> int:
@@ -178,7 +180,7 @@ def _main(argv: list[str]) -> int:
 def _run(args: argparse.Namespace) -> int:
     """Merge into temporary files, verify them (--verify), print, then publish the outputs and the
     report together; on any failure or signal on the way, nothing is left under the output names."""
-    from .io.outputs import Staged
+    from .io.outputs import Staged, pause_point
     from .pipeline import MergeOptions, merge
     from .rules.hosts import DEFAULT_CONV_LIKE
 
@@ -215,6 +217,7 @@ def _run(args: argparse.Namespace) -> int:
         if console is not None:
             _print(console, result, checked, args.verbose or args.dry_run)
             sys.stdout.flush()
+        pause_point("staged")
         if rejected:
             return _reject(args, staged, checked, failure)
         staged.publish(args.force)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import UsageError
-from ..io.outputs import Interrupted, clean_up_interrupted, raise_on_signals
+from ..io.outputs import Interrupted, clean_up_interrupted, signals_raise
 from .args import build_parser
 from .console import EVERY_ROW_UP_TO, Console
 from .pool import ItemResult, Settings, Status, item_result, run_items
@@ -17,8 +17,20 @@ from .worklist import WorkItem, WorkList, build_work_list, is_up_to_date, shard
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run `merge-bn batch`; return the exit status (0 all converted or skipped, 1 some failed, 2 usage)."""
-    raise_on_signals()
+    """Run `merge-bn batch`; return the exit status (0 all converted or skipped, 1 some failed, 2 usage,
+    128 + N after signal N)."""
+    with signals_raise():
+        try:
+            return _main(argv)
+        except Interrupted as signalled:
+            clean_up_interrupted()
+            Console(quiet=False).error(
+                f"merge-bn batch: interrupted by {signalled}; deployments not finished left no files"
+            )
+            return signalled.exit_code
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     console = Console(args.quiet)
     start = time.perf_counter()
@@ -28,12 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         console.error(f"merge-bn batch: error: {err}")
         return 2
     _show_notes(console, work.notes, args.verbose)
-    try:
-        results = _convert(args, console, items)
-    except Interrupted as signalled:
-        clean_up_interrupted()
-        console.error(f"merge-bn batch: interrupted by {signalled}; deployments not finished left no files")
-        return signalled.exit_code
+    results = _convert(args, console, items)
     seconds = time.perf_counter() - start
     console.table(results, every=args.verbose or len(results) <= EVERY_ROW_UP_TO)
     if args.report is not None:

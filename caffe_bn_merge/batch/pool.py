@@ -185,6 +185,7 @@ def _run_pool(
     (a signal), it ends the workers (each removes its temporary files) before passing it on."""
     crashed = []
     context = multiprocessing.get_context(START_METHOD)
+    _start_resource_tracker()
     with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker, initargs=(settings.verify,)) as pool:
         futures = {pool.submit(convert_item, item, settings): item for item in items}
         try:
@@ -203,6 +204,19 @@ def _run_pool(
             _end_workers()
             raise
     return crashed
+
+
+def _start_resource_tracker() -> None:
+    """Start multiprocessing's resource tracker with SIGHUP ignored, as it ignores SIGINT and
+    SIGTERM itself: a SIGHUP to the process group must not kill it (its restart forgets the
+    semaphores of the pool and prints tracebacks)."""
+    from multiprocessing import resource_tracker
+
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # an ignored signal stays ignored across exec
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        signal.signal(signal.SIGHUP, previous)
 
 
 def _end_workers() -> None:

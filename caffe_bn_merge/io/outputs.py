@@ -14,6 +14,7 @@ import errno
 import os
 import signal
 import stat
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -71,12 +72,14 @@ def remove_temporaries() -> None:
 
 
 def pause_point(point: str) -> None:
-    """Test hook: when $CAFFE_BN_MERGE_TEST_PAUSE is `point=FILE`, create FILE and sleep, so that a
-    test can send a signal at exactly this point of the writing."""
+    """Test hook: when $CAFFE_BN_MERGE_TEST_PAUSE is `point=FILE`, create FILE and wait until the
+    test removes it (at most a minute), so that a test can send a signal at exactly this point."""
     wanted, _, marker = os.environ.get(PAUSE_ENV, "").partition("=")
     if wanted == point and marker:
         Path(marker).touch()
-        time.sleep(30)
+        deadline = time.monotonic() + 60
+        while Path(marker).exists() and time.monotonic() < deadline:
+            time.sleep(0.005)
 
 
 @contextmanager
@@ -188,7 +191,7 @@ class Staged:
         with deferred_signals():
             try:
                 for index, (temporary, final, replaceable) in enumerate(self.files):
-                    if index:
+                    if index == 1:
                         pause_point("publish")
                     _publish_one(temporary, final, overwrite or replaceable)
                     published.append((temporary, final))
@@ -254,7 +257,7 @@ def _rename(source: Path, target: Path) -> None:
 
 
 class Interrupted(BaseException):
-    """A termination signal arrived (`raise_on_signals`); not an Exception, so that no `except
+    """A termination signal arrived (`signals_raise`); not an Exception, so that no `except
     Exception` swallows it while every clean-up on the way out runs."""
 
     def __init__(self, signum: int) -> None:
@@ -266,28 +269,49 @@ class Interrupted(BaseException):
         return 128 + self.signum
 
 
-def raise_on_signals() -> None:
-    """Make SIGINT, SIGTERM and SIGHUP raise Interrupted in the main thread."""
+def _interrupt(signum: int, frame: object) -> None:
+    raise Interrupted(signum)
 
-    def interrupt(signum: int, frame: object) -> None:
-        raise Interrupted(signum)
 
+@contextmanager
+def signals_raise() -> Iterator[None]:
+    """Within the block SIGINT, SIGTERM and SIGHUP raise Interrupted (in the main thread); the
+    previous handlers come back after it."""
+    previous = {signum: signal.getsignal(signum) for signum in TERMINATING}
     for signum in TERMINATING:
-        signal.signal(signum, interrupt)
+        signal.signal(signum, _interrupt)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def clean_up_interrupted() -> None:
-    """After an Interrupted: hold back further signals (the clean-up must finish) and remove every
-    temporary file of this process."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, TERMINATING)
+    """After an Interrupted: ignore further signals (the clean-up must finish; `signals_raise`
+    restores the handlers) and remove every temporary file of this process."""
+    for signum in TERMINATING:
+        signal.signal(signum, signal.SIG_IGN)
     remove_temporaries()
 
 
 @contextmanager
 def deferred_signals() -> Iterator[None]:
-    """Hold back the termination signals (delivered when the block ends)."""
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, TERMINATING)
+    """Hold the termination signals back during the block, then deliver the first one to the
+    handler in place before it. (A handler flag rather than a signal mask: any thread of the
+    process, a BLAS thread say, may receive a process-directed signal.) Outside the main thread,
+    where Python runs no signal handler, the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = {signum: signal.getsignal(signum) for signum in TERMINATING}
+    for signum in TERMINATING:
+        signal.signal(signum, lambda signum, frame: held.append(signum))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if held:
+            signal.raise_signal(held[0])

@@ -291,7 +291,11 @@ def _console() -> object:
     """Where tables go (rich loads only when something is printed)."""
     from rich.console import Console
 
-    return Console(width=TABLE_WIDTH)
+    class PipeConsole(Console):
+        def on_broken_pipe(self) -> None:  # rich would exit 1; we say so in one line, exit 2
+            raise BrokenPipeError
+
+    return PipeConsole(width=TABLE_WIDTH)
 
 
 @contextmanager

@@ -22,9 +22,9 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 OUTPUTS = ("net_merged.prototxt", "net_merged.caffemodel")
 
 
-def _start(args: list[str], cwd: Path, pause: str | None = None) -> tuple[subprocess.Popen, Path]:
+def _start(args: list[str], cwd: Path, pause: str | None = None, tag: str = "") -> tuple[subprocess.Popen, Path]:
     """The command line in a session of its own (so the test can signal its process group)."""
-    marker = cwd / f"paused-{pause}"
+    marker = cwd / f"paused-{pause}{tag}"
     env = {**os.environ, "PYTHONPATH": str(ROOT), PAUSE_ENV: f"{pause}={marker}" if pause else ""}
     process = subprocess.Popen(
         [sys.executable, "-m", "caffe_bn_merge", *args],
@@ -106,7 +106,7 @@ def test_signal_at_each_point_of_the_writer(point: str, signum: int, tmp_path, c
     assert not _temporaries(tmp_path)
 
 
-RANDOM_RUNS = 20
+RANDOM_RUNS = 16
 
 
 def test_signals_after_random_delays(tmp_path, clean_run) -> None:
@@ -204,7 +204,7 @@ def test_batch_sigterm_to_the_group_after_random_delays(tmp_path) -> None:
     """SIGTERM to the whole process group at random moments of a batch run."""
     rng = random.Random(17)
     source = _fleet(tmp_path, 4)
-    for run in range(5):
+    for run in range(4):
         out = tmp_path / f"out{run}"
         process, marker = _start(["batch", str(source), "--out", str(out), "--jobs", "2", "-q"], tmp_path, "started")
         _wait_for(marker, process)
@@ -219,3 +219,54 @@ def test_batch_sigterm_to_the_group_after_random_delays(tmp_path) -> None:
             _expect_signalled(code, stderr, signal.SIGTERM)
         assert not _temporaries(out) if out.exists() else True
         assert _group_gone(process.pid)
+
+
+def _two_nets(folder: Path) -> dict[str, dict[str, bytes]]:
+    """resnet_mini as a.*, no_bn as b.*, and the merged pair each gives (o.prototxt, o.caffemodel)."""
+    expected = {}
+    for name, sample in (("a", "resnet_mini"), ("b", "no_bn")):
+        for suffix in (".prototxt", ".caffemodel"):
+            (folder / f"{name}{suffix}").write_bytes((ROOT / "sample_nets" / f"{sample}{suffix}").read_bytes())
+        process, _ = _start(_args_writing_o(name, "x"), folder)
+        assert _finish(process)[0] == 0
+        expected[name] = {f"o{suffix}": (folder / f"x{suffix}").read_bytes() for suffix in (".prototxt", ".caffemodel")}
+        for suffix in (".prototxt", ".caffemodel"):
+            (folder / f"x{suffix}").unlink()
+    return expected
+
+
+def _args_writing_o(name: str, output: str = "o") -> list[str]:
+    return ["--model", f"{name}.prototxt", "--weights", f"{name}.caffemodel", "-q",
+            "--output-model", f"{output}.prototxt", "--output-weights", f"{output}.caffemodel"]  # fmt: skip
+
+
+@pytest.mark.parametrize("force", [False, True], ids=["no-clobber", "--force"])
+def test_two_runs_writing_the_same_outputs(force: bool, tmp_path) -> None:
+    """Two runs (different nets) held just before publishing the same output names, released
+    together in both orders, several rounds: without --force exactly one wins and the pair is
+    wholly the winner's; the loser exits 2 in one line. With --force both succeed."""
+    expected = _two_nets(tmp_path)
+    for round_ in range(4):
+        runs = {}
+        for name in "ab":
+            args = _args_writing_o(name) + (["--force"] if force else [])
+            runs[name] = _start(args, tmp_path, "staged", tag=name)
+        for process, marker in runs.values():
+            _wait_for(marker, process)
+        for name in "ab" if round_ % 2 else "ba":
+            runs[name][1].unlink()
+        results = {name: _finish(process) for name, (process, _) in runs.items()}
+        outputs = {f"o{s}": (tmp_path / f"o{s}").read_bytes() for s in (".prototxt", ".caffemodel")}
+        assert not _temporaries(tmp_path)
+        if force:
+            assert all(code == 0 for code, _ in results.values()), results
+            assert all(value in (expected["a"][key], expected["b"][key]) for key, value in outputs.items())
+        else:
+            winners = [name for name, (code, _) in results.items() if code == 0]
+            assert len(winners) == 1, results
+            (loser,) = set("ab") - set(winners)
+            code, stderr = results[loser]
+            assert code == 2 and len(stderr.strip().splitlines()) == 1 and "another run" in stderr, stderr
+            assert outputs == expected[winners[0]]
+        for suffix in (".prototxt", ".caffemodel"):
+            (tmp_path / f"o{suffix}").unlink()

@@ -139,9 +139,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code."""
     from .io.outputs import Interrupted, clean_up_interrupted, pause_point, signals_raise
 
+    whole_process = argv is None  # the command line itself, not a call from Python
     argv = list(sys.argv[1:] if argv is None else argv)
     # SIGINT, SIGTERM, SIGHUP: temporary files removed, exit 128 + signal, one line
-    with signals_raise():
+    with signals_raise(restore=not whole_process):
         try:
             pause_point("started")
             if argv[:1] == ["batch"]:

@@ -25,6 +25,7 @@ OUTPUTS = ("net_merged.prototxt", "net_merged.caffemodel")
 def _start(args: list[str], cwd: Path, pause: str | None = None, tag: str = "") -> tuple[subprocess.Popen, Path]:
     """The command line in a session of its own (so the test can signal its process group)."""
     marker = cwd / f"paused-{pause}{tag}"
+    Path(f"{marker}.claimed").unlink(missing_ok=True)  # left by an earlier run in this folder
     env = {**os.environ, "PYTHONPATH": str(ROOT), PAUSE_ENV: f"{pause}={marker}" if pause else ""}
     process = subprocess.Popen(
         [sys.executable, "-m", "caffe_bn_merge", *args],
@@ -75,14 +76,21 @@ def _expect_signalled(code: int, stderr: str, signum: int) -> None:
 
 @pytest.fixture(scope="module")
 def clean_run(tmp_path_factory) -> tuple[dict[str, bytes], float]:
-    """The outputs of an uninterrupted run, and how long it took."""
-    folder = tmp_path_factory.mktemp("clean")
-    copy_sample(folder)
-    start = time.monotonic()
-    process, _ = _start(["--model", "net.prototxt", "--weights", "net.caffemodel", "-q"], folder)
-    code, stderr = _finish(process)
-    assert code == 0, stderr
-    return {name: (folder / name).read_bytes() for name in OUTPUTS}, time.monotonic() - start
+    """The outputs of an uninterrupted run, and how long it took from the point its handlers
+    were in place (the longest of three runs)."""
+    seconds = 0.0
+    for run in range(3):
+        folder = tmp_path_factory.mktemp(f"clean{run}")
+        copy_sample(folder)
+        args = ["--model", "net.prototxt", "--weights", "net.caffemodel", "-q"]
+        process, marker = _start(args, folder, "started")
+        _wait_for(marker, process)
+        start = time.monotonic()
+        marker.unlink()
+        code, stderr = _finish(process)
+        assert code == 0, stderr
+        seconds = max(seconds, time.monotonic() - start)
+    return {name: (folder / name).read_bytes() for name in OUTPUTS}, seconds
 
 
 POINTS = {"started": False, "written": False, "staged": False, "publish": True}  # point -> pair published
@@ -106,7 +114,7 @@ def test_signal_at_each_point_of_the_writer(point: str, signum: int, tmp_path, c
     assert not _temporaries(tmp_path)
 
 
-RANDOM_RUNS = 16
+RANDOM_RUNS = 14
 
 
 def test_signals_after_random_delays(tmp_path, clean_run) -> None:
@@ -123,17 +131,18 @@ def test_signals_after_random_delays(tmp_path, clean_run) -> None:
         process, marker = _start(["--model", "net.prototxt", "--weights", "net.caffemodel", "-q"], folder, "started")
         _wait_for(marker, process)
         marker.unlink()
-        time.sleep(rng.uniform(0, seconds))
+        time.sleep(rng.uniform(0, 1.2 * seconds))
         os.killpg(process.pid, signum)
         code, stderr = _finish(process)
         complete = _complete_or_absent(folder, expected, OUTPUTS)
-        if code == 0:
+        if code in (0, -signum):  # -signum: in the last moments of the interpreter's exit
             assert complete and not stderr, stderr
             outcomes["finished"] += 1
         else:
             _expect_signalled(code, stderr, signum)
             outcomes["complete" if complete else "absent"] += 1
         assert not _temporaries(folder)
+    print("random-delay outcomes:", outcomes)
     assert outcomes["absent"] > 0, outcomes  # the delays reach into the writing
 
 
@@ -204,7 +213,7 @@ def test_batch_sigterm_to_the_group_after_random_delays(tmp_path) -> None:
     """SIGTERM to the whole process group at random moments of a batch run."""
     rng = random.Random(17)
     source = _fleet(tmp_path, 4)
-    for run in range(4):
+    for run in range(3):
         out = tmp_path / f"out{run}"
         process, marker = _start(["batch", str(source), "--out", str(out), "--jobs", "2", "-q"], tmp_path, "started")
         _wait_for(marker, process)
@@ -213,7 +222,7 @@ def test_batch_sigterm_to_the_group_after_random_delays(tmp_path) -> None:
         os.killpg(process.pid, signal.SIGTERM)
         code, stderr = _finish(process)
         done = _batch_pairs(out, 4)
-        if code == 0:
+        if code in (0, -signal.SIGTERM):  # -SIGTERM: in the last moments of the interpreter's exit
             assert done == 4
         else:
             _expect_signalled(code, stderr, signal.SIGTERM)
@@ -246,7 +255,7 @@ def test_two_runs_writing_the_same_outputs(force: bool, tmp_path) -> None:
     together in both orders, several rounds: without --force exactly one wins and the pair is
     wholly the winner's; the loser exits 2 in one line. With --force both succeed."""
     expected = _two_nets(tmp_path)
-    for round_ in range(4):
+    for round_ in range(3):
         runs = {}
         for name in "ab":
             args = _args_writing_o(name) + (["--force"] if force else [])

@@ -72,14 +72,20 @@ def remove_temporaries() -> None:
 
 
 def pause_point(point: str) -> None:
-    """Test hook: when $CAFFE_BN_MERGE_TEST_PAUSE is `point=FILE`, create FILE and wait until the
-    test removes it (at most a minute), so that a test can send a signal at exactly this point."""
+    """Test hook: when $CAFFE_BN_MERGE_TEST_PAUSE is `point=FILE`, the first process to reach
+    `point` creates FILE and waits until the test removes it (at most a minute), so that a test can
+    send a signal at exactly this point."""
     wanted, _, marker = os.environ.get(PAUSE_ENV, "").partition("=")
-    if wanted == point and marker:
-        Path(marker).touch()
-        deadline = time.monotonic() + 60
-        while Path(marker).exists() and time.monotonic() < deadline:
-            time.sleep(0.005)
+    if wanted != point or not marker:
+        return
+    try:
+        os.close(os.open(f"{marker}.claimed", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return  # another process (a batch worker) paused here already
+    Path(marker).touch()
+    deadline = time.monotonic() + 60
+    while Path(marker).exists() and time.monotonic() < deadline:
+        time.sleep(0.005)
 
 
 @contextmanager
@@ -274,9 +280,10 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 @contextmanager
-def signals_raise() -> Iterator[None]:
-    """Within the block SIGINT, SIGTERM and SIGHUP raise Interrupted (in the main thread); the
-    previous handlers come back after it."""
+def signals_raise(restore: bool = True) -> Iterator[None]:
+    """Within the block SIGINT, SIGTERM and SIGHUP raise Interrupted (in the main thread). After
+    it the previous handlers come back, or (`restore` False: the process ends once the block is
+    done, with nothing left to clean) a signal ends the process at once with 128 + signal."""
     previous = {signum: signal.getsignal(signum) for signum in TERMINATING}
     for signum in TERMINATING:
         signal.signal(signum, _interrupt)
@@ -284,7 +291,11 @@ def signals_raise() -> Iterator[None]:
         yield
     finally:
         for signum, handler in previous.items():
-            signal.signal(signum, handler)
+            signal.signal(signum, handler if restore else _exit_at_once)
+
+
+def _exit_at_once(signum: int, frame: object) -> None:
+    os._exit(128 + signum)
 
 
 def clean_up_interrupted() -> None:

@@ -9,7 +9,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 
@@ -172,7 +172,8 @@ def run_items(
     else:
         crashed = _run_pool(items, min(jobs, len(items)), settings, done)
         for item in crashed:
-            again = _run_pool([item], 1, settings, done)
+            # its worker may have published it before the pool broke: the outputs are ours to replace
+            again = _run_pool([item], 1, replace(settings, overwrite=True), done)
             if again:
                 done(item_result(item, Status.FAILED, "the worker process died converting it (crash in native code?)"))
     return [results[item.key] for item in items]

@@ -119,7 +119,7 @@ def file_key(path: Path) -> tuple[object, ...]:
     try:
         info = os.stat(path)
     except OSError:
-        return ("path", Path(path).resolve())
+        return ("path", Path(os.path.realpath(path)))  # realpath, unlike resolve, accepts symlink loops
     return ("file", info.st_dev, info.st_ino)
 
 

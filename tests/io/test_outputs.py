@@ -255,3 +255,42 @@ def test_a_closed_stdout_is_one_line_and_writes_nothing(tmp_path) -> None:
     assert done.returncode == 2, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and "broken pipe" in done.stderr, done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["net.caffemodel", "net.prototxt"]
+
+
+def _batch_refused(args: list[str], folder: Path, capsys) -> str:
+    from caffe_bn_merge.batch import command
+
+    before = _snapshot(folder)
+    code = command.main(args)
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert len(lines) == 1 and "Traceback" not in err and "internal error" not in err, err
+    assert _snapshot(folder) == before, "a file was created, changed or removed"
+    return lines[0]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("force", [False, True], ids=["plain", "--force"])
+def test_the_batch_report_is_checked(kind: str, force: bool, tmp_path, capsys) -> None:
+    """`merge-bn batch --report` reaching a source caffemodel, or a path that is no regular file."""
+    (tmp_path / "src").mkdir()
+    copy_sample(tmp_path / "src")
+    (tmp_path / "out").mkdir()
+    report = KINDS[kind](tmp_path, "src/net.caffemodel")
+    args = [str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--jobs", "1", "-q", "--report", str(report)]
+    _batch_refused([*args, *(["--force"] if force else [])], tmp_path, capsys)
+
+
+@pytest.mark.parametrize("kind", ["device node", "FIFO", "folder", "symlink to the input", "hard link to the input"])
+@pytest.mark.parametrize("suffix", [".prototxt", ".caffemodel"])
+def test_batch_outputs_are_checked(kind: str, suffix: str, tmp_path, capsys) -> None:
+    """A batch output that exists as something not a regular file, or that is a source file under
+    another name, is refused even with --force."""
+    source, out = tmp_path / "src", tmp_path / "out"
+    source.mkdir()
+    out.mkdir()
+    copy_sample(source)
+    made = KINDS[kind](source, "net" + suffix)
+    (out / f"net{suffix}").symlink_to(made) if made.parent != source else os.rename(made, out / f"net{suffix}")
+    _batch_refused([str(source), "--out", str(out), "--jobs", "1", "-q", "--force"], tmp_path, capsys)

@@ -5,13 +5,15 @@ and are remembered from before the file exists (so an interruption can always re
 
 Publishing without `overwrite` links each temporary file to its final name (`os.link` fails when the
 name exists, so of two processes writing the same outputs exactly one wins); with `overwrite` it
-renames over. The termination signals are blocked while a group is published, so a handled signal
-never leaves one file of a pair without the other (the window left: SIGKILL or power loss between
-two `link` calls).
+renames over. The termination signals are held back while a group is published, so a handled
+signal never leaves one file of a pair without the other (the window left: SIGKILL or power loss
+between two `link` calls). `signals_raise` turns SIGINT, SIGTERM and SIGHUP into `Interrupted`;
+`pause_point` is the hook the signal tests use to stop the writer at a chosen point.
 """
 
 import errno
 import os
+import shutil
 import signal
 import stat
 import threading
@@ -101,12 +103,14 @@ def writing(path: Path) -> Iterator[None]:
 
 def _identity(path: Path) -> tuple[object, ...] | None:
     """(device, inode) of the file `path` reaches, or of its folder plus its name when it does not
-    exist yet; None when even the folder does not exist."""
+    exist yet; None when even the folder does not exist, or the path cannot be followed."""
     try:
         info = os.stat(path)
         return ("file", info.st_dev, info.st_ino)
     except FileNotFoundError:
         pass
+    except OSError:
+        return None
     try:
         folder = os.stat(path.parent)
     except OSError:
@@ -216,12 +220,15 @@ class Staged:
         self.files = []
 
     def keep_in(self, folder: Path) -> list[Path]:
-        """Move the temporary files into `folder` under their final names (for inspection); replaces
-        files there (the caller checked them)."""
+        """Move the temporary files into `folder` under their final names (for inspection; copied
+        when `folder` is on another file system); replaces files there (the caller checked them)."""
         kept = []
         for temporary, final, _ in self.files:
             target = Path(folder) / final.name
-            _rename(temporary, target)
+            try:
+                shutil.move(temporary, target)
+            except OSError as err:
+                raise OutputError(f"{target}: cannot keep the rejected file there ({err.strerror})") from None
             TEMPORARY.discard(temporary)
             kept.append(target)
         self.files = []

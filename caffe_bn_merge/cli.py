@@ -7,17 +7,19 @@ further from the original than --tolerance.
 
 import argparse
 import logging
-import signal
+import os
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import __version__
-from .defaults import BENCHMARK_ROUNDS, DEFAULT_TOLERANCE, EXIT_VERIFY_FAILED
-from .errors import MergeError
+from .defaults import BACKENDS, BENCHMARK_ROUNDS, DEFAULT_TOLERANCE, EXIT_VERIFY_FAILED
+from .errors import MergeError, OutputError, VerifyError
 
 if TYPE_CHECKING:  # the heavy modules load only once there is work to do, so --help is fast
+    from .io.outputs import Output, Staged
     from .maths.quant import HostReadiness
     from .pipeline import MergeResult
     from .verification.benchmark import BenchmarkResult
@@ -118,7 +120,7 @@ def _add_verify_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--verify", action="store_true", help="run original and merged model and compare outputs")
     group.add_argument(
         "--backend",
-        choices=("auto", "caffe", "opencv", "reference"),
+        choices=BACKENDS,
         default="auto",
         help="engine for --verify: pycaffe (scripts/install_pycaffe.sh), OpenCV dnn "
         "(pip install 'caffe-bn-merge[verify]') or our float64 reference engine (numpy only); "
@@ -139,6 +141,12 @@ def _add_verify_flags(parser: argparse.ArgumentParser) -> None:
         "inputs not given are seeded random normal",
     )
     group.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    group.add_argument(
+        "--keep-failed",
+        type=Path,
+        metavar="DIR",
+        help="when --verify rejects the merged pair (or cannot run it), write the pair into DIR for inspection",
+    )
 
 
 def _positive(text: str) -> int:
@@ -185,7 +193,9 @@ def _readiness(
         from .verification.benchmark import benchmark
 
         step("benchmarking")
-        original, merged = (args.model, args.weights), (result.output_model, result.output_weights)
+        temporary = result.staged.temporary
+        merged = (temporary(result.output_model), temporary(result.output_weights))
+        original = (args.model, args.weights)
         bench = benchmark(original, merged, args.backend, args.benchmark, args.threads, args.input, args.seed)
     return bench, readiness
 
@@ -209,13 +219,27 @@ def _print_readiness(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["batch"]:
-        from .batch.command import main as batch_main
+    from .io.outputs import Interrupted, clean_up_interrupted, pause_point, signals_raise
 
-        return batch_main(argv[1:])
+    whole_process = argv is None  # the command line itself, not a call from Python
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # SIGINT, SIGTERM, SIGHUP: temporary files removed, exit 128 + signal, one line
+    with signals_raise(restore=not whole_process):
+        try:
+            pause_point("started")
+            if argv[:1] == ["batch"]:
+                from .batch.command import main as batch_main
+
+                return batch_main(argv[1:])
+            return _main(argv)
+        except Interrupted as signalled:
+            clean_up_interrupted()
+            print(f"merge-bn: interrupted by {signalled}; no partial output left", file=sys.stderr)
+            return signalled.exit_code
+
+
+def _main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminate)  # so a killed run still removes its temporary files
     level = logging.INFO if args.verbose else logging.ERROR if args.quiet else logging.WARNING
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
     try:
@@ -225,6 +249,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"merge-bn: error: {err}", file=sys.stderr)
         return err.exit_code
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        print("merge-bn: error: standard output was closed (broken pipe); nothing written", file=sys.stderr)
+        return 2
     except Exception as err:  # a bug of ours: say so in one line, keep the traceback behind --debug
         if args.debug:
             raise
@@ -232,16 +260,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-def _terminate(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
-
-
 def _run(args: argparse.Namespace) -> int:
+    """Merge into temporary files, verify them (--verify), print, then publish the outputs and the
+    report together; on any failure or signal on the way, nothing is left under the output names."""
     from .display import StepProgress, live_log, make_console, show_result
-    from .io.emit import atomic_output
+    from .io.outputs import Staged, pause_point
     from .pipeline import MergeOptions, merge
     from .rules.hosts import DEFAULT_CONV_LIKE
 
+    more_inputs, more_outputs = _more_paths(args)
     console, errors = None if args.quiet else make_console(), make_console(stderr=True)
     options = MergeOptions(
         identity=not args.keep_identity,
@@ -252,39 +279,105 @@ def _run(args: argparse.Namespace) -> int:
         caffe_proto=args.caffe_proto,
         assume_global_stats=args.assume_global_stats,
     )
-    with live_log(errors, args.verbose, args.quiet) as logged, StepProgress(None if args.quiet else errors) as progress:
-        step = progress.step
-        result = merge(
-            args.model, args.weights, args.output_model, args.output_weights, options,
-            write=not args.dry_run, overwrite=args.force, on_step=step, on_progress=progress.advance,
-        )  # fmt: skip
-        checked = None
-        if args.verify:
-            if args.dry_run:
+    staged = Staged()
+    try:
+        with (
+            live_log(errors, args.verbose, args.quiet) as logged,
+            StepProgress(None if args.quiet else errors) as progress,
+        ):
+            step = progress.step
+            result = merge(
+                args.model, args.weights, args.output_model, args.output_weights, options,
+                write=not args.dry_run, overwrite=args.force, stage=True, on_step=step,
+                on_progress=progress.advance, more_inputs=more_inputs, more_outputs=more_outputs,
+            )  # fmt: skip
+            staged = result.staged or staged
+            checked, failure = None, None
+            if args.verify and args.dry_run:
                 log.warning("--verify needs the merged model: nothing verified in a --dry-run")
-            else:
+            elif args.verify:
                 step("verifying")
-                checked = _verify(args, result)
-        bench, readiness = _readiness(args, result, step)
-    if console is not None:
-        show_result(console, result, checked, args.verbose or args.dry_run, args.dry_run)
-        _print_readiness(console, bench, readiness, args.verbose)
-    if args.report:
-        import json
+                checked, failure = _verify(args, result)
+            bench, readiness = _readiness(args, result, step)
+        rejected = failure is not None or (checked is not None and not checked.passed)
+        if rejected:
+            result = replace(result, output_model=None, output_weights=None)
+        if args.report:
+            _stage_report(staged, args, result, checked, (bench, readiness), logged.warnings)
+        if console is not None:
+            show_result(console, result, checked, args.verbose or args.dry_run, args.dry_run)
+            _print_readiness(console, bench, readiness, args.verbose)
+            sys.stdout.flush()
+        pause_point("staged")
+        if rejected:
+            return _reject(args, staged, checked, failure)
+        staged.publish(args.force)
+    finally:
+        staged.discard()
+    return 0
 
-        from .report import build_report
 
-        report = build_report(
-            result, str(args.model), str(args.weights), checked, bench, readiness, warnings=logged.warnings
-        )
-        with atomic_output(args.report) as handle:
-            handle.write(json.dumps(report, indent=2).encode())
-    return EXIT_VERIFY_FAILED if checked is not None and not checked.passed else 0
+def _more_paths(args: argparse.Namespace) -> "tuple[list[Path], list[Output]]":
+    """The inputs besides the net, and the paths written besides the pair (report, --keep-failed
+    pair), for `merge` to check with the rest."""
+    from .io.outputs import Output
+    from .pipeline import default_outputs
+
+    inputs = [*([args.caffe_proto] if args.caffe_proto else []), *(Path(s.rpartition("=")[2]) for s in args.input)]
+    wanted = [Output(args.report, "--report", replaceable=True)] if args.report else []
+    if args.keep_failed and args.verify and not args.dry_run:
+        if not args.keep_failed.is_dir():
+            raise OutputError(f"{args.keep_failed}: --keep-failed needs an existing folder")
+        model, weights = default_outputs(args.model, args.weights)
+        names = (args.output_weights or weights).name, (args.output_model or model).name
+        wanted += [Output(args.keep_failed / name, "--keep-failed") for name in names]
+    return inputs, wanted
 
 
-def _verify(args: argparse.Namespace, result: "MergeResult") -> "VerifyResult":
+def _stage_report(
+    staged: "Staged",
+    args: argparse.Namespace,
+    result: "MergeResult",
+    checked: "VerifyResult | None",
+    measured: "tuple[BenchmarkResult | None, list[HostReadiness] | None]",
+    warnings: Sequence[str],
+) -> None:
+    import json
+
+    from .io.outputs import writing
+    from .report import build_report
+
+    report = build_report(result, str(args.model), str(args.weights), checked, *measured, warnings=warnings)
+    with writing(args.report):
+        staged.stage(args.report, replaceable=True).write_text(json.dumps(report, indent=2))
+
+
+def _verify(args: argparse.Namespace, result: "MergeResult") -> "tuple[VerifyResult | None, VerifyError | None]":
+    """Verify the staged pair: (the result, None), or (None, why no engine could run it)."""
     from .verification.compare import verify
 
     original = (args.model, args.weights)
-    merged = (result.output_model, result.output_weights)
-    return verify(original, merged, args.backend, args.tolerance, args.input, args.seed)
+    merged = (result.staged.temporary(result.output_model), result.staged.temporary(result.output_weights))
+    try:
+        return verify(original, merged, args.backend, args.tolerance, args.input, args.seed), None
+    except VerifyError as err:
+        return None, err
+
+
+def _reject(
+    args: argparse.Namespace, staged: "Staged", checked: "VerifyResult | None", failure: Exception | None
+) -> int:
+    """Publish the report alone, keep the pair in --keep-failed DIR or drop it; say why in one line."""
+    if args.report:
+        staged.only(args.report).publish()
+    kept = f"; the pair is in {args.keep_failed}" if args.keep_failed else ""
+    if args.keep_failed:
+        staged.keep_in(args.keep_failed)
+    if failure is not None:
+        reason = f"could not verify the merged model: {failure}"
+    else:
+        worst = max((e for e in checked.errors if e.gating), key=lambda e: e.relative, default=None)
+        blob = f"blob '{worst.blob}' relative error {worst.relative:.3g}" if worst else "no blob compared"
+        reason = f"verification failed on {checked.backend}: {blob} > tolerance {checked.tolerance:g}"
+    print(f"merge-bn: error: {reason}; no output written{kept}", file=sys.stderr)
+    return EXIT_VERIFY_FAILED

@@ -5,3 +5,4 @@ DEFAULT_TOLERANCE = 1e-4  # largest relative error a verified output may have
 EXIT_VERIFY_FAILED = 3  # exit status when the merged model fails verification
 TABLE_WIDTH = 100  # columns of the tables when not on a terminal and COLUMNS is not set
 BENCHMARK_ROUNDS = 20  # interleaved rounds of --benchmark without a number
+BACKENDS = ("auto", "caffe", "opencv", "reference")  # engines --verify can run on (merge-bn and merge-bn batch)

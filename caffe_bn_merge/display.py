@@ -29,10 +29,14 @@ def make_console(stderr: bool = False) -> "Console":
     a path is never broken across lines."""
     from rich.console import Console
 
-    probe = Console(stderr=stderr)
+    class PipeConsole(Console):
+        def on_broken_pipe(self) -> None:  # rich would exit 1; the CLI says so in one line, exit 2
+            raise BrokenPipeError
+
+    probe = PipeConsole(stderr=stderr)
     if probe.is_terminal:
         return probe
-    return Console(stderr=stderr, width=_columns() or TABLE_WIDTH)
+    return PipeConsole(stderr=stderr, width=_columns() or TABLE_WIDTH)
 
 
 def _columns() -> int | None:

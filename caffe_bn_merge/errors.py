@@ -25,9 +25,10 @@ class OutputError(MergeError):
 
 
 class VerifyError(MergeError):
-    """The engine is missing or cannot run one of the models."""
+    """The engine is missing or cannot run one of the models: the model converted but is not
+    verified (exit 3, like a failed verification)."""
 
-    exit_code = 2
+    exit_code = 3
 
 
 class UsageError(MergeError):

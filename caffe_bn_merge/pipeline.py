@@ -3,13 +3,13 @@
 
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .errors import MismatchError
 from .graph import NetGraph, build_graph, included, inference_state
-from .io import emit, read
+from .io import emit, outputs, read
 from .io.user_schema import compile_schema
 from .logs import collected
 from .net import FoldedHost
@@ -52,6 +52,21 @@ class MergeResult:
     hosts: tuple[FoldedHost, ...] = ()  # every host that took a fold (`maths.quant` reads them)
     warnings: tuple[str, ...] = ()  # each distinct warning logged while merging
     assume_global_stats: bool = False  # BatchNorm set to batch statistics was folded with stored ones
+    staged: outputs.Staged | None = None  # with `merge(..., stage=True)`: the pair, not yet published
+
+
+@dataclass(frozen=True)
+class Writing:
+    """How `merge` writes: at all, over existing files, left staged for the caller to publish, with
+    which other paths to check against the pair, and whom to tell about progress."""
+
+    write: bool = True
+    overwrite: bool = False
+    stage: bool = False
+    more_inputs: Sequence[Path] = ()
+    more_outputs: Sequence[outputs.Output] = ()
+    on_step: Callable[[str], None] = lambda step: None
+    on_progress: Callable[[int, int], None] | None = None
 
 
 def default_outputs(
@@ -59,9 +74,9 @@ def default_outputs(
 ) -> tuple[Path, Path]:
     """The output paths: those given; one given alone has the other beside it (`out/x.prototxt` ->
     `out/x.caffemodel`); none given, `<stem>_merged<suffix>` next to each input."""
-    if output_model is not None and output_weights is None:
+    if output_model is not None and output_weights is None and Path(output_model).name:
         return Path(output_model), Path(output_model).with_suffix(".caffemodel")
-    if output_weights is not None and output_model is None:
+    if output_weights is not None and output_model is None and Path(output_weights).name:
         return Path(output_weights).with_suffix(".prototxt"), Path(output_weights)
     return (
         Path(output_model or model.with_name(f"{model.stem}_merged{model.suffix}")),
@@ -78,39 +93,37 @@ def merge(
     *,
     write: bool = True,
     overwrite: bool = False,
+    stage: bool = False,
+    more_inputs: Sequence[Path] = (),
+    more_outputs: Sequence[outputs.Output] = (),
     on_step: Callable[[str], None] = lambda step: None,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> MergeResult:
     """Fold the BatchNorm/Scale layers of `model` + `weights`; write the merged pair unless `write`
-    is False, replacing existing output files only when `overwrite`. `on_step` hears the name of
-    each step as it starts, `on_progress` (bytes done, total) the writing of the caffemodel (for
-    progress displays). The result lists the warnings logged on the way."""
+    is False, replacing existing output files only when `overwrite`. With `stage`, the pair is left
+    under temporary names (`MergeResult.staged`) for the caller to publish or discard. Every path
+    written (the pair, and `more_outputs` the caller will write) is checked against every input
+    (`more_inputs` too) and each other once the inputs are read. `on_step` hears the name of each
+    step as it starts, `on_progress` (bytes done, total) the writing of the caffemodel (for progress
+    displays). The result lists the warnings logged on the way."""
+    how = Writing(write, overwrite, stage, tuple(more_inputs), tuple(more_outputs), on_step, on_progress)
+    model, weights = Path(model), Path(weights)
     with collected() as warnings:
-        result = _merge(
-            Path(model), Path(weights), *default_outputs(Path(model), Path(weights), output_model, output_weights),
-            options, write, overwrite, on_step, on_progress,
-        )  # fmt: skip
+        result = _merge(model, weights, default_outputs(model, weights, output_model, output_weights), options, how)
     return replace(result, warnings=tuple(warnings))
 
 
-def _merge(
-    model: Path,
-    weights: Path,
-    output_model: Path,
-    output_weights: Path,
-    options: MergeOptions,
-    write: bool,
-    overwrite: bool,
-    on_step: Callable[[str], None],
-    on_progress: Callable[[int, int], None] | None,
-) -> MergeResult:
+def _merge(model: Path, weights: Path, pair: tuple[Path, Path], options: MergeOptions, how: Writing) -> MergeResult:
+    output_model, output_weights = pair
+    on_step = how.on_step
     on_step("reading")
     schema = compile_schema(options.caffe_proto) if options.caffe_proto else None
     net_text = read.read_net_text(model, schema)
     net = net_text.net
     stored = read.read_weights(weights)
-    if write:
-        emit.check_outputs((model, weights), (output_model, output_weights), overwrite)
+    targets = [outputs.Output(output_weights, "--output-weights"), outputs.Output(output_model, "--output-model")]
+    written = [*targets, *how.more_outputs] if how.write else list(how.more_outputs)
+    outputs.check_outputs((model, weights, *how.more_inputs), written, how.overwrite)
     graph = build_graph(net)
     _check_pairing(graph, stored, model, weights, options.conv_like)
     _log_input(net_text)
@@ -120,18 +133,26 @@ def _merge(
         options.assume_global_stats,
     )  # fmt: skip
     _log_plan(plan, net, options.assume_global_stats)
-    if write:
+    staged = None
+    if how.write:
         on_step("writing")
         dropped = plan.removed & set(stored.layers)
-        _write(net_text, rewrite, stored, dropped, output_model, output_weights, on_progress)
+        staged = _write(net_text, rewrite, stored, dropped, pair, how.on_progress)
+        if not how.stage:
+            try:
+                staged.publish(how.overwrite)
+            finally:
+                staged.discard()
+            staged = None
     return MergeResult(
         plan,
         Counter(layer.type for layer in net.layer),
         Counter(layer.type for layer in rewrite.net.layer),
-        output_model if write else None,
-        output_weights if write else None,
+        output_model if how.write else None,
+        output_weights if how.write else None,
         hosts=folded_hosts(plan, rewrite, net, options.bn_flavour),
         assume_global_stats=options.assume_global_stats,
+        staged=staged,
     )
 
 
@@ -212,14 +233,16 @@ def _write(
     rewrite: Rewrite,
     stored: read.Weights,
     removed: set[str],
-    model: Path,
-    weights: Path,
+    pair: tuple[Path, Path],
     on_progress: Callable[[int, int], None] | None = None,
-) -> None:
-    """Write the caffemodel, then the prototxt; never leave one without the other."""
-    emit.write_weights(stored, rewrite.edits, removed, weights, on_progress)
+) -> outputs.Staged:
+    """Write the caffemodel and the prototxt under temporary names, to be published together."""
+    model, weights = pair
+    staged = outputs.Staged()
     try:
-        emit.write_net_text(net_text, rewrite.net, rewrite.origin, model)
+        emit.write_weights(stored, rewrite.edits, removed, staged.stage(weights), on_progress)
+        emit.write_net_text(net_text, rewrite.net, rewrite.origin, staged.stage(model))
     except BaseException:
-        weights.unlink(missing_ok=True)
+        staged.discard()
         raise
+    return staged

@@ -4,7 +4,7 @@ import argparse
 import os
 from pathlib import Path
 
-from ..defaults import BENCHMARK_ROUNDS, DEFAULT_TOLERANCE
+from ..defaults import BACKENDS, BENCHMARK_ROUNDS, DEFAULT_TOLERANCE
 from .worklist import parse_shard
 
 
@@ -58,8 +58,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--verify",
         action="store_true",
-        help="run each merged model against its original on OpenCV dnn; "
-        f"fail above {DEFAULT_TOLERANCE:g} relative error",
+        help="run each merged model against its original; a deployment above --tolerance fails and is not written",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="auto",
+        help="engine for --verify: pycaffe (scripts/install_pycaffe.sh), OpenCV dnn or our float64 reference "
+        "engine; auto (default) takes the first of these that runs the net",
+    )
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=DEFAULT_TOLERANCE,
+        help=f"largest error --verify allows, relative to each output's magnitude (default {DEFAULT_TOLERANCE:g})",
     )
     _add_readiness_flags(parser)
     parser.add_argument("--report", type=Path, metavar="FILE", help="write a JSON report of every deployment")

@@ -4,18 +4,32 @@ import argparse
 import importlib.util
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
-from ..defaults import DEFAULT_TOLERANCE
 from ..errors import UsageError
+from ..io.outputs import Interrupted, clean_up_interrupted, signals_raise
 from .args import build_parser
 from .console import EVERY_ROW_UP_TO, Console, fleet_lines
-from .pool import ItemResult, Readiness, Status, item_result, run_items
+from .pool import ItemResult, Readiness, Settings, Status, item_result, run_items
 from .report import fleet_totals, make_report, write_report
 from .worklist import WorkItem, WorkList, build_work_list, is_up_to_date, shard
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run `merge-bn batch`; return the exit status (0 all converted or skipped, 1 some failed, 2 usage)."""
+    """Run `merge-bn batch`; return the exit status (0 all converted or skipped, 1 some failed, 2 usage,
+    128 + N after signal N)."""
+    with signals_raise():
+        try:
+            return _main(argv)
+        except Interrupted as signalled:
+            clean_up_interrupted()
+            Console(quiet=False).error(
+                f"merge-bn batch: interrupted by {signalled}; deployments not finished left no files"
+            )
+            return signalled.exit_code
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     console = Console(args.quiet)
     start = time.perf_counter()
@@ -25,11 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         console.error(f"merge-bn batch: error: {err}")
         return 2
     _show_notes(console, work.notes, args.verbose)
-    try:
-        results = _convert(args, console, items)
-    except KeyboardInterrupt:
-        console.error("merge-bn batch: interrupted")
-        return 130
+    results = _convert(args, console, items)
     seconds = time.perf_counter() - start
     console.table(results, every=args.verbose or len(results) <= EVERY_ROW_UP_TO)
     if args.report is not None:
@@ -47,11 +57,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _prepare(args: argparse.Namespace) -> tuple[WorkList, list[WorkItem]]:
     """The work list and this shard of it, once every usage check has passed (raises UsageError)."""
     work = build_work_list(args.sources, args.out, args.manifest)
-    if args.report is not None and args.report.resolve() in work.protected | work.outputs:
-        raise UsageError(f"{args.report}: the report would overwrite a source file or an output")
-    if args.report is not None and not args.report.resolve().parent.is_dir():
-        raise UsageError(f"{args.report}: folder {args.report.parent} does not exist")
-    if args.verify and importlib.util.find_spec("cv2") is None:
+    if args.report is not None:
+        _check_report(args.report, work)
+    if args.verify and args.backend == "opencv" and importlib.util.find_spec("cv2") is None:
         raise UsageError("--verify needs OpenCV: pip install 'caffe-bn-merge[verify]'")
     items = shard(work.items, *args.shard) if args.shard else work.items
     existing = [out for item in items for out in (item.out_prototxt, item.out_caffemodel) if out.exists()]
@@ -62,6 +70,20 @@ def _prepare(args: argparse.Namespace) -> tuple[WorkList, list[WorkItem]]:
         )
     args.out.mkdir(parents=True, exist_ok=True)
     return work, items
+
+
+def _check_report(report: Path, work: WorkList) -> None:
+    """The report is no source and no output (by device and inode), and a regular file if it exists."""
+    from ..errors import OutputError
+    from ..io.outputs import Output, check_outputs, file_key
+
+    taken = {file_key(p) for p in work.protected} | {file_key(p) for p in work.outputs}
+    if file_key(report) in taken:
+        raise UsageError(f"{report}: the report would overwrite a source file or an output")
+    try:
+        check_outputs([], [Output(report, "--report", replaceable=True)], overwrite=True)
+    except OutputError as err:
+        raise UsageError(str(err)) from None
 
 
 def _show_notes(console: "Console", notes: Sequence[str], verbose: bool) -> None:
@@ -84,8 +106,10 @@ def _convert(args: argparse.Namespace, console: "Console", items: Sequence[WorkI
                 progress.advance(result)
             else:
                 todo.append(item)
+        overwrite = args.force or args.skip_existing  # else outputs appearing meanwhile are not replaced
         readiness = Readiness(args.quant, args.benchmark, args.threads)
-        results += run_items(todo, args.jobs, args.verify, progress.advance, readiness)
+        settings = Settings(args.verify, args.backend, args.tolerance, overwrite, readiness)
+        results += run_items(todo, args.jobs, settings, progress.advance)
     return sorted(results, key=lambda r: r.key)
 
 
@@ -100,7 +124,8 @@ def _run_settings(args: argparse.Namespace, work: WorkList) -> dict[str, object]
         "verify": args.verify,
         "quant": args.quant,
         "benchmark": args.benchmark or None,
-        "tolerance": DEFAULT_TOLERANCE if args.verify else None,
+        "tolerance": args.tolerance if args.verify else None,
+        "backend": args.backend if args.verify else None,
         "skip_existing": args.skip_existing,
         "force": args.force,
         "work_list": len(work.items),

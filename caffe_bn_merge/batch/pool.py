@@ -3,16 +3,19 @@ processes (`run_items`), each result reported as it finishes."""
 
 import multiprocessing
 import os
+import signal
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
+from pathlib import Path
 
 from ..defaults import DEFAULT_TOLERANCE
-from ..errors import MergeError
+from ..errors import MergeError, VerifyError
+from ..io.outputs import TERMINATING, remove_temporaries
 from .worklist import WorkItem
 
 # Workers start fresh ("spawn"): a forked child inherits the locks of threads it does not have
@@ -71,39 +74,58 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
-def convert_item(
-    item: WorkItem, verify: bool = False, tolerance: float = DEFAULT_TOLERANCE, readiness: Readiness = Readiness()
-) -> ItemResult:
-    """Merge one deployment into its outputs (replacing them if they exist: `main` decides up front
-    whether that is wanted), verify it on OpenCV when asked; never raises: any error becomes a failed
-    result with a one-line reason. A deployment that fails verification has its outputs removed, so
-    that `--skip-existing` retries it."""
+@dataclass(frozen=True)
+class Settings:
+    """How each deployment is converted: verified (on which engine, to what tolerance) or not,
+    whether existing outputs may be replaced, and what else to measure."""
+
+    verify: bool = False
+    backend: str = "auto"
+    tolerance: float = DEFAULT_TOLERANCE
+    overwrite: bool = True
+    readiness: Readiness = Readiness()
+
+
+def convert_item(item: WorkItem, settings: Settings = Settings()) -> ItemResult:
+    """Merge one deployment into temporary files, verify them when asked, then publish the pair
+    (replacing existing outputs only with `settings.overwrite`); never raises: any error becomes a
+    failed result with a one-line reason. A deployment that fails or cannot run verification
+    publishes nothing, so that `--skip-existing` retries it."""
     start = time.perf_counter()
     if item.problem is not None:
         return item_result(item, Status.FAILED, item.problem)
     details: dict[str, object] = {}
+    staged = None
     try:
         from ..pipeline import merge  # loaded here, so that --help needs no numpy
 
         item.out_prototxt.parent.mkdir(parents=True, exist_ok=True)
-        result = merge(item.prototxt, item.caffemodel, item.out_prototxt, item.out_caffemodel, overwrite=True)
+        result = merge(
+            item.prototxt, item.caffemodel, item.out_prototxt, item.out_caffemodel,
+            overwrite=settings.overwrite, stage=True,
+        )  # fmt: skip
+        staged = result.staged
         details["layers_before"] = sum(result.layers_before.values())
         details["layers_after"] = sum(result.layers_after.values())
         details["folds"] = dict(sorted(Counter(str(a.rule) for a in result.plan.actions).items()))
         details["warnings"] = list(result.warnings)
-        if verify:
-            error = max_verify_error(item)
+        if settings.verify:
+            merged = (staged.temporary(item.out_prototxt), staged.temporary(item.out_caffemodel))
+            error = max_verify_error(item, merged, settings.backend)
             details["max_verify_error"] = error
-            if not error <= tolerance:
-                _remove_outputs(item)
-                reason = f"verification failed: max relative error {error:.3g} > {tolerance:g} (outputs removed)"
+            if not error <= settings.tolerance:
+                reason = f"verification failed: max relative error {error:.3g} > {settings.tolerance:g} (not written)"
                 return _finish(item, Status.FAILED, reason, start, details)
-        details |= _readiness(item, result, readiness)
+        staged.publish(settings.overwrite)
+        details |= _readiness(item, result, settings.readiness)
     except Exception as err:  # one bad deployment never stops the others
-        if "layers_before" in details:  # merged, then verification could not run
-            _remove_outputs(item)
         reason = str(err) if isinstance(err, MergeError) else f"internal error: {type(err).__name__}: {err}"
+        if isinstance(err, VerifyError):
+            reason = f"could not verify (not written): {reason}"
         return _finish(item, Status.FAILED, _one_line(reason), start, details)
+    finally:
+        if staged is not None:
+            staged.discard()
     return _finish(item, Status.CONVERTED, None, start, details)
 
 
@@ -140,23 +162,22 @@ def _readiness(item: WorkItem, result: object, wanted: Readiness) -> dict[str, d
     return details
 
 
-def max_verify_error(item: WorkItem) -> float:
-    """Max relative error of the merged outputs of `item` against its inputs on OpenCV dnn,
-    over the blobs that decide pass / fail."""
+def max_verify_error(item: WorkItem, merged: tuple[Path, Path], backend: str = "auto") -> float:
+    """Max relative error of the `merged` pair against the inputs of `item` on `backend`, over the
+    blobs that decide pass / fail."""
     from ..verification.compare import verify
 
-    return verify((item.prototxt, item.caffemodel), (item.out_prototxt, item.out_caffemodel), "opencv").max_relative
-
-
-def _remove_outputs(item: WorkItem) -> None:
-    for out in (item.out_prototxt, item.out_caffemodel):
-        out.unlink(missing_ok=True)
+    return verify((item.prototxt, item.caffemodel), merged, backend).max_relative
 
 
 def _init_worker(opencv: bool) -> None:
     """Worker processes: one BLAS / OpenMP / OpenCV thread each (unless set otherwise), so that N
     workers use N cores, not N * cores. (The BLAS settings take effect when numpy was not loaded yet,
-    as in `merge-bn batch`, whose own process leaves it to the workers.)"""
+    as in `merge-bn batch`, whose own process leaves it to the workers.) A termination signal
+    (SIGTERM to the process group, or from the parent) removes the worker's temporary files and
+    ends it at once with 128 + signal."""
+    for signum in TERMINATING:
+        signal.signal(signum, _end_worker)
     for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(variable, "1")
     if opencv:
@@ -168,12 +189,16 @@ def _init_worker(opencv: bool) -> None:
             pass  # reported per item by verify
 
 
+def _end_worker(signum: int, frame: object) -> None:
+    remove_temporaries()
+    os._exit(128 + signum)
+
+
 def run_items(
     items: Sequence[WorkItem],
     jobs: int = 1,
-    verify: bool = False,
+    settings: Settings = Settings(),
     on_result: Callable[[ItemResult], None] | None = None,
-    readiness: Readiness = Readiness(),
 ) -> list[ItemResult]:
     """Convert `items` (in this process when `jobs` is 1, else in `jobs` worker processes); call
     `on_result` as each finishes; return the results in the order of `items`. Items whose worker
@@ -187,26 +212,28 @@ def run_items(
 
     if jobs <= 1 or len(items) <= 1:
         for item in items:
-            done(convert_item(item, verify, readiness=readiness))
+            done(convert_item(item, settings))
     else:
-        crashed = _run_pool(items, min(jobs, len(items)), verify, done, readiness)
+        crashed = _run_pool(items, min(jobs, len(items)), settings, done)
         for item in crashed:
-            again = _run_pool([item], 1, verify, done, readiness)
+            # its worker may have published it before the pool broke: the outputs are ours to replace
+            again = _run_pool([item], 1, replace(settings, overwrite=True), done)
             if again:
                 done(item_result(item, Status.FAILED, "the worker process died converting it (crash in native code?)"))
     return [results[item.key] for item in items]
 
 
 def _run_pool(
-    items: Sequence[WorkItem], jobs: int, verify: bool, done: Callable[[ItemResult], None], readiness: Readiness
+    items: Sequence[WorkItem], jobs: int, settings: Settings, done: Callable[[ItemResult], None]
 ) -> list[WorkItem]:
-    """Run `items` on a pool of `jobs` processes; return those lost to a dead worker."""
+    """Run `items` on a pool of `jobs` processes; return those lost to a dead worker. Interrupted
+    (a signal), it ends the workers (each removes its temporary files) before passing it on."""
     crashed = []
     context = multiprocessing.get_context(START_METHOD)
-    with ProcessPoolExecutor(
-        jobs, mp_context=context, initializer=_init_worker, initargs=(verify or readiness.benchmark > 0,)
-    ) as pool:
-        futures = {pool.submit(convert_item, item, verify, DEFAULT_TOLERANCE, readiness): item for item in items}
+    _start_resource_tracker()
+    opencv = settings.verify or settings.readiness.benchmark > 0
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker, initargs=(opencv,)) as pool:
+        futures = {pool.submit(convert_item, item, settings): item for item in items}
         try:
             for future in as_completed(futures):
                 item = futures[future]
@@ -220,5 +247,28 @@ def _run_pool(
                 done(result)
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
+            _end_workers()
             raise
     return crashed
+
+
+def _start_resource_tracker() -> None:
+    """Start multiprocessing's resource tracker with SIGHUP ignored, as it ignores SIGINT and
+    SIGTERM itself: a SIGHUP to the process group must not kill it (its restart forgets the
+    semaphores of the pool and prints tracebacks)."""
+    from multiprocessing import resource_tracker
+
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # an ignored signal stays ignored across exec
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
+def _end_workers() -> None:
+    """Send SIGTERM to every worker process still running and wait for it to end."""
+    workers = multiprocessing.active_children()
+    for worker in workers:
+        worker.terminate()
+    for worker in workers:
+        worker.join()

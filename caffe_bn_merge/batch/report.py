@@ -1,14 +1,14 @@
 """The JSON report of a batch run."""
 
 import json
-import os
 import statistics
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
 from .. import __version__
-from ..errors import UsageError
+from ..errors import OutputError, UsageError
+from ..io.outputs import Staged, writing
 from .pool import ItemResult, Status
 
 SCHEMA = 1
@@ -48,10 +48,14 @@ def fleet_totals(results: Sequence[ItemResult]) -> dict:
 def write_report(path: Path, report: dict) -> None:
     """Write the report as JSON, atomically (a temporary file renamed)."""
     path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    staged = Staged()
     try:
-        temporary.write_text(json.dumps(report, indent=2) + "\n")
-        temporary.replace(path)
+        with writing(path):
+            staged.stage(path, replaceable=True).write_text(json.dumps(report, indent=2) + "\n")
+        staged.publish()
+    except OutputError as err:
+        raise UsageError(str(err)) from None
     except OSError as err:
-        temporary.unlink(missing_ok=True)
         raise UsageError(f"{path}: cannot write the report ({err.strerror})") from None
+    finally:
+        staged.discard()

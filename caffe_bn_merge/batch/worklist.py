@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from ..errors import UsageError
+from ..io.outputs import file_key
 from .discovery import CAFFEMODEL_SUFFIX, PROTOTXT_SUFFIX, Discovery, ManifestEntry, discover, read_manifest
 
 
@@ -91,21 +92,22 @@ def plan_manifest(entries: Sequence[ManifestEntry], manifest: Path, outdir: Path
 
 def check_outputs(items: Sequence[WorkItem], protected: Iterable[Path] = ()) -> None:
     """Refuse (UsageError) two items writing the same file, and any output that is an input of
-    an item or one of the `protected` source files."""
-    sources = {Path(p).resolve() for p in protected}
+    an item or one of the `protected` source files (the same file by device and inode when it
+    exists: hard links and bind mounts too), or that exists and is not a regular file."""
+    sources = {file_key(p) for p in protected}
     for item in items:
-        sources.update(p.resolve() for p in (item.prototxt, item.caffemodel) if p is not None)
-    writers: dict[Path, str] = {}
+        sources.update(file_key(p) for p in (item.prototxt, item.caffemodel) if p is not None)
+    writers: dict[tuple[object, ...], str] = {}
     for item in items:
         for out in (item.out_prototxt, item.out_caffemodel):
-            resolved = out.resolve()
-            if resolved in sources:
+            key = file_key(out)
+            if key in sources:
                 raise UsageError(f"{out}: would overwrite a source file; choose an OUTDIR outside the sources")
-            if resolved in writers:
-                raise UsageError(
-                    f"{out}: written by both '{writers[resolved]}' and '{item.key}'; give distinct out names"
-                )
-            writers[resolved] = item.key
+            if key in writers:
+                raise UsageError(f"{out}: written by both '{writers[key]}' and '{item.key}'; give distinct out names")
+            if key[0] == "file" and not out.is_file():
+                raise UsageError(f"{out}: exists and is not a regular file; refusing to replace it, even with --force")
+            writers[key] = item.key
 
 
 def parse_shard(text: str) -> tuple[int, int]:

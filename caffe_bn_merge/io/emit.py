@@ -15,7 +15,7 @@ from google.protobuf.message import DecodeError
 
 from ..errors import InputError, OutputError
 from ..net import LayerEdit, ScaledRows, WeightLayer
-from . import proto, prototxt, wire
+from . import outputs, proto, prototxt, wire
 from .read import (
     BLOB_DATA,
     BLOB_DIMS,
@@ -188,19 +188,21 @@ def _encode_blob(array: np.ndarray | ScaledRows, legacy: bool) -> list[bytes | m
 @contextmanager
 def atomic_output(path: Path) -> Iterator[BinaryIO]:
     """Write to a temporary file beside `path`; rename it over `path` only when complete. The
-    temporary name is chosen before the file exists, so an interruption at any point (a handled
-    signal included) can remove it."""
-    tmp = path.with_name(f".{path.name}.{os.urandom(6).hex()}.tmp")
+    temporary name is registered before the file exists (`outputs.temporary_name`), so an
+    interruption at any point (a handled signal included) can remove it."""
+    tmp = outputs.temporary_name(path)
     try:
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 & ~_umask())
         except OSError as err:
             raise OutputError(f"{path}: cannot write in {path.parent} ({err.strerror})") from err
-        with os.fdopen(fd, "wb") as handle:
+        with outputs.writing(path), os.fdopen(fd, "wb") as handle:
             yield handle
+            outputs.pause_point("written")
         os.replace(tmp, path)
+        outputs.TEMPORARY.discard(tmp)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        outputs.forget(tmp)
         raise
 
 
@@ -208,16 +210,3 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-def check_outputs(inputs: tuple[Path, Path], outputs: tuple[Path, Path], overwrite: bool) -> None:
-    resolved = {p.resolve() for p in inputs}
-    for out in outputs:
-        if out.resolve() in resolved:
-            raise OutputError(f"{out}: output path equals an input path; choose another output name")
-        if not out.parent.is_dir():
-            raise OutputError(f"{out}: folder {out.parent} does not exist")
-        if out.exists() and not overwrite:
-            raise OutputError(f"{out}: exists already; add --force to replace it")
-    if outputs[0].resolve() == outputs[1].resolve():
-        raise OutputError(f"{outputs[0]}: the output model and weights paths are the same")

@@ -166,7 +166,8 @@ def run_opencv(
         layers = [layer if layer in known else top for layer, top in outputs]
         return [np.array(out, np.float64) for out in net.forward(layers)]
     except cv2.error as err:
-        raise VerifyError(f"OpenCV could not run {model}: {str(err).strip().splitlines()[-1]}") from err
+        cause = " ".join(line.strip().removeprefix("> ") for line in str(err).strip().splitlines())
+        raise VerifyError(f"OpenCV could not run {model}: {cause}") from err
 
 
 def opencv_net(model: Path, weights: Path) -> object:

@@ -21,3 +21,9 @@ class OutputError(MergeError):
     """An output path cannot be written as asked."""
 
     exit_code = 2
+
+
+class VerifyError(MergeError):
+    """The engine is missing or cannot run one of the models."""
+
+    exit_code = 2

@@ -1,0 +1,1 @@
+"""Checking a merged model against its original: engines and comparison."""

@@ -147,7 +147,7 @@ def _pooled(size: int, k: int, s: int, q: int, ceil: bool) -> int:
 
 def pooling(layer: object, inputs: list[np.ndarray], blobs: list[np.ndarray]) -> list[np.ndarray]:
     """MAX over the window clipped to the input; AVE divides by the window clipped to the padded
-    input (so padding counts, the overhang of ceil rounding does not); STOCHASTIC at TEST: sum x^2 / sum x."""
+    input (so padding counts, the overhang of ceil rounding does not)."""
     p, x = layer.pooling_param, inputs[0]
     h, w = x.shape[2:]
     kernel, stride, pad = _pool_geometry(p, h, w)
@@ -161,10 +161,8 @@ def pooling(layer: object, inputs: list[np.ndarray], blobs: list[np.ndarray]) ->
     if method == "MAX":
         cols = _windows(np.pad(x, widths, constant_values=-np.inf), kernel, stride, [1, 1])
         return [cols[:, :, : out[0], : out[1]].max(axis=(4, 5))]
-    if method == "STOCHASTIC":
-        padded = np.pad(x, widths)
-        squares = _windows(padded * padded, kernel, stride, [1, 1]).sum(axis=(4, 5))
-        return [(squares / _windows(padded, kernel, stride, [1, 1]).sum(axis=(4, 5)))[:, :, : out[0], : out[1]]]
+    if method != "AVE":
+        raise _fail(layer, f"{method} pooling has no CPU implementation in Caffe")
     sums = _windows(np.pad(x, widths), kernel, stride, [1, 1]).sum(axis=(4, 5))[:, :, : out[0], : out[1]]
     sizes = [
         np.minimum(np.arange(o) * s - q + k, size + q) - (np.arange(o) * s - q)

@@ -493,23 +493,21 @@ def shuffle_channel(layer: object, inputs: list[np.ndarray], blobs: list[np.ndar
 
 
 def upsample(layer: object, inputs: list[np.ndarray], blobs: list[np.ndarray]) -> list[np.ndarray]:
-    """One bottom (YOLO / darknet ports): nearest neighbour, each pixel repeated scale_h x scale_w
-    (`scale`, or `scale_h`/`scale_w`, or the ratio of `upsample_h`/`upsample_w` to the input).
-    Two bottoms (caffe-segnet): max-unpooling of bottom 0 to the positions in the mask bottom 1."""
+    """One bottom (YOLO / darknet ports): nearest neighbour, each pixel repeated `scale` times (or
+    scale_h x scale_w) in each direction. Two bottoms (caffe-segnet): max-unpooling, bottom 0 goes to
+    the positions the mask bottom 1 holds, in an upsample_h x upsample_w plane (default: the input
+    size times the scale, minus one with pad_out_h / pad_out_w)."""
     p, x = layer.upsample_param, inputs[0]
-    h, w = x.shape[2:]
     scale_h = p.scale_h if p.HasField("scale_h") else p.scale
     scale_w = p.scale_w if p.HasField("scale_w") else p.scale
-    out_h = p.upsample_h if p.HasField("upsample_h") else h * scale_h - int(p.pad_out_h)
-    out_w = p.upsample_w if p.HasField("upsample_w") else w * scale_w - int(p.pad_out_w)
-    if len(inputs) > 1:
-        top = np.zeros((*x.shape[:2], out_h * out_w))
-        mask = inputs[1].reshape(*x.shape[:2], -1).astype(np.int64)
-        np.put_along_axis(top, mask, x.reshape(*x.shape[:2], -1), axis=-1)
-        return [top.reshape(*x.shape[:2], out_h, out_w)]
-    rows = np.arange(out_h) * h // out_h if p.HasField("upsample_h") else np.arange(out_h) // scale_h
-    cols = np.arange(out_w) * w // out_w if p.HasField("upsample_w") else np.arange(out_w) // scale_w
-    return [x[:, :, rows][:, :, :, cols]]
+    if len(inputs) == 1:
+        return [x.repeat(scale_h, axis=2).repeat(scale_w, axis=3)]
+    out_h = p.upsample_h if p.HasField("upsample_h") else x.shape[2] * scale_h - int(p.pad_out_h)
+    out_w = p.upsample_w if p.HasField("upsample_w") else x.shape[3] * scale_w - int(p.pad_out_w)
+    top = np.zeros((*x.shape[:2], out_h * out_w))
+    mask = inputs[1].reshape(*x.shape[:2], -1).astype(np.int64)
+    np.put_along_axis(top, mask, x.reshape(*x.shape[:2], -1), axis=-1)
+    return [top.reshape(*x.shape[:2], out_h, out_w)]
 
 
 def interp(layer: object, inputs: list[np.ndarray], blobs: list[np.ndarray]) -> list[np.ndarray]:

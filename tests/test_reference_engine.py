@@ -55,6 +55,7 @@ class Variant:
     tops: int = 1
     blobs: list[np.ndarray] | None = None
     opencv: str = ""  # why OpenCV does not compute this variant as Caffe does ("": it does)
+    values: list[np.ndarray] | None = None  # the inputs (default: seeded standard normal)
 
 
 @dataclass
@@ -67,9 +68,24 @@ class Case:
 
 
 def _v(
-    shapes: Shape | list[Shape], params: str = "", tops: int = 1, blobs: list | None = None, opencv: str = ""
+    shapes: Shape | list[Shape],
+    params: str = "",
+    tops: int = 1,
+    blobs: list | None = None,
+    opencv: str = "",
+    values: list | None = None,
 ) -> Variant:
-    return Variant(shapes if isinstance(shapes, list) else [shapes], params, tops, blobs, opencv)
+    return Variant(shapes if isinstance(shapes, list) else [shapes], params, tops, blobs, opencv, values)
+
+
+def _detections(images: int, priors: int, loc_values: int, classes: int, seed: int = 5) -> list[np.ndarray]:
+    """loc offsets, confidences in [0, 1) and valid prior boxes with SSD's variances."""
+    rng = np.random.default_rng(seed)
+    centre, size = rng.uniform(0.1, 0.9, (priors, 2)), rng.uniform(0.05, 0.4, (priors, 2))
+    boxes = np.concatenate([centre - size / 2, centre + size / 2], axis=1).ravel()
+    variances = np.tile([0.1, 0.1, 0.2, 0.2], priors)
+    loc = rng.standard_normal((images, loc_values))
+    return [loc, rng.uniform(0, 1, (images, priors * classes)), np.stack([boxes, variances])[None]]
 
 
 def _bn_blobs(channels: int, factor: float, seed: int = 3) -> list[np.ndarray]:
@@ -78,6 +94,7 @@ def _bn_blobs(channels: int, factor: float, seed: int = 3) -> list[np.ndarray]:
     return [mean * factor, var * factor, np.array([factor])]
 
 
+DETECTIONS = "orders detections by score, not by label"
 CONV = "convolution_param {{ num_output: {0} {1} }}"
 CASES = [
     Case(
@@ -320,6 +337,38 @@ CASES = [
             ),
         ],
     ),
+    Case(
+        "DetectionOutput",
+        [
+            _v(
+                [(1, 80), (1, 80), (1, 2, 80)],
+                "detection_output_param { num_classes: 4 code_type: CENTER_SIZE keep_top_k: 8"
+                " confidence_threshold: 0.1 nms_param { nms_threshold: 0.45 top_k: 10 } }",
+                opencv=DETECTIONS,
+                values=_detections(1, 20, 80, 4),
+            ),
+            _v(
+                [(2, 80), (2, 80), (1, 2, 80)],
+                "detection_output_param { num_classes: 4 nms_param { nms_threshold: 0.3 } }",
+                opencv=DETECTIONS,
+                values=_detections(2, 20, 80, 4),
+            ),
+            _v(
+                [(1, 120), (1, 90), (1, 2, 120)],
+                "detection_output_param { num_classes: 3 code_type: CORNER_SIZE background_label_id: 2"
+                " confidence_threshold: 0.5 nms_param { nms_threshold: 0.6 eta: 0.9 } }",
+                opencv=DETECTIONS,
+                values=_detections(1, 30, 120, 3),
+            ),
+            _v(
+                [(1, 320), (1, 80), (1, 2, 80)],
+                "detection_output_param { num_classes: 4 share_location: false code_type: CENTER_SIZE"
+                " variance_encoded_in_target: true nms_param { nms_threshold: 0.5 top_k: 6 } }",
+                opencv=DETECTIONS,
+                values=_detections(1, 20, 320, 4),
+            ),
+        ],
+    ),
 ]
 CASE_IDS = [case.type for case in CASES]
 
@@ -331,10 +380,11 @@ def _case_net(case: Case, folder: Path) -> tuple[Path, Path, dict[str, np.ndarra
     inputs, outputs, blobs = {}, [], {}
     for i, variant in enumerate(case.variants):
         bottoms = [f"in{i}_{j}" for j in range(len(variant.shapes))]
-        for name, shape in zip(bottoms, variant.shapes, strict=True):
+        values = variant.values or [rng.standard_normal(shape) for shape in variant.shapes]
+        for name, shape, value in zip(bottoms, variant.shapes, values, strict=True):
             layer = net.layer.add(name=name, type="Input", top=[name])
             layer.input_param.shape.add(dim=shape)
-            inputs[name] = rng.standard_normal(shape).astype(np.float32)
+            inputs[name] = np.asarray(value, np.float32).reshape(shape)
         tops = [f"v{i}_{k}" for k in range(variant.tops)]
         layer = net.layer.add(name=f"v{i}", type=case.type, bottom=bottoms, top=tops)
         text_format.Merge(variant.params, layer)

@@ -20,6 +20,7 @@ from ..shapes import canonical_axis, conv_geometry
 
 Forward = Callable[[object, list[np.ndarray], list[np.ndarray]], list[np.ndarray]]
 SEGNET_VAR_EPS = 1e-9  # caffe-segnet's BN layer: fixed in LayerSetUp
+CORNER, CORNER_SIZE = 1, 3  # PriorBoxParameter.CodeType (CENTER_SIZE = 2)
 
 
 def _fail(layer: object, problem: str) -> VerifyError:
@@ -478,6 +479,77 @@ def _prior_sizes(p: object) -> np.ndarray:
     return np.array(sizes, np.float64)
 
 
+def detection_output(layer: object, inputs: list[np.ndarray], blobs: list[np.ndarray]) -> list[np.ndarray]:
+    """SSD DetectionOutput: decode loc against the priors, per class keep scores above
+    confidence_threshold, greedy NMS (top_k candidates, IoU > nms_threshold suppressed, eta), then
+    keep_top_k over all classes; rows [image, label, score, xmin, ymin, xmax, ymax] per image, by
+    label, highest score first (one row of -1 per image when nothing is kept)."""
+    p = layer.detection_output_param
+    loc, conf, prior = inputs[:3]
+    n, classes = loc.shape[0], p.num_classes
+    priors = prior.reshape(prior.shape[0], 2, -1, 4)[0]
+    loc_classes = 1 if p.share_location else classes
+    boxes = _decode(p, loc.reshape(n, priors.shape[1], loc_classes, 4), priors[0], priors[1])
+    scores = conf.reshape(n, priors.shape[1], classes)
+    rows = []
+    for image in range(n):
+        kept = []
+        for label in range(classes):
+            if label != p.background_label_id:
+                own = boxes[image, :, 0 if p.share_location else label]
+                kept += [(scores[image, i, label], label, i, own[i]) for i in _nms(p, own, scores[image, :, label])]
+        if p.keep_top_k > -1 and len(kept) > p.keep_top_k:
+            kept = sorted(kept, key=lambda row: -row[0])[: p.keep_top_k]
+            kept = sorted(kept, key=lambda row: row[1])  # stable: by label, each still by score
+        rows += [[image, label, score, *box] for score, label, _, box in kept]
+    if not rows:
+        rows = [[image] + [-1.0] * 6 for image in range(n)]
+    return [np.array(rows, np.float64).reshape(1, 1, -1, 7)]
+
+
+def _decode(p: object, loc: np.ndarray, prior: np.ndarray, variance: np.ndarray) -> np.ndarray:
+    """Boxes (xmin, ymin, xmax, ymax) from loc offsets, for code_type CORNER, CENTER_SIZE or CORNER_SIZE."""
+    prior, variance = prior[None, :, None], variance[None, :, None]
+    if p.variance_encoded_in_target:
+        variance = np.ones_like(variance)
+    size = prior[..., 2:] - prior[..., :2]
+    if p.code_type == CORNER:
+        return prior + variance * loc
+    if p.code_type == CORNER_SIZE:
+        return prior + variance * loc * np.concatenate([size, size], axis=-1)
+    centre = (prior[..., :2] + prior[..., 2:]) / 2 + variance[..., :2] * loc[..., :2] * size
+    half = np.exp(variance[..., 2:] * loc[..., 2:]) * size / 2
+    return np.concatenate([centre - half, centre + half], axis=-1)
+
+
+def _nms(p: object, boxes: np.ndarray, scores: np.ndarray) -> list[int]:
+    """Caffe's ApplyNMSFast: candidates above the threshold, best first (stable), at most top_k."""
+    nms = p.nms_param
+    threshold = p.confidence_threshold if p.HasField("confidence_threshold") else -np.inf
+    candidates = np.flatnonzero(scores > threshold)
+    candidates = candidates[np.argsort(-scores[candidates], kind="stable")]
+    if nms.HasField("top_k") and nms.top_k > -1:
+        candidates = candidates[: nms.top_k]
+    limit, kept = nms.nms_threshold, []
+    for index in candidates:
+        if all(_iou(boxes[index], boxes[other]) <= limit for other in kept):
+            kept.append(int(index))
+            if nms.eta < 1 and limit > 0.5:
+                limit *= nms.eta
+    return kept
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    if b[0] > a[2] or b[2] < a[0] or b[1] > a[3] or b[3] < a[1]:
+        return 0.0
+    inter = (min(a[2], b[2]) - max(a[0], b[0])) * (min(a[3], b[3]) - max(a[1], b[1]))
+    return float(inter / (_area(a) + _area(b) - inter))
+
+
+def _area(box: np.ndarray) -> float:
+    return 0.0 if box[2] < box[0] or box[3] < box[1] else (box[2] - box[0]) * (box[3] - box[1])
+
+
 # --- fork layers -----------------------------------------------------------------------------------
 
 
@@ -586,6 +658,7 @@ LAYERS: dict[str, Forward] = {
     "Permute": permute,
     "ArgMax": argmax,
     "PriorBox": prior_box,
+    "DetectionOutput": detection_output,
     "Dropout": identity,
     "ReLU6": relu6,
     "ShuffleChannel": shuffle_channel,

@@ -703,3 +703,69 @@ def test_in_place_blob_is_the_version_its_layer_wrote(tmp_path) -> None:
     first, second = run_reference(model, weights, {"in0": np.array([[1.0, -2.0]])}, [("f", "out"), ("g", "out")])
     np.testing.assert_array_equal(first, [[1.0, 0.0]])
     np.testing.assert_array_equal(second, [[2.0, 0.0]])
+
+
+def _stats(channels: int, seed: int = 8) -> tuple[np.ndarray, ...]:
+    """mean, variance, gamma, beta as float32 values (what a caffemodel stores)."""
+    rng = np.random.default_rng(seed)
+    values = rng.normal(0, 0.5, channels), rng.lognormal(0, 0.8, channels), rng.normal(1, 0.3, channels)
+    return tuple(v.astype(np.float32).astype(np.float64) for v in (*values, rng.normal(0, 0.3, channels)))
+
+
+FLAVOURS = {
+    # name: (layer type, params, blobs from (mean, var, gamma, beta), eps the formula uses, affine applied)
+    "nvcaffe 5 blobs": (
+        "BatchNorm",
+        "batch_norm_param { scale_bias: true eps: 1e-6 }",
+        lambda m, v, g, b: [m, v, np.ones(1), g, b],
+        1e-5,
+        True,
+    ),
+    "nvcaffe 3 blobs": (
+        "BatchNorm",
+        "batch_norm_param { scale_bias: false eps: 0.001 }",
+        lambda m, v, g, b: [m, v, np.full(1, 2.0)],
+        1e-3,
+        False,
+    ),
+    "nvcaffe 0.15": (
+        "BatchNorm",
+        "batch_norm_param { eps: 0.0001 }",
+        lambda m, v, g, b: [g, b, m, v, np.zeros(1)],
+        1e-4,
+        True,
+    ),
+    "pspnet BN": (
+        "BN",
+        "bn_param { eps: 0.0002 }",
+        lambda m, v, g, b: [x.reshape(1, -1, 1, 1) for x in (g, b, m, v)],
+        2e-4,
+        True,
+    ),
+}
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_batchnorm_flavours(flavour: str, tmp_path) -> None:
+    type_, params, make, eps, affine = FLAVOURS[flavour]
+    mean, var, gamma, beta = _stats(5)
+    x = np.random.default_rng(9).standard_normal((2, 5, 3, 4))
+    expected = np.zeros_like(x)
+    for c in range(5):
+        expected[:, c] = (x[:, c] - mean[c]) / math.sqrt(var[c] + eps)
+        if affine:
+            expected[:, c] = expected[:, c] * gamma[c] + beta[c]
+    got = _one(tmp_path, [x.shape], _layer(type_, params), [x], {"f": make(mean, var, gamma, beta)})
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6 * np.abs(expected).max())
+
+
+def test_run_reference_errors_are_one_line(tmp_path) -> None:
+    model, weights = _fork_net(tmp_path, [(1, 2)], _layer("ReLU", ""))
+    for outputs, given, words in [
+        ([("nope", "out")], {"in0": np.ones((1, 2))}, "no layer 'nope'"),
+        ([("f", "nope")], {"in0": np.ones((1, 2))}, "does not write 'nope'"),
+        ([("f", "out")], {}, "no value given for the net input 'in0'"),
+    ]:
+        with pytest.raises(VerifyError, match=words) as caught:
+            run_reference(model, weights, given, outputs)
+        assert "\n" not in str(caught.value)

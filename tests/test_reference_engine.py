@@ -78,14 +78,17 @@ def _v(
     return Variant(shapes if isinstance(shapes, list) else [shapes], params, tops, blobs, opencv, values)
 
 
-def _detections(images: int, priors: int, loc_values: int, classes: int, seed: int = 5) -> list[np.ndarray]:
-    """loc offsets, confidences in [0, 1) and valid prior boxes with SSD's variances."""
-    rng = np.random.default_rng(seed)
+def _detection_variant(images: int, priors: int, classes: int, params: str, loc_classes: int = 1) -> Variant:
+    """DetectionOutput on loc offsets, confidences in [0, 1) and valid prior boxes with SSD's variances."""
+    rng = np.random.default_rng(priors + classes)
     centre, size = rng.uniform(0.1, 0.9, (priors, 2)), rng.uniform(0.05, 0.4, (priors, 2))
     boxes = np.concatenate([centre - size / 2, centre + size / 2], axis=1).ravel()
-    variances = np.tile([0.1, 0.1, 0.2, 0.2], priors)
-    loc = rng.standard_normal((images, loc_values))
-    return [loc, rng.uniform(0, 1, (images, priors * classes)), np.stack([boxes, variances])[None]]
+    prior = np.stack([boxes, np.tile([0.1, 0.1, 0.2, 0.2], priors)])[None]
+    loc = rng.standard_normal((images, priors * loc_classes * 4))
+    conf = rng.uniform(0, 1, (images, priors * classes))
+    shapes = [loc.shape, conf.shape, prior.shape]
+    text = f"detection_output_param {{ {params} }}"
+    return _v(shapes, text, opencv="orders detections by score, not by label", values=[loc, conf, prior])
 
 
 def _bn_blobs(channels: int, factor: float, seed: int = 3) -> list[np.ndarray]:
@@ -94,7 +97,6 @@ def _bn_blobs(channels: int, factor: float, seed: int = 3) -> list[np.ndarray]:
     return [mean * factor, var * factor, np.array([factor])]
 
 
-DETECTIONS = "orders detections by score, not by label"
 CONV = "convolution_param {{ num_output: {0} {1} }}"
 CASES = [
     Case(
@@ -340,32 +342,28 @@ CASES = [
     Case(
         "DetectionOutput",
         [
-            _v(
-                [(1, 80), (1, 80), (1, 2, 80)],
-                "detection_output_param { num_classes: 4 code_type: CENTER_SIZE keep_top_k: 8"
-                " confidence_threshold: 0.1 nms_param { nms_threshold: 0.45 top_k: 10 } }",
-                opencv=DETECTIONS,
-                values=_detections(1, 20, 80, 4),
+            _detection_variant(
+                1,
+                20,
+                4,
+                "num_classes: 4 code_type: CENTER_SIZE keep_top_k: 8 confidence_threshold: 0.1"
+                " nms_param { nms_threshold: 0.45 top_k: 10 }",
             ),
-            _v(
-                [(2, 80), (2, 80), (1, 2, 80)],
-                "detection_output_param { num_classes: 4 nms_param { nms_threshold: 0.3 } }",
-                opencv=DETECTIONS,
-                values=_detections(2, 20, 80, 4),
+            _detection_variant(2, 20, 4, "num_classes: 4 nms_param { nms_threshold: 0.3 }"),
+            _detection_variant(
+                1,
+                30,
+                3,
+                "num_classes: 3 code_type: CORNER_SIZE background_label_id: 2 confidence_threshold: 0.5"
+                " nms_param { nms_threshold: 0.6 eta: 0.9 }",
             ),
-            _v(
-                [(1, 120), (1, 90), (1, 2, 120)],
-                "detection_output_param { num_classes: 3 code_type: CORNER_SIZE background_label_id: 2"
-                " confidence_threshold: 0.5 nms_param { nms_threshold: 0.6 eta: 0.9 } }",
-                opencv=DETECTIONS,
-                values=_detections(1, 30, 120, 3),
-            ),
-            _v(
-                [(1, 320), (1, 80), (1, 2, 80)],
-                "detection_output_param { num_classes: 4 share_location: false code_type: CENTER_SIZE"
-                " variance_encoded_in_target: true nms_param { nms_threshold: 0.5 top_k: 6 } }",
-                opencv=DETECTIONS,
-                values=_detections(1, 20, 320, 4),
+            _detection_variant(
+                1,
+                20,
+                4,
+                "num_classes: 4 share_location: false code_type: CENTER_SIZE"
+                " variance_encoded_in_target: true nms_param { nms_threshold: 0.5 top_k: 6 }",
+                loc_classes=4,
             ),
         ],
     ),

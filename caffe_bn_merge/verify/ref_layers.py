@@ -16,7 +16,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from .. import bn_variants
 from ..errors import VerifyError
 from ..reasons import Refusal
-from ..shapes import canonical_axis, conv_geometry
+from ..shapes import canonical_axis, conv_geometry, prior_aspect_ratios
 
 Forward = Callable[[object, list[np.ndarray], list[np.ndarray]], list[np.ndarray]]
 SEGNET_VAR_EPS = 1e-9  # caffe-segnet's BN layer: fixed in LayerSetUp
@@ -30,14 +30,16 @@ def _fail(layer: object, problem: str) -> VerifyError:
 # --- convolution -----------------------------------------------------------------------------------
 
 
-def _geometry(layer: object, x: np.ndarray) -> tuple[int, list[int], list[int], list[int], list[int]]:
+def _conv_input(layer: object, x: np.ndarray) -> tuple[np.ndarray, tuple[int, ...], tuple[list[int], ...]]:
+    """x as (B, C, *spatial) (the axes before `axis` merged into B), those axes, and the kernel,
+    stride, pad and dilation per spatial axis."""
     p = layer.convolution_param
     axis = canonical_axis(p.axis, x.ndim)
     try:
-        kernel, stride, pad, dilation = conv_geometry(p, x.ndim - axis - 1)
+        geometry = conv_geometry(p, x.ndim - axis - 1)
     except ValueError as err:
         raise _fail(layer, str(err)) from None
-    return axis, kernel, stride, pad, dilation
+    return x.reshape(-1, *x.shape[axis:]), x.shape[:axis], geometry
 
 
 def _windows(x: np.ndarray, kernel: list[int], stride: list[int], dilation: list[int]) -> np.ndarray:
@@ -52,12 +54,9 @@ def _windows(x: np.ndarray, kernel: list[int], stride: list[int], dilation: list
 
 def convolution(layer: object, inputs: list[np.ndarray], blobs: list[np.ndarray]) -> list[np.ndarray]:
     """Convolution (also DepthwiseConvolution / ConvolutionDepthwise: the same with its `group`)."""
-    x = inputs[0]
-    axis, kernel, stride, pad, dilation = _geometry(layer, x)
-    p, w = layer.convolution_param, blobs[0]
-    group = p.group
-    outer, channels, spatial = x.shape[:axis], x.shape[axis], x.shape[axis + 1 :]
-    x = x.reshape(-1, channels, *spatial)
+    x, outer, (kernel, stride, pad, dilation) = _conv_input(layer, inputs[0])
+    p, w, group = layer.convolution_param, blobs[0], layer.convolution_param.group
+    channels, spatial = x.shape[1], x.shape[2:]
     x = np.pad(x, [(0, 0), (0, 0)] + [(q, q) for q in pad])
     cols = _windows(x, kernel, stride, dilation)  # (B, C, *out, *kernel)
     n_sp = len(spatial)
@@ -88,13 +87,10 @@ def _depthwise(cols: np.ndarray, w: np.ndarray, n_sp: int) -> np.ndarray:
 
 def deconvolution(layer: object, inputs: list[np.ndarray], blobs: list[np.ndarray]) -> list[np.ndarray]:
     """Deconvolution: each input pixel spreads its kernel over the output (col2im), then `pad` is cut."""
-    x = inputs[0]
-    axis, kernel, stride, pad, dilation = _geometry(layer, x)
-    p, w = layer.convolution_param, blobs[0]
-    group = p.group
-    outer, channels, spatial = x.shape[:axis], x.shape[axis], x.shape[axis + 1 :]
+    x, outer, (kernel, stride, pad, dilation) = _conv_input(layer, inputs[0])
+    p, w, group = layer.convolution_param, blobs[0], layer.convolution_param.group
+    channels, spatial = x.shape[1], x.shape[2:]
     n_sp = len(spatial)
-    x = x.reshape(-1, channels, *spatial)
     cg, og = channels // group, w.shape[1]
     w = w.reshape(channels, og, *kernel)
     full = [s * (n - 1) + d * (k - 1) + 1 for n, s, k, d in zip(spatial, stride, kernel, dilation, strict=True)]
@@ -463,12 +459,7 @@ def prior_box(layer: object, inputs: list[np.ndarray], blobs: list[np.ndarray]) 
 
 def _prior_sizes(p: object) -> np.ndarray:
     """(width, height) of each prior of a cell, in Caffe's order."""
-    ratios = [1.0]
-    for ratio in p.aspect_ratio:
-        if all(abs(ratio - known) >= 1e-6 for known in ratios):
-            ratios.append(ratio)
-            if p.flip:
-                ratios.append(1.0 / ratio)
+    ratios = prior_aspect_ratios(p)
     sizes = []
     for i, low in enumerate(p.min_size):
         sizes.append((low, low))

@@ -3,7 +3,7 @@
 
     python bench/bench_batch.py [--count 50] [--seed 0] [--verify] [--keep DIR]
 
-Makes a fleet (`caffe_bn_merge.fleet.make_fleet`, nothing broken: every pair converts), then times:
+Makes a fleet (`caffe_bn_merge.synthetic.fleet.make_fleet`, nothing broken: every pair converts), then times:
 
 1. merge() alone on every (prototxt, caffemodel) pair, in this process: the single-model conversion
    time, summed;
@@ -25,9 +25,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from caffe_bn_merge import batch
-from caffe_bn_merge.fleet import make_fleet
+from caffe_bn_merge.batch import command
 from caffe_bn_merge.pipeline import merge
+from caffe_bn_merge.synthetic.fleet import make_fleet
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,7 +65,7 @@ def run(root: Path, count: int, seed: int, verify: bool) -> list[tuple[str, str]
         args = [str(root / "fleet"), "--out", str(root / f"out{jobs}"), "--jobs", str(jobs), "-q"]
         args += ["--report", str(root / f"report{jobs}.json")] + (["--verify"] if verify else [])
         before = cpu_seconds()
-        walls[jobs], code = timed(lambda a=args: batch.main(a))
+        walls[jobs], code = timed(lambda a=args: command.main(a))
         cpus[jobs] = cpu_seconds() - before
         if code != 0:
             raise SystemExit(f"batch --jobs {jobs} exited {code}: see {root / f'report{jobs}.json'}")

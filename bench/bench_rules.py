@@ -41,8 +41,8 @@ from rich.console import Console
 from rich.table import Table
 
 from caffe_bn_merge import MergeOptions, merge, verify
-from caffe_bn_merge.synth import save_weights_for
-from caffe_bn_merge.verification import random_inputs
+from caffe_bn_merge.synthetic.synth import save_weights_for
+from caffe_bn_merge.verification.compare import random_inputs
 
 CLASSIC = MergeOptions(identity=False, backward=False, standalone=False)
 VARIANTS = ("original", "all", "classic")

@@ -53,7 +53,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from caffe_bn_merge.synth import NetBuilder, save_weights_for
+from caffe_bn_merge.synthetic.synth import NetBuilder, save_weights_for
 
 MB = 1e6  # sizes and memory are in MB of 10^6 bytes
 TARGET_TIME_RATIO = 4.0  # merge-bn wall time / cp wall time
@@ -72,7 +72,7 @@ METHODS = ("cp", "protobuf", "floor", "merge")
 PROTOBUF_CHILD = """
 import sys, time
 start = time.perf_counter()
-from caffe_bn_merge.proto import NetParameter
+from caffe_bn_merge.io.proto import NetParameter
 with open(sys.argv[1], "rb") as f:
     data = f.read()
 out = NetParameter.FromString(data).SerializeToString()
@@ -85,7 +85,7 @@ FLOOR_CHILD = """
 import os, sys
 import numpy
 from google.protobuf import text_format
-from caffe_bn_merge.proto import NetParameter
+from caffe_bn_merge.io.proto import NetParameter
 with open(sys.argv[1], encoding="utf-8") as f:
     text_format.Parse(f.read(), NetParameter())
 with open(sys.argv[2], "rb") as src, open(sys.argv[3], "wb") as dst:
@@ -243,13 +243,13 @@ def prepare(name: str, folder: Path, synthetic_mb: float, console: Console) -> P
         generated = time.perf_counter() - start
     console.print(
         f"{name}: generated {caffemodel.stat().st_size / MB:.0f} MB in {generated:.1f} s"
-        + (f" (of which {written:.1f} s writing it with caffe_io.write_new_weights)" if written is not None else "")
+        + (f" (of which {written:.1f} s writing it with emit.write_new_weights)" if written is not None else "")
     )
     return prototxt, caffemodel, generated, written
 
 
 def layer_count(prototxt: Path) -> int:
-    from caffe_bn_merge.caffe_io import read_net
+    from caffe_bn_merge.io.read import read_net
 
     net = read_net(prototxt)
     return len(net.layer) or len(net.layers)

@@ -18,13 +18,15 @@ _PUBLIC = {
     "MergeError": "errors",
     "MismatchError": "errors",
     "OutputError": "errors",
+    "UsageError": "errors",
+    "VerifyError": "errors",
     "MergeOptions": "pipeline",
     "MergeResult": "pipeline",
     "merge": "pipeline",
     "build_report": "report",
     "decisions": "report",
-    "VerifyResult": "verification",
-    "verify": "verification",
+    "VerifyResult": "verification.compare",
+    "verify": "verification.compare",
 }
 __all__ = [*sorted(_PUBLIC), "__version__"]
 

@@ -1,4 +1,5 @@
-"""`merge-bn`: the command line. The only module that prints and exits.
+"""`merge-bn`: the command line; with `batch/console.py`, the only code that prints, and the only
+place that turns errors into exit codes.
 
 Exit codes: 0 done; 1 internal error; 2 bad input or usage; 3 --verify found the merged model
 further from the original than --tolerance.
@@ -14,15 +15,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import __version__
+from .defaults import BENCHMARK_ROUNDS, DEFAULT_TOLERANCE, EXIT_VERIFY_FAILED, TABLE_WIDTH
 from .errors import MergeError
 
 if TYPE_CHECKING:  # the heavy modules load only once there is work to do, so --help is fast
+    from .maths.quant import HostReadiness
     from .pipeline import MergeResult
-    from .verification import VerifyResult
+    from .verification.benchmark import BenchmarkResult
+    from .verification.compare import VerifyResult
 
 log = logging.getLogger("caffe_bn_merge")
-EXIT_VERIFY_FAILED = 3
-DEFAULT_TOLERANCE = 1e-4  # also verification.DEFAULT_TOLERANCE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_rule_flags(parser)
     _add_fork_flags(parser)
     _add_verify_flags(parser)
+    _add_readiness_flags(parser)
     out = parser.add_argument_group("reporting")
     out.add_argument("--dry-run", action="store_true", help="plan and print the decisions; write no model files")
     out.add_argument("--force", action="store_true", help="replace output files that exist already")
@@ -105,10 +108,11 @@ def _add_verify_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--verify", action="store_true", help="run original and merged model and compare outputs")
     group.add_argument(
         "--backend",
-        choices=("auto", "opencv", "caffe"),
+        choices=("auto", "caffe", "opencv", "reference"),
         default="auto",
-        help="engine for --verify: pycaffe (scripts/install_pycaffe.sh) or OpenCV dnn "
-        "(pip install 'caffe-bn-merge[verify]'); auto prefers pycaffe when installed",
+        help="engine for --verify: pycaffe (scripts/install_pycaffe.sh), OpenCV dnn "
+        "(pip install 'caffe-bn-merge[verify]') or our float64 reference engine (numpy only); "
+        "auto takes the first of these that runs the net",
     )
     group.add_argument(
         "--tolerance",
@@ -127,11 +131,73 @@ def _add_verify_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, not '{text}'")
+    return int(text)
+
+
+def _add_readiness_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("speed and int8 readiness")
+    group.add_argument(
+        "--benchmark",
+        nargs="?",
+        const=BENCHMARK_ROUNDS,
+        type=_positive,
+        metavar="N",
+        help=f"time N interleaved forward passes (default {BENCHMARK_ROUNDS}) of the original and the merged "
+        "model on --backend after a warm-up; print median times and their ratio",
+    )
+    group.add_argument(
+        "--threads", type=_positive, metavar="N", help="threads --benchmark runs with (default: the engine's)"
+    )
+    group.add_argument(
+        "--quant",
+        action="store_true",
+        help="int8 readiness of every folded layer: weight ranges and int8 error before and after folding; "
+        "flags layers where folding costs per-tensor int8 resolution",
+    )
+
+
+def _readiness(
+    args: argparse.Namespace, result: "MergeResult", step: Callable[[str], None]
+) -> tuple["BenchmarkResult | None", "list[HostReadiness] | None"]:
+    """--benchmark and --quant, when asked for."""
+    bench = readiness = None
+    if args.quant:
+        from .maths.quant import readiness as host_readiness
+
+        step("int8 readiness")
+        readiness = [host_readiness(host) for host in result.hosts]
+    if args.benchmark and args.dry_run:
+        log.warning("--benchmark needs the merged model: nothing timed in a --dry-run")
+    elif args.benchmark:
+        from .verification.benchmark import benchmark
+
+        step("benchmarking")
+        original, merged = (args.model, args.weights), (result.output_model, result.output_weights)
+        bench = benchmark(original, merged, args.backend, args.benchmark, args.threads, args.input, args.seed)
+    return bench, readiness
+
+
+def _print_readiness(
+    console: object, bench: "BenchmarkResult | None", readiness: "list[HostReadiness] | None", everything: bool
+) -> None:
+    from .report import benchmark_table, readiness_notes, readiness_table
+
+    if bench is not None:
+        console.print(benchmark_table(bench))
+    if readiness is not None:
+        console.print(readiness_table(readiness, everything))
+        for line in readiness_notes(readiness, everything):
+            console.print(line, markup=False, highlight=False, width=80)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["batch"]:
-        from .batch import main as batch_main
+        from .batch.command import main as batch_main
 
         return batch_main(argv[1:])
     args = build_parser().parse_args(argv)
@@ -157,9 +223,9 @@ def _terminate(signum: int, frame: object) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .caffe_io import atomic_output
-    from .hosts import DEFAULT_CONV_LIKE
+    from .io.emit import atomic_output
     from .pipeline import MergeOptions, merge
+    from .rules.hosts import DEFAULT_CONV_LIKE
 
     console = None if args.quiet else _console()
     options = MergeOptions(
@@ -182,21 +248,23 @@ def _run(args: argparse.Namespace) -> int:
             else:
                 step("verifying")
                 checked = _verify(args, result)
+        bench, readiness = _readiness(args, result, step)
     if console is not None:
         _print(console, result, checked, args.verbose or args.dry_run)
+        _print_readiness(console, bench, readiness, args.verbose)
     if args.report:
         import json
 
         from .report import build_report
 
-        report = build_report(result, str(args.model), str(args.weights), checked)
+        report = build_report(result, str(args.model), str(args.weights), checked, bench, readiness)
         with atomic_output(args.report) as handle:
             handle.write(json.dumps(report, indent=2).encode())
     return EXIT_VERIFY_FAILED if checked is not None and not checked.passed else 0
 
 
 def _verify(args: argparse.Namespace, result: "MergeResult") -> "VerifyResult":
-    from .verification import verify
+    from .verification.compare import verify
 
     original = (args.model, args.weights)
     merged = (result.output_model, result.output_weights)
@@ -206,8 +274,6 @@ def _verify(args: argparse.Namespace, result: "MergeResult") -> "VerifyResult":
 def _console() -> object:
     """Where tables go (rich loads only when something is printed)."""
     from rich.console import Console
-
-    from .report import TABLE_WIDTH
 
     return Console(width=TABLE_WIDTH)
 

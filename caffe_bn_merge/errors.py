@@ -1,4 +1,5 @@
-"""One error hierarchy: the library raises these, only the CLI turns them into messages and exit codes."""
+"""One error tree: the library raises these, only the command line turns them into messages and
+exit codes (each class's `exit_code`)."""
 
 
 class MergeError(Exception):
@@ -25,5 +26,11 @@ class OutputError(MergeError):
 
 class VerifyError(MergeError):
     """The engine is missing or cannot run one of the models."""
+
+    exit_code = 2
+
+
+class UsageError(MergeError):
+    """The command cannot start as asked: bad manifest, colliding or unsafe outputs, ..."""
 
     exit_code = 2

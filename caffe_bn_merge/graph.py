@@ -3,14 +3,16 @@
 Caffe resolves blob names in layer order and an in-place layer (top == bottom) writes a new
 version of its blob. `NetGraph` names every version by (blob name, producing layer), so "who reads
 this conv's output" has one exact answer even when BatchNorm and Scale run in place.
-Layers excluded from the TEST phase (train-only layers) are not part of the graph.
+Layers excluded from the TEST phase (train-only layers) are not part of the graph. Layer names
+may repeat (Caffe allows it, and converters do it): layers sharing a name are listed in
+`duplicated`, since Caffe gives trained weights by name.
 """
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
-from . import proto
 from .errors import InputError
+from .io import proto
 
 NET_INPUT = -1  # producer index of a net input blob
 
@@ -50,6 +52,7 @@ class NetGraph:
     inputs: list[BlobVersion] = field(default_factory=list)
     outputs: list[BlobVersion] = field(default_factory=list)
     pinned: set[str] = field(default_factory=set)  # names read by layers outside the TEST net
+    duplicated: frozenset[str] = frozenset()  # layer names several layers share (any phase)
     _by_index: dict[int, LayerNode] = field(default_factory=dict, repr=False)
 
     def producer(self, version: BlobVersion) -> LayerNode | None:
@@ -82,7 +85,6 @@ def build_graph(net: object) -> NetGraph:
         current[name] = BlobVersion(name, NET_INPUT)
         graph.inputs.append(current[name])
     consumed: set[BlobVersion] = set()
-    names: set[str] = set()
     left_out: set[str] = set()
     state = inference_state(net)
     for index, layer in enumerate(net.layer):
@@ -90,9 +92,6 @@ def build_graph(net: object) -> NetGraph:
             left_out.update(layer.top)
             graph.pinned.update(layer.bottom)
             continue
-        if layer.name in names:
-            raise InputError(f"two layers are named '{layer.name}'; layer names must be unique")
-        names.add(layer.name)
         bottoms = [_resolve(current, blob, layer, left_out) for blob in layer.bottom]
         node = LayerNode(index, layer, bottoms, [BlobVersion(top, index) for top in layer.top])
         _check_single_producer(node, current)
@@ -103,6 +102,7 @@ def build_graph(net: object) -> NetGraph:
             current[version.name] = version
         graph.layers.append(node)
     graph.outputs = [v for v in current.values() if v not in consumed and v.producer != NET_INPUT]
+    graph.duplicated = frozenset(name for name, n in Counter(layer.name for layer in net.layer).items() if n > 1)
     return graph
 
 

@@ -1,20 +1,25 @@
-"""The whole job: load -> graph -> plan -> rewrite (rule by rule) -> write, as one library call."""
+"""The whole job as one library call, `merge`: read (`io.read`) -> graph -> rules (`rules.passes`)
+-> emit (`io.emit`)."""
 
 import logging
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from . import caffe_io
-from .errors import MismatchError, OutputError
+import numpy as np
+
+from .errors import MismatchError
 from .graph import NetGraph, build_graph, included, inference_state
-from .hosts import DEFAULT_CONV_LIKE, is_host_type, read_host
-from .norms import NORM_TYPES
-from .plan import IDENTITY_TYPES, RULES, Action, Context, Rule
-from .reasons import Refusal
-from .rewrite import Rewrite
-from .user_schema import compile_schema
+from .io import emit, read
+from .io.user_schema import compile_schema
+from .net import FoldedChain, FoldedHost
+from .rules import bn_variants
+from .rules.hosts import DEFAULT_CONV_LIKE, is_host_type, read_host
+from .rules.norms import NORM_TYPES
+from .rules.passes import run_rules
+from .rules.plan import FoldPlan, Rule
+from .rules.rewrite import Rewrite
 
 log = logging.getLogger(__name__)
 
@@ -37,42 +42,6 @@ class MergeOptions:
 
 
 @dataclass(frozen=True)
-class Kept:
-    """A BatchNorm / Scale / Bias / Power (or identity) layer left as it was, and why."""
-
-    layer: str
-    type: str
-    refusals: tuple[Refusal, ...]
-
-    @property
-    def refusal(self) -> Refusal:
-        """The main reason: the first rule's."""
-        return self.refusals[0]
-
-    def __str__(self) -> str:
-        return "; ".join(str(r) for r in self.refusals)
-
-
-@dataclass(frozen=True)
-class FoldPlan:
-    """Every action applied, in order, every candidate layer left as it was, and for every layer
-    any rule refused, its reasons (a collapsed chain keeps the reasons it could not fold)."""
-
-    actions: tuple[Action, ...]
-    kept: tuple[Kept, ...]
-    reasons: dict[str, tuple[Refusal, ...]] = field(default_factory=dict)
-    types: dict[str, str] = field(default_factory=dict)  # every layer of the input net, in order
-
-    @property
-    def removed(self) -> set[str]:
-        """Names of the layers taken out of the net."""
-        return {name for action in self.actions for name in action.removed}
-
-    def by_rule(self, rule: Rule) -> list[Action]:
-        return [a for a in self.actions if a.rule is rule]
-
-
-@dataclass(frozen=True)
 class MergeResult:
     """What a merge did: the plan it applied, layer counts by type, and where it wrote."""
 
@@ -81,6 +50,7 @@ class MergeResult:
     layers_after: Counter[str]
     output_model: Path | None
     output_weights: Path | None
+    hosts: tuple[FoldedHost, ...] = ()  # every host that took a fold (`maths.quant` reads them)
 
 
 def default_outputs(model: Path, weights: Path) -> tuple[Path, Path]:
@@ -111,16 +81,18 @@ def merge(
     output_weights = Path(output_weights or defaults[1])
     on_step("reading")
     schema = compile_schema(options.caffe_proto) if options.caffe_proto else None
-    net_text = caffe_io.read_net_text(model, schema)
+    net_text = read.read_net_text(model, schema)
     net = net_text.net
-    stored = caffe_io.read_weights(weights)
+    stored = read.read_weights(weights)
     if write:
-        _check_outputs((model, weights), (output_model, output_weights), overwrite)
+        emit.check_outputs((model, weights), (output_model, output_weights), overwrite)
     graph = build_graph(net)
     _check_pairing(graph, stored, model, weights, options.conv_like)
     _log_input(net_text)
     on_step("folding")
-    rewrite, plan = _run_rules(net, graph, stored, options, net_text.frozen)
+    rewrite, plan = run_rules(
+        net, graph, stored, options.rules(), options.bn_flavour, frozenset(options.conv_like), net_text.frozen
+    )
     for action in plan.actions:
         log.info("%s: %s%s", action.rule, " + ".join(action.layers), f" -> {action.target}" if action.target else "")
     for kept in plan.kept:
@@ -135,7 +107,33 @@ def merge(
         Counter(layer.type for layer in rewrite.net.layer),
         output_model if write else None,
         output_weights if write else None,
+        _folded_hosts(plan, rewrite, net, options.bn_flavour),
     )
+
+
+def _folded_hosts(plan: FoldPlan, rewrite: Rewrite, net: object, flavour: str) -> tuple[FoldedHost, ...]:
+    """Each host that took folds, as stored and as folded (nothing is computed here: the folded
+    weights are made when read), with the chains it took and their BatchNorms' `var + eps`."""
+    params = {layer.name: layer for layer in net.layer}
+    hosts: dict[str, FoldedHost] = {}
+    for action in plan.actions:
+        if action.host is None:
+            continue
+        norms = [name for name in action.layers if plan.types[name] in ("BatchNorm", "BN")]
+        found = {name: _variance_eps(params[name], rewrite.layers[name].blobs, flavour) for name in norms}
+        variance_eps = {name: value for name, value in found.items() if value is not None}
+        chain = FoldedChain(action.layers, str(action.rule), action.affine.scale, variance_eps)
+        host, earlier = action.host, hosts.get(action.target)
+        original = earlier.original if earlier else host.weights  # a second fold sees the first's weights
+        chains = (*earlier.chains, chain) if earlier else (chain,)
+        folded = rewrite.layers[host.name]
+        hosts[host.name] = FoldedHost(host.name, host.layout, host.groups, host.c_out, original, folded, chains)
+    return tuple(hosts.values())
+
+
+def _variance_eps(layer: object, blobs: list[np.ndarray], flavour: str) -> np.ndarray | None:
+    variant = bn_variants.detect(layer, blobs, flavour)  # detected before, when the chain was read
+    return bn_variants.variance_eps(variant, layer, blobs)
 
 
 def _log_input(net_text: object) -> None:
@@ -155,56 +153,12 @@ def _log_input(net_text: object) -> None:
         log.warning("%d layer(s) outside the TEST phase kept as they are; folding follows the TEST phase", other)
 
 
-def _run_rules(
-    net: object, graph: NetGraph, stored: caffe_io.Weights, options: MergeOptions, frozen: frozenset[str]
-) -> tuple[Rewrite, FoldPlan]:
-    """Each rule plans on the net as the rules before it left it (`graph` is the input net's);
-    identity repeats until done."""
-    rewrite = Rewrite(net, dict(stored.layers))
-    actions: list[Action] = []
-    refusals: dict[str, list[Refusal]] = {}
-    for rule in options.rules():
-        while True:
-            ctx = Context(rewrite.layers, options.bn_flavour, frozenset(options.conv_like), frozen)
-            result = RULES[rule](graph, ctx)
-            for name, refusal in result.refusals.items():
-                refusals.setdefault(name, []).append(refusal)
-            graph = rewrite.apply(graph, result.actions)
-            actions += result.actions
-            if rule is not Rule.IDENTITY or not result.actions:
-                break
-    changed = {a.target for a in actions if a.rule is Rule.STANDALONE} | {n for a in actions for n in a.removed}
-    kept = tuple(
-        Kept(node.name, node.type, _distinct(refusals[node.name]))
-        for node in graph.layers
-        if node.name not in changed and node.name in refusals and node.type in (*NORM_TYPES, *IDENTITY_TYPES)
-    )
-    reasons = {name: _distinct(found) for name, found in refusals.items()}
-    return rewrite, FoldPlan(tuple(actions), kept, reasons, {layer.name: layer.type for layer in net.layer})
-
-
-def _distinct(refusals: list[Refusal]) -> tuple[Refusal, ...]:
-    return tuple(dict.fromkeys(refusals))
-
-
-def _check_outputs(inputs: tuple[Path, Path], outputs: tuple[Path, Path], overwrite: bool) -> None:
-    resolved = {p.resolve() for p in inputs}
-    for out in outputs:
-        if out.resolve() in resolved:
-            raise OutputError(f"{out}: output path equals an input path; choose another output name")
-        if not out.parent.is_dir():
-            raise OutputError(f"{out}: folder {out.parent} does not exist")
-        if out.exists() and not overwrite:
-            raise OutputError(f"{out}: exists already; add --force to replace it")
-    if outputs[0].resolve() == outputs[1].resolve():
-        raise OutputError(f"{outputs[0]}: the output model and weights paths are the same")
-
-
 def _check_pairing(
-    graph: NetGraph, stored: caffe_io.Weights, model: Path, weights: Path, conv_like: tuple[str, ...]
+    graph: NetGraph, stored: read.Weights, model: Path, weights: Path, conv_like: tuple[str, ...]
 ) -> None:
     """Refuse a caffemodel that does not hold this prototxt's weights: host blobs that do not fit,
-    missing statistics, or no weighted layer in common at all; say so when it looks merged."""
+    missing statistics, or no weighted layer in common at all; say so when it looks merged. Hosts
+    we cannot touch (blobs that do not decode, a name other layers share) are not checked."""
     hosts = [n for n in graph.layers if is_host_type(n.type, conv_like)]
     norms = [n for n in graph.layers if n.type in NORM_TYPES and n.type != "Power" and len(n.bottoms) == 1]
     missing_hosts = [n.name for n in hosts if n.name not in stored.layers]
@@ -219,20 +173,28 @@ def _check_pairing(
         listed = ", ".join(f"'{name}'" for name in missing[:3])
         raise MismatchError(
             f"{weights} has no weights for {len(missing)} of the {len(hosts) + len(norms)} weighted layers "
-            f"of {model} ({listed}{', ...' if len(missing) > 3 else ''}); are they from the same net?"
+            f"of {model} ({listed}{', ...' if len(missing) > 3 else ''}){_undecoded(stored)}; "
+            "are they from the same net?"
         )
     for node in hosts:
-        if node.name in stored.layers:
-            read_host(node.param, stored.layers[node.name])  # raises on blob count or shape mismatch
+        layer = stored.layers.get(node.name)
+        if layer is not None and not isinstance(layer, read.UndecodedLayer) and node.name not in graph.duplicated:
+            read_host(node.param, layer)  # raises on blob count or shape mismatch
+
+
+def _undecoded(stored: read.Weights) -> str:
+    """What the caffemodel holds that we could not read, if anything, to say with a mismatch."""
+    layer = next((layer for layer in stored.layers.values() if isinstance(layer, read.UndecodedLayer)), None)
+    return f", and its layer '{layer.name}' does not decode ({layer.problem})" if layer else ""
 
 
 def _write(
-    net_text: object, rewrite: Rewrite, stored: caffe_io.Weights, removed: set[str], model: Path, weights: Path
+    net_text: object, rewrite: Rewrite, stored: read.Weights, removed: set[str], model: Path, weights: Path
 ) -> None:
     """Write the caffemodel, then the prototxt; never leave one without the other."""
-    caffe_io.write_weights(stored, rewrite.edits, removed, weights)
+    emit.write_weights(stored, rewrite.edits, removed, weights)
     try:
-        caffe_io.write_net_text(net_text, rewrite.net, rewrite.origin, model)
+        emit.write_net_text(net_text, rewrite.net, rewrite.origin, model)
     except BaseException:
         weights.unlink(missing_ok=True)
         raise

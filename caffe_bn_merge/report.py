@@ -1,19 +1,23 @@
 """What a merge did, for people and for programs: the per-layer decision log, the before/after
-table, the verify table (rich, 100 columns at most) and the JSON report (`report_schema.json`)."""
+table, the verify table (rich, 100 columns at most), the benchmark and int8 readiness tables (80
+columns) and the JSON report (`report_schema.json`)."""
 
 import json
+import math
 from dataclasses import dataclass
 from importlib.resources import files
 from typing import Any
 
 from . import __version__
+from .maths import quant
+from .maths.quant import HostReadiness, Int8Error
 from .pipeline import MergeResult
-from .plan import Rule
-from .reasons import Refusal
-from .verification import VerifyResult
+from .rules.plan import Rule
+from .rules.reasons import Refusal
+from .verification.benchmark import BenchmarkResult, Spread
+from .verification.compare import VerifyResult
 
 SCHEMA_VERSION = 1
-TABLE_WIDTH = 100
 _ACTION_OF_RULE = {Rule.FORWARD: "folded", Rule.BACKWARD: "folded", Rule.IDENTITY: "removed"}
 
 
@@ -43,7 +47,14 @@ def decisions(result: MergeResult) -> list[Decision]:
     return [found[name] for name in plan.types if name in found]
 
 
-def build_report(result: MergeResult, model: str, weights: str, checked: VerifyResult | None) -> dict[str, Any]:
+def build_report(
+    result: MergeResult,
+    model: str,
+    weights: str,
+    checked: VerifyResult | None,
+    benchmark: BenchmarkResult | None = None,
+    readiness: list[HostReadiness] | None = None,
+) -> dict[str, Any]:
     """The JSON report (see report_schema.json, README 'JSON report')."""
     return {
         "schema_version": SCHEMA_VERSION,
@@ -55,6 +66,8 @@ def build_report(result: MergeResult, model: str, weights: str, checked: VerifyR
         "layers": {"before": dict(result.layers_before), "after": dict(result.layers_after)},
         "decisions": [_decision_json(d) for d in decisions(result)],
         "verify": None if checked is None else _verify_json(checked),
+        "benchmark": None if benchmark is None else _benchmark_json(benchmark),
+        "quantization": None if readiness is None else _quant_json(readiness),
     }
 
 
@@ -72,6 +85,7 @@ def _decision_json(decision: Decision) -> dict[str, Any]:
 def _verify_json(checked: VerifyResult) -> dict[str, Any]:
     return {
         "backend": checked.backend,
+        "passed_over": list(checked.passed_over),
         "tolerance": checked.tolerance,
         "inputs": checked.inputs,
         "passed": checked.passed,
@@ -85,6 +99,59 @@ def _verify_json(checked: VerifyResult) -> dict[str, Any]:
                 "gating": e.gating,
             }
             for e in checked.errors
+        ],
+    }
+
+
+def _spread_json(spread: Spread) -> dict[str, float]:
+    return {"median": spread.median, "q1": spread.q1, "q3": spread.q3, "min": spread.low, "max": spread.high}
+
+
+def _benchmark_json(bench: BenchmarkResult) -> dict[str, Any]:
+    return {
+        "backend": bench.backend,
+        "threads": bench.threads,
+        "rounds": bench.rounds,
+        "warmup": bench.warmup,
+        "original_seconds": _spread_json(bench.times("original")),
+        "merged_seconds": _spread_json(bench.times("merged")),
+        "ratio": _spread_json(bench.ratio),
+    }
+
+
+def _finite(value: float) -> float | None:
+    """JSON has no infinity: an exact (error-free) result is null."""
+    return value if math.isfinite(value) else None
+
+
+def _int8_json(error: Int8Error) -> dict[str, float | None]:
+    return {"sqnr_db": _finite(error.sqnr_db), "relative_rms": error.relative_rms}
+
+
+def _quant_json(readiness: list[HostReadiness]) -> dict[str, Any]:
+    return {
+        "sqnr_drop_threshold_db": quant.SQNR_DROP_DB,
+        "tiny_variance_ratio": quant.TINY_VARIANCE,
+        "flagged": sum(h.flagged for h in readiness),
+        "hosts": [
+            {
+                "host": h.host,
+                "layers": list(h.layers),
+                "backward": h.backward,
+                "channel_range_before": h.ranges_before.tolist(),
+                "channel_range_after": h.ranges_after.tolist(),
+                "range_ratio_before": _finite(h.ratio_before),
+                "range_ratio_after": _finite(h.ratio_after),
+                "int8_per_tensor_before": _int8_json(h.tensor_before),
+                "int8_per_tensor_after": _int8_json(h.tensor_after),
+                "int8_per_channel_after": _int8_json(h.channel_after),
+                "sqnr_drop_db": _finite(h.sqnr_drop_db),
+                "flagged": h.flagged,
+                "advice": h.advice() or None,
+                "constant_channels": {k: list(v) for k, v in h.constant_channels.items()},
+                "tiny_variance_channels": {k: list(v) for k, v in h.tiny_variance_channels.items()},
+            }
+            for h in readiness
         ],
     }
 
@@ -130,10 +197,90 @@ def verify_table(checked: VerifyResult) -> "Table":  # noqa: F821
     verdict = "passed" if checked.passed else "FAILED"
     title = f"verify on {checked.backend}: {verdict} (max relative error {checked.max_relative:.2e}"
     title += f", tolerance {checked.tolerance:g})"
-    table = Table(title=title, title_justify="left", caption=f"inputs: {checked.inputs}", caption_justify="left")
+    caption = f"inputs: {checked.inputs}" + "".join(f"\nnot run on {why}" for why in checked.passed_over)
+    table = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
     for column in ("blob", "max abs", "scale", "relative", ""):
         table.add_column(column, justify="left" if column in ("blob", "") else "right", max_width=44, overflow="fold")
     for e in checked.errors:
         note = "" if e.gating else "info only"
         table.add_row(e.blob, f"{e.max_abs:.3g}", f"{e.scale:.3g}", f"{e.relative:.2e}", note)
     return table
+
+
+READINESS_WIDTH = 80  # the benchmark and readiness tables fit a classic terminal
+
+
+def benchmark_table(bench: BenchmarkResult) -> "Table":  # noqa: F821
+    """Forward-pass times of both models and their ratio: median [interquartile range]."""
+    from rich.table import Table
+
+    threads = "default threads" if bench.threads is None else f"{bench.threads} thread(s)"
+    title = f"speed on {bench.backend} ({threads}, {bench.rounds} rounds after {bench.warmup} warm-up)"
+    table = Table(title=title, title_justify="left", width=READINESS_WIDTH)
+    for column in ("model", "median", "IQR", "range"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for which in ("original", "merged"):
+        t = bench.times(which)
+        table.add_row(which, _ms(t.median), f"{_ms(t.q1)} - {_ms(t.q3)}", f"{_ms(t.low)} - {_ms(t.high)}")
+    r = bench.ratio
+    table.add_row("merged / original", f"{r.median:.3f}", f"{r.q1:.3f} - {r.q3:.3f}", f"{r.low:.3f} - {r.high:.3f}")
+    return table
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3g} ms"
+
+
+def readiness_table(readiness: list[HostReadiness], everything: bool) -> "Table":  # noqa: F821
+    """int8 readiness per folded host: range ratio and int8 SQNR before -> after folding. Without
+    `everything`, only hosts that are flagged or have constant or tiny-variance channels."""
+    from rich.table import Table
+
+    flagged = sum(h.flagged for h in readiness)
+    title = (
+        f"int8 readiness: {flagged} of {len(readiness)} folded layers flagged "
+        f"(per-tensor SQNR drop > {quant.SQNR_DROP_DB:g} dB)"
+    )
+    table = Table(title=title, title_justify="left", width=READINESS_WIDTH)
+    table.add_column("layer", max_width=22, overflow="fold")
+    for column in ("range ratio", "tensor dB", "channel dB"):
+        table.add_column(column, justify="right", no_wrap=True)
+    table.add_column("note", max_width=22, overflow="fold")
+    for h in readiness:
+        if everything or h.flagged or h.constant_channels or h.tiny_variance_channels:
+            table.add_row(
+                h.host,
+                f"{h.ratio_before:.3g} -> {h.ratio_after:.3g}",
+                f"{_db(h.tensor_before)} -> {_db(h.tensor_after)}",
+                _db(h.channel_after),
+                _note(h),
+            )
+    return table
+
+
+def _db(error: Int8Error) -> str:
+    return f"{error.sqnr_db:.0f}" if math.isfinite(error.sqnr_db) else "exact"
+
+
+def _note(h: HostReadiness) -> str:
+    notes = ["FLAGGED"] if h.flagged else []
+    for count, what in ((_count(h.constant_channels), "constant"), (_count(h.tiny_variance_channels), "tiny-var")):
+        if count:
+            notes.append(f"{count} {what} ch")
+    return ", ".join(notes)
+
+
+def _count(channels: dict[str, tuple[int, ...]]) -> int:
+    return sum(len(c) for c in channels.values())
+
+
+def readiness_notes(readiness: list[HostReadiness], everything: bool) -> list[str]:
+    """One line per flagged host saying what to do, and (with `everything`) the channels that became
+    constant (gamma == 0: pruning candidates) or have a tiny var + eps."""
+    lines = [f"{h.host}: {h.advice()}" for h in readiness if h.flagged]
+    for h in readiness if everything else ():
+        for chain, channels in h.constant_channels.items():
+            lines.append(f"{h.host}: constant channels of {chain} (gamma == 0, prunable): {list(channels)}")
+        for layer, channels in h.tiny_variance_channels.items():
+            lines.append(f"{h.host}: tiny var + eps channels of {layer}: {list(channels)}")
+    return lines

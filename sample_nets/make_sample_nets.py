@@ -3,7 +3,7 @@
 
     python sample_nets/make_sample_nets.py [OUTDIR]     # default: this folder
 
-The nets are defined in `caffe_bn_merge/samples.py`.
+The nets are defined in `caffe_bn_merge/synthetic/samples.py`.
 """
 
 import sys
@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from caffe_bn_merge.samples import write_samples
+from caffe_bn_merge.synthetic.samples import write_samples
 
 
 def main(outdir: Path) -> None:

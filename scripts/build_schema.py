@@ -1,11 +1,11 @@
-"""Regenerate caffe_bn_merge/proto/caffe.desc from caffe_bn_merge/proto/caffe.proto.
+"""Regenerate caffe_bn_merge/io/proto/caffe.desc from caffe_bn_merge/io/proto/caffe.proto.
 
 The package builds its Caffe message classes from this compiled FileDescriptorSet, so
 rerun this script after every edit of caffe.proto. It runs grpc_tools' bundled protoc
 in-process with the same arguments as this command, run from the repository root:
 
-    python -m grpc_tools.protoc --proto_path=caffe_bn_merge/proto
-        --descriptor_set_out=caffe_bn_merge/proto/caffe.desc caffe.proto
+    python -m grpc_tools.protoc --proto_path=caffe_bn_merge/io/proto
+        --descriptor_set_out=caffe_bn_merge/io/proto/caffe.desc caffe.proto
 
 Needs grpcio-tools (pip install 'grpcio-tools>=1.60,<2'), a build tool only.
 With --check it compiles to a temporary file and exits 1 if caffe.desc is stale.
@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-PROTO_DIR = Path(__file__).resolve().parent.parent / "caffe_bn_merge" / "proto"
+PROTO_DIR = Path(__file__).resolve().parent.parent / "caffe_bn_merge" / "io" / "proto"
 PROTO_NAME = "caffe.proto"
 DESC_PATH = PROTO_DIR / "caffe.desc"
 

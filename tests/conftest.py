@@ -24,7 +24,7 @@ def real_nets() -> Path:
 @pytest.fixture
 def pycaffe() -> Path:
     """The pycaffe environment's python; skipped when absent, except in CI, where it must be built."""
-    from caffe_bn_merge.caffe_backend import pycaffe_python
+    from caffe_bn_merge.verification.pycaffe import pycaffe_python
 
     python = pycaffe_python()
     if python is None:

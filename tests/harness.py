@@ -6,11 +6,12 @@ from pathlib import Path
 import numpy as np
 import reference
 
-from caffe_bn_merge import caffe_io, merge
+from caffe_bn_merge import merge
 from caffe_bn_merge.graph import build_graph
+from caffe_bn_merge.io import read as caffe_io
 from caffe_bn_merge.pipeline import MergeOptions, MergeResult
-from caffe_bn_merge.synth import NetBuilder
-from caffe_bn_merge.verification import BlobError, compare_models
+from caffe_bn_merge.synthetic.synth import NetBuilder
+from caffe_bn_merge.verification.compare import BlobError, compare_models
 
 TOLERANCE = 1e-5  # max error relative to the output's magnitude
 

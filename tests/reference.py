@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from caffe_bn_merge import caffe_io
 from caffe_bn_merge.graph import included, inference_state, input_shapes
+from caffe_bn_merge.io import read as caffe_io
 
 
 def conv2d(x, w, b, stride=1, pad=0, dilation=1, group=1):
@@ -70,6 +70,11 @@ def _normalise(x, mean, var, eps, gamma=None, beta=None):
 def _batchnorm(layer, x, blobs, flavour):
     """BatchNorm as each fork computes it at inference (see each fork's BatchNorm source)."""
     eps = layer.batch_norm_param.eps
+    if layer.type == "BN" and len(blobs) == 2:  # SegNet: scale, shift; LEARN: the batch's statistics
+        if layer.bn_param.bn_mode == layer.bn_param.INFERENCE:
+            return _normalise(x, np.zeros(1), np.ones(1), 0.0, *blobs)
+        axes = (0, *range(2, x.ndim))
+        return _normalise(x, x.mean(axis=axes), x.var(axis=axes), 1e-9, *blobs)
     if layer.type == "BN":  # PSPNet-era forks: slope, bias, mean, var
         return _normalise(x, blobs[2], blobs[3], layer.bn_param.eps, blobs[0], blobs[1])
     if flavour == "nvcaffe":  # mean, var (no factor), correction[, gamma, beta]; eps >= 1e-5

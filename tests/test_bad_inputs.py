@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 from harness import copy_sample, merge_and_check
 
-from caffe_bn_merge import caffe_io, proto, wire
 from caffe_bn_merge.cli import main
-from caffe_bn_merge.synth import NetBuilder
+from caffe_bn_merge.io import proto, wire
+from caffe_bn_merge.io import read as caffe_io
+from caffe_bn_merge.synthetic.synth import NetBuilder
 
 
 def _edit_text(path: Path, old: str, new: str, count: int = 1) -> None:
@@ -35,14 +36,6 @@ def _weights_of_other_shape(folder: Path) -> None:
     (folder / "net.caffemodel").write_bytes(net.SerializeToString())
 
 
-def _bn_blob_count(folder: Path) -> None:
-    data = (folder / "net.caffemodel").read_bytes()
-    net = proto.NetParameter.FromString(data)
-    bn = next(layer for layer in net.layer if layer.type == "BatchNorm" or "/bn" in layer.name)
-    del bn.blobs[2]
-    (folder / "net.caffemodel").write_bytes(net.SerializeToString())
-
-
 def _huge_declared_blob(folder: Path) -> None:
     blob = proto.BlobProto()
     blob.shape.dim.extend([100_000, 100_000, 1_000])  # 40 TB declared, a few bytes held
@@ -54,10 +47,6 @@ def _huge_declared_blob(folder: Path) -> None:
 
 def _deep_nesting(folder: Path) -> None:
     (folder / "net.prototxt").write_text("layer { " * 20000 + "}" * 20000)
-
-
-def _duplicate_names(folder: Path) -> None:
-    _edit_text(folder / "net.prototxt", 'name: "res2a/relu"', 'name: "conv1"')
 
 
 def _merged_weights_unmerged_prototxt(folder: Path) -> None:
@@ -93,10 +82,8 @@ BAD: dict[str, tuple[Callable[[Path], None], str]] = {
     ),
     "gzip": (lambda f: (f / "net.caffemodel").write_bytes(gzip.compress(b"x" * 100)), "gzip"),
     "weights of another shape": (_weights_of_other_shape, "do not fit num_output"),
-    "batchnorm blob count": (_bn_blob_count, "BatchNorm with 2 blob.*same net"),
     "absurd declared size": (_huge_declared_blob, "declares shape"),
     "deep nesting": (_deep_nesting, "nested too deeply|not a Caffe net"),
-    "duplicate layer names": (_duplicate_names, "two layers are named 'conv1'"),
     "blob used before produced": (
         lambda f: _edit_text(f / "net.prototxt", 'bottom: "data"', 'bottom: "later"'),
         "reads blob 'later' before",

@@ -14,9 +14,10 @@ from harness import merge_and_check
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from caffe_bn_merge import MergeError, caffe_io
+from caffe_bn_merge import MergeError
+from caffe_bn_merge.io import read as caffe_io
 from caffe_bn_merge.pipeline import merge
-from caffe_bn_merge.synth import NetBuilder
+from caffe_bn_merge.synthetic.synth import NetBuilder
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "5000"))
 # Mutated blobs hold NaN and infinities; numpy's warnings about casting them are expected here.
@@ -156,6 +157,7 @@ def seeds(tmp_path_factory) -> tuple[Path, bytes, bytes]:
     return (folder, *_seed_files(folder))
 
 
+@pytest.mark.slow
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 @given(MUTATIONS)
 def test_mutated_caffemodels(seeds, mutations) -> None:
@@ -163,6 +165,7 @@ def test_mutated_caffemodels(seeds, mutations) -> None:
     _merge_or_clean_error(folder, prototxt, _mutate(caffemodel, mutations))
 
 
+@pytest.mark.slow
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 @given(MUTATIONS)
 def test_mutated_prototxts(seeds, mutations) -> None:

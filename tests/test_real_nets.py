@@ -3,8 +3,8 @@
 import pytest
 from harness import merge_and_check
 
-from caffe_bn_merge import caffe_io
-from caffe_bn_merge.plan import Rule
+from caffe_bn_merge.io import read as caffe_io
+from caffe_bn_merge.rules.plan import Rule
 
 REAL = {
     "mobilenet_ssd_0.5": (

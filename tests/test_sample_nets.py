@@ -6,8 +6,8 @@ import pytest
 from conftest import ROOT
 from harness import merge_and_check
 
-from caffe_bn_merge import caffe_io
-from caffe_bn_merge.plan import Rule
+from caffe_bn_merge.io import read as caffe_io
+from caffe_bn_merge.rules.plan import Rule
 
 SAMPLES = ROOT / "sample_nets"
 EXPECTED_FOLDS = {"mobilenet_ssd": 35, "resnet_mini": 10, "deconv_seg": 4, "no_bn": 0}

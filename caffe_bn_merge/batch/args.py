@@ -1,0 +1,101 @@
+"""The argument parser of `merge-bn batch`."""
+
+import argparse
+import os
+from pathlib import Path
+
+from ..defaults import BENCHMARK_ROUNDS, DEFAULT_TOLERANCE
+from .worklist import parse_shard
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, not '{text}'")
+    return value
+
+
+def _shard_arg(text: str) -> tuple[int, int]:
+    try:
+        return parse_shard(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of `merge-bn batch`."""
+    parser = argparse.ArgumentParser(
+        prog="merge-bn batch",
+        description="Convert every deployment under SRC folders (or listed in a manifest): each caffemodel "
+        "is paired with its deploy prototxt (same stem, else the only deploy-looking prototxt in its "
+        "folder; train/test/solver prototxts are skipped with a note; ambiguity is reported, not "
+        "guessed) and merged into OUTDIR/<its folder relative to SRC>/<caffemodel stem>.{prototxt,caffemodel} "
+        "(with several SRCs, under OUTDIR/<SRC folder name>/...). Sources are never written; "
+        "OUTDIR may lie inside a SRC (it is not searched).",
+        epilog="Exit status: 0 all converted or skipped, 1 some deployment failed, 2 usage error. "
+        "--shard i/n keeps the items at positions p (from 0) of the sorted work list with p % n == i-1, "
+        "so the n shards of a job array partition the fleet.",
+    )
+    parser.add_argument("sources", nargs="*", type=Path, metavar="SRC", help="folders to search (recursively)")
+    parser.add_argument("--out", required=True, type=Path, metavar="OUTDIR", help="folder for the merged models")
+    parser.add_argument(
+        "--jobs",
+        type=_positive,
+        default=os.cpu_count() or 1,
+        metavar="N",
+        help="worker processes (default: the number of cores); 1 converts in this process",
+    )
+    parser.add_argument(
+        "--manifest",
+        type=Path,
+        metavar="FILE",
+        help="CSV (header prototxt,caffemodel[,out]) or .json list of those objects, instead of SRC folders; "
+        "relative paths are relative to the manifest's folder; out is the output path in OUTDIR without suffix",
+    )
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="run each merged model against its original on OpenCV dnn; "
+        f"fail above {DEFAULT_TOLERANCE:g} relative error",
+    )
+    _add_readiness_flags(parser)
+    parser.add_argument("--report", type=Path, metavar="FILE", help="write a JSON report of every deployment")
+    parser.add_argument(
+        "--skip-existing",
+        action="store_true",
+        help="skip deployments whose two outputs exist and are newer than both inputs",
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace outputs that exist already (without it or --skip-existing, any existing output is a usage error)",
+    )
+    parser.add_argument(
+        "--shard", type=_shard_arg, metavar="i/n", help="process only shard i of n (1-based) of the sorted work list"
+    )
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="print nothing but failures")
+    verbosity.add_argument(
+        "-v", "--verbose", action="store_true", help="list every note and every deployment in the table"
+    )
+    return parser
+
+
+def _add_readiness_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--quant", action="store_true", help="int8 readiness of each deployment's folded layers (README: --quant)"
+    )
+    parser.add_argument(
+        "--benchmark",
+        nargs="?",
+        const=BENCHMARK_ROUNDS,
+        default=0,
+        type=_positive,
+        metavar="N",
+        help=f"time N (default {BENCHMARK_ROUNDS}) interleaved forward passes of each original and merged model "
+        "on OpenCV dnn (use --jobs 1 for figures that mean something)",
+    )
+    parser.add_argument("--threads", type=_positive, metavar="N", help="OpenCV threads for --benchmark")

@@ -1,0 +1,112 @@
+"""`merge-bn batch` as four steps: prepare the work list, show notes, convert, report."""
+
+import argparse
+import importlib.util
+import time
+from collections import Counter
+from collections.abc import Sequence
+
+from ..defaults import DEFAULT_TOLERANCE
+from ..errors import UsageError
+from .args import build_parser
+from .console import EVERY_ROW_UP_TO, Console, fleet_lines
+from .pool import ItemResult, Readiness, Status, item_result, run_items
+from .report import fleet_totals, make_report, write_report
+from .worklist import WorkItem, WorkList, build_work_list, is_up_to_date, shard
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run `merge-bn batch`; return the exit status (0 all converted or skipped, 1 some failed, 2 usage)."""
+    args = build_parser().parse_args(argv)
+    console = Console(args.quiet)
+    start = time.perf_counter()
+    try:
+        work, items = _prepare(args)
+    except (UsageError, OSError) as err:
+        console.error(f"merge-bn batch: error: {err}")
+        return 2
+    _show_notes(console, work.notes, args.verbose)
+    try:
+        results = _convert(args, console, items)
+    except KeyboardInterrupt:
+        console.error("merge-bn batch: interrupted")
+        return 130
+    seconds = time.perf_counter() - start
+    console.table(results, every=args.verbose or len(results) <= EVERY_ROW_UP_TO)
+    if args.report is not None:
+        try:
+            write_report(args.report, make_report(results, work.notes, seconds, **_run_settings(args, work)))
+        except UsageError as err:
+            console.error(f"merge-bn batch: error: {err}")
+            return 2
+    counts = Counter(str(r.status) for r in results)
+    summary = ", ".join(f"{counts[str(s)]} {s}" for s in Status)
+    console.note(
+        f"{len(results)} deployments: {summary} in {seconds:.1f} s" + (f"; report {args.report}" if args.report else "")
+    )
+    for line in fleet_lines(fleet_totals(results)):
+        console.note(line)
+    return 1 if counts["failed"] else 0
+
+
+def _prepare(args: argparse.Namespace) -> tuple[WorkList, list[WorkItem]]:
+    """The work list and this shard of it, once every usage check has passed (raises UsageError)."""
+    work = build_work_list(args.sources, args.out, args.manifest)
+    if args.report is not None and args.report.resolve() in work.protected | work.outputs:
+        raise UsageError(f"{args.report}: the report would overwrite a source file or an output")
+    if args.report is not None and not args.report.resolve().parent.is_dir():
+        raise UsageError(f"{args.report}: folder {args.report.parent} does not exist")
+    if args.verify and importlib.util.find_spec("cv2") is None:
+        raise UsageError("--verify needs OpenCV: pip install 'caffe-bn-merge[verify]'")
+    items = shard(work.items, *args.shard) if args.shard else work.items
+    existing = [out for item in items for out in (item.out_prototxt, item.out_caffemodel) if out.exists()]
+    if existing and not (args.force or args.skip_existing):
+        raise UsageError(
+            f"{len(existing)} output files exist already (e.g. {existing[0]}); "
+            "add --skip-existing to keep the up-to-date ones, or --force to replace them all"
+        )
+    args.out.mkdir(parents=True, exist_ok=True)
+    return work, items
+
+
+def _show_notes(console: "Console", notes: Sequence[str], verbose: bool) -> None:
+    if verbose:
+        for text in notes:
+            console.note(text)
+    elif notes:
+        console.note(f"{len(notes)} notes (skipped train/test/solver prototxts...): -v or --report lists them")
+
+
+def _convert(args: argparse.Namespace, console: "Console", items: Sequence[WorkItem]) -> list[ItemResult]:
+    """Skip what is up to date (with --skip-existing), convert the rest; results sorted by key."""
+    results: list[ItemResult] = []
+    with console.progress(len(items)) as progress:
+        todo = []
+        for item in items:
+            if args.skip_existing and item.problem is None and is_up_to_date(item):
+                result = item_result(item, Status.SKIPPED, "outputs up to date")
+                results.append(result)
+                progress.advance(result)
+            else:
+                todo.append(item)
+        readiness = Readiness(args.quant, args.benchmark, args.threads)
+        results += run_items(todo, args.jobs, args.verify, progress.advance, readiness)
+    return sorted(results, key=lambda r: r.key)
+
+
+def _run_settings(args: argparse.Namespace, work: WorkList) -> dict[str, object]:
+    """How the run was asked for, for the report."""
+    return {
+        "sources": [str(s) for s in args.sources],
+        "manifest": str(args.manifest) if args.manifest else None,
+        "out": str(args.out),
+        "jobs": args.jobs,
+        "shard": list(args.shard) if args.shard else None,
+        "verify": args.verify,
+        "quant": args.quant,
+        "benchmark": args.benchmark or None,
+        "tolerance": DEFAULT_TOLERANCE if args.verify else None,
+        "skip_existing": args.skip_existing,
+        "force": args.force,
+        "work_list": len(work.items),
+    }

@@ -1,0 +1,179 @@
+"""The work list of a batch run: every deployment with its outputs and key, sorted; output checks; shards."""
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from ..errors import UsageError
+from .discovery import CAFFEMODEL_SUFFIX, PROTOTXT_SUFFIX, Discovery, ManifestEntry, discover, read_manifest
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One deployment to convert: inputs, outputs and its key (output path relative to OUTDIR,
+    without suffix, POSIX). An item with a `problem` is reported as failed and never run."""
+
+    key: str
+    prototxt: Path | None
+    caffemodel: Path
+    out_prototxt: Path
+    out_caffemodel: Path
+    problem: str | None = None
+
+
+def _item(key: PurePosixPath, outdir: Path, prototxt: Path | None, caffemodel: Path, problem: str | None) -> WorkItem:
+    out = outdir.joinpath(*key.parts)
+    return WorkItem(
+        key.as_posix(),
+        prototxt,
+        caffemodel,
+        out.with_name(out.name + PROTOTXT_SUFFIX),
+        out.with_name(out.name + CAFFEMODEL_SUFFIX),
+        problem,
+    )
+
+
+def source_prefixes(roots: Sequence[Path]) -> list[str]:
+    """The output prefix of each SRC root: none for a single root, else the folder's name, made
+    unique with -2, -3... in argument order."""
+    if len(roots) == 1:
+        return [""]
+    prefixes: list[str] = []
+    for root in roots:
+        name = Path(root).resolve().name or "root"
+        candidate, n = name, 1
+        while candidate in prefixes:
+            n += 1
+            candidate = f"{name}-{n}"
+        prefixes.append(candidate)
+    return prefixes
+
+
+def plan_discovered(discoveries: Sequence[Discovery], outdir: Path) -> list[WorkItem]:
+    """Work items for discovered pairings, mirroring each SRC tree under OUTDIR (prefixed by the SRC
+    folder's name when there are several): `<folder>/<caffemodel stem>.{prototxt,caffemodel}`.
+    A caffemodel found under several roots is kept once (first root). Sorted by key."""
+    items, seen = [], set()
+    for found, prefix in zip(discoveries, source_prefixes([d.root for d in discoveries]), strict=True):
+        for pairing in found.pairings:
+            resolved = pairing.caffemodel.resolve()
+            if resolved in seen:
+                continue
+            seen.add(resolved)
+            relative = pairing.caffemodel.relative_to(found.root).with_suffix("")
+            key = PurePosixPath(prefix, *relative.parts) if prefix else PurePosixPath(*relative.parts)
+            items.append(_item(key, outdir, pairing.prototxt, pairing.caffemodel, pairing.problem))
+    return sorted(items, key=lambda item: item.key)
+
+
+def plan_manifest(entries: Sequence[ManifestEntry], manifest: Path, outdir: Path) -> list[WorkItem]:
+    """Work items for manifest entries. The key is `out` (a path relative to OUTDIR, a .prototxt or
+    .caffemodel suffix dropped), else the caffemodel's path relative to the manifest's folder
+    without suffix, else (caffemodel outside that folder) its stem. Sorted by key."""
+    base = Path(manifest).parent.resolve()
+    items = []
+    for entry in entries:
+        if entry.out:
+            key = PurePosixPath(entry.out.replace("\\", "/"))
+            if key.suffix.lower() in (PROTOTXT_SUFFIX, CAFFEMODEL_SUFFIX):
+                key = key.with_suffix("")
+            if key.is_absolute() or ".." in key.parts or not key.name:
+                raise UsageError(f"{manifest}: out '{entry.out}' must be a relative path inside OUTDIR")
+        else:
+            try:
+                key = PurePosixPath(*entry.caffemodel.resolve().relative_to(base).with_suffix("").parts)
+            except ValueError:
+                key = PurePosixPath(entry.caffemodel.stem)
+        items.append(_item(key, outdir, entry.prototxt, entry.caffemodel, None))
+    return sorted(items, key=lambda item: item.key)
+
+
+def check_outputs(items: Sequence[WorkItem], protected: Iterable[Path] = ()) -> None:
+    """Refuse (UsageError) two items writing the same file, and any output that is an input of
+    an item or one of the `protected` source files."""
+    sources = {Path(p).resolve() for p in protected}
+    for item in items:
+        sources.update(p.resolve() for p in (item.prototxt, item.caffemodel) if p is not None)
+    writers: dict[Path, str] = {}
+    for item in items:
+        for out in (item.out_prototxt, item.out_caffemodel):
+            resolved = out.resolve()
+            if resolved in sources:
+                raise UsageError(f"{out}: would overwrite a source file; choose an OUTDIR outside the sources")
+            if resolved in writers:
+                raise UsageError(
+                    f"{out}: written by both '{writers[resolved]}' and '{item.key}'; give distinct out names"
+                )
+            writers[resolved] = item.key
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """`i/n` with 1 <= i <= n, as (i, n); raises ValueError otherwise."""
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not match:
+        raise ValueError(f"shard '{text}' is not of the form i/n (e.g. 2/8)")
+    index, count = int(match.group(1)), int(match.group(2))
+    if not 1 <= index <= count:
+        raise ValueError(f"shard '{text}': need 1 <= i <= n")
+    return index, count
+
+
+def shard(items: Sequence[WorkItem], index: int, count: int) -> list[WorkItem]:
+    """Shard `index` of `count` (1-based) of the sorted work list: positions p with p % count == index - 1."""
+    return [item for position, item in enumerate(items) if position % count == index - 1]
+
+
+def is_up_to_date(item: WorkItem) -> bool:
+    """Both outputs exist and are newer than both inputs (outputs are written by renaming a complete
+    temporary file, so an existing output is complete)."""
+    try:
+        inputs = max(p.stat().st_mtime_ns for p in (item.prototxt, item.caffemodel) if p is not None)
+        outputs = min(p.stat().st_mtime_ns for p in (item.out_prototxt, item.out_caffemodel))
+    except (OSError, ValueError):
+        return False
+    return item.prototxt is not None and outputs > inputs
+
+
+@dataclass
+class WorkList:
+    """The full sorted work list and the notes made while building it."""
+
+    items: list[WorkItem]
+    notes: list[str]
+    protected: set[Path] = field(default_factory=set)  # source files (resolved): never written
+
+    @property
+    def outputs(self) -> set[Path]:
+        return {p.resolve() for item in self.items for p in (item.out_prototxt, item.out_caffemodel)}
+
+
+def build_work_list(sources: Sequence[Path], outdir: Path, manifest: Path | None = None) -> WorkList:
+    """Discover (or read the manifest), plan outputs and check them; raises UsageError."""
+    outdir = Path(outdir)
+    if manifest is not None:
+        if sources:
+            raise UsageError("give SRC folders or --manifest, not both")
+        items = plan_manifest(read_manifest(manifest), manifest, outdir)
+        protected = {Path(manifest).resolve()} | _inputs(items)
+        check_outputs(items, protected)
+        return WorkList(items, [], protected)
+    if not sources:
+        raise UsageError("no SRC folder given (or --manifest)")
+    for source in sources:
+        if not Path(source).is_dir():
+            raise UsageError(f"{source}: not a folder")
+        if Path(source).resolve() == outdir.resolve():
+            raise UsageError(f"{source}: OUTDIR is a source folder; choose another --out")
+    roots = list(dict.fromkeys(Path(s) for s in sources))
+    discoveries = [discover(root, ignore=[outdir]) for root in roots]
+    items = plan_discovered(discoveries, outdir)
+    if not items:
+        raise UsageError(f"found no caffemodel under {', '.join(map(str, roots))}")
+    protected = set().union(*(d.files for d in discoveries)) | _inputs(items)
+    check_outputs(items, protected)
+    return WorkList(items, [note for d in discoveries for note in d.notes], protected)
+
+
+def _inputs(items: Iterable[WorkItem]) -> set[Path]:
+    return {p.resolve() for item in items for p in (item.prototxt, item.caffemodel) if p is not None}

@@ -1,0 +1,1 @@
+"""Reading and writing Caffe files: prototxt text, caffemodel wire format, our schema, atomic output."""

@@ -1,0 +1,212 @@
+"""Writing Caffe files: the merged prototxt into the user's own text, the merged caffemodel with
+every untouched record copied verbatim and folded blobs computed as they are written, each file under
+a temporary name and published only when complete (`atomic_output`)."""
+
+import mmap
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+from google.protobuf.message import DecodeError
+
+from ..errors import InputError, OutputError
+from ..net import LayerEdit, ScaledRows, WeightLayer
+from . import proto, prototxt, wire
+from .read import (
+    BLOB_DATA,
+    BLOB_DIMS,
+    BLOB_DOUBLE,
+    BLOB_RAW,
+    BLOB_RAW_TYPE,
+    BLOB_SHAPE,
+    FLOAT16,
+    FLOAT32,
+    FLOAT64,
+    LAYER_FIELDS,
+    Weights,
+    file_identity,
+)
+from .streaming import OrderedWriter
+from .upgrade import upgrade_layer
+
+
+def write_net_text(original: prototxt.NetText, net: object, origin: Sequence[int], path: Path) -> None:
+    """Write `net` in the original's text: untouched layers verbatim (`prototxt.render_net_text`)."""
+    with atomic_output(path) as handle:
+        handle.write(prototxt.render_net_text(original, net, origin).encode("utf-8"))
+
+
+VERBATIM_CHUNK = 16 << 20  # untouched bytes are copied (and released) this much at a time
+
+
+def write_weights(weights: Weights, edits: dict[str, LayerEdit], dropped: set[str], path: Path) -> None:
+    """Write `weights` with `edits` applied and `dropped` layers left out; other bytes verbatim
+    (copied file to file inside the kernel where it can). An edit for a layer the caffemodel does
+    not hold (a Power layer turned Scale) adds a record."""
+    upgrade_v1 = any(r.number == 2 for r in weights.records)  # V1 input: written in today's form
+    with atomic_output(path) as handle, _source(weights) as source, OrderedWriter(handle) as out:
+        for record, name in zip(weights.records, weights.record_names, strict=True):
+            if name in dropped:
+                continue
+            if name in edits or (upgrade_v1 and record.number == 2):
+                _write_edited_layer(out, weights, record, weights.layers[name], edits.get(name))
+                out.then(partial(_release, weights, record.start, record.end))
+                continue
+            for start in range(record.start, record.end, VERBATIM_CHUNK):
+                end = min(start + VERBATIM_CHUNK, record.end)
+                out.copy(source, start, weights.buffer[start:end])
+                out.then(partial(_release, weights, start, end))
+        for name, edit in edits.items():
+            if name not in weights.layers:
+                layer = proto.LayerParameter(name=name)
+                edit.update(layer)
+                blobs = edit.blobs
+                _write_layer(out, layer.SerializeToString(), blobs, [False] * len(blobs))
+
+
+@contextmanager
+def _source(weights: Weights) -> Iterator[int | None]:
+    """The caffemodel opened again for copying, if it is still the file that was mapped."""
+    try:
+        fd = os.open(weights.path, os.O_RDONLY)
+    except OSError:
+        yield None
+        return
+    try:
+        yield fd if weights.identity and file_identity(fd) == weights.identity else None
+    finally:
+        os.close(fd)
+
+
+def _release(weights: Weights, start: int, end: int) -> None:
+    """Drop the pages of bytes we are done with from our memory (they stay in the page cache), so
+    writing a model never holds the whole input in our resident memory."""
+    if weights.mapping is None or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    start -= start % mmap.PAGESIZE
+    end = min(end + (-end) % mmap.PAGESIZE, len(weights.buffer))
+    if end > start:
+        weights.mapping.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+
+def _write_edited_layer(
+    out: OrderedWriter, weights: Weights, record: wire.Field, stored: WeightLayer, edit: LayerEdit | None
+) -> None:
+    """Re-encode one layer record: its non-blob fields through the schema (unknown fields kept),
+    its blobs from `edit` (or as stored). A V1 record is written in today's `layer` form: a file
+    must not mix the two, since Caffe's upgrade then ignores the `layer` records."""
+    blob_field = LAYER_FIELDS[record.number][1]
+    kept = b"".join(
+        weights.buffer[item.start : item.end]
+        for item in wire.iter_fields(weights.buffer, record.value_start, record.end)
+        if item.number != blob_field
+    )
+    try:
+        if record.number == 100:
+            layer = proto.LayerParameter.FromString(kept)
+        else:
+            layer = upgrade_layer(proto.V1LayerParameter.FromString(kept))
+    except DecodeError as err:
+        raise InputError(f"{weights.path}: layer '{stored.name}' does not decode ({err}); is the file intact?") from err
+    if edit is None:
+        edit = LayerEdit(lambda: tuple(stored.blobs))
+    edit.update(layer)
+    blobs = edit.blobs
+    legacy = [_is_legacy(stored, i, blob) for i, blob in enumerate(blobs)]
+    _write_layer(out, layer.SerializeToString(), blobs, legacy)
+
+
+def write_new_weights(layers: list[tuple[str, str, list[np.ndarray]]], path: Path) -> None:
+    """Write a caffemodel from scratch: (name, type, blobs) per layer, blobs in their own dtype."""
+    with atomic_output(path) as handle, OrderedWriter(handle) as out:
+        for name, type_, blobs in layers:
+            head = proto.LayerParameter(name=name, type=type_).SerializeToString()
+            _write_layer(out, head, blobs, [False] * len(blobs))
+
+
+def _write_layer(out: OrderedWriter, head: bytes, blobs: Sequence[np.ndarray | ScaledRows], legacy: list[bool]) -> None:
+    """One `layer` record: its serialized non-blob fields, then its blobs, without joining them."""
+    pieces = [piece for blob, is_legacy in zip(blobs, legacy, strict=True) for piece in _encode_blob(blob, is_legacy)]
+    out.write(wire.encode_length_header(100, len(head) + sum(_length(p) for p in pieces)))
+    out.write(head)
+    for piece in pieces:
+        if isinstance(piece, ScaledRows):
+            for size, fill in piece.blocks():
+                out.compute(size, fill)
+        else:
+            out.write(piece)
+
+
+def _length(piece: bytes | memoryview | ScaledRows) -> int:
+    return piece.nbytes if isinstance(piece, ScaledRows) else len(piece)
+
+
+def _is_legacy(stored: WeightLayer, index: int, blob: np.ndarray) -> bool:
+    """Keep a blob's legacy 4-D storage when it replaces one of the same shape."""
+    return index < len(stored.blobs) and stored.legacy_shape[index] and stored.blobs[index].shape == blob.shape
+
+
+def _encode_blob(array: np.ndarray | ScaledRows, legacy: bool) -> list[bytes | memoryview | ScaledRows]:
+    """A BlobProto field holding `array` in its own dtype, as pieces to write in order (the
+    values are a view of the array, or the `ScaledRows` to compute: no copy of the data is made)."""
+    if legacy:
+        head = b"".join(wire.encode_varint_field(n, d) for n, d in zip(BLOB_DIMS, array.shape, strict=True))
+    elif array.ndim == 0:
+        head = b""  # a scalar: Caffe writes no shape at all
+    else:
+        dims = b"".join(wire.encode_varint(d) for d in array.shape)
+        shape = wire.encode_length_delimited(1, dims) + dims
+        head = wire.encode_length_delimited(BLOB_SHAPE, shape) + shape
+    if array.dtype == np.float16:  # kept as NVIDIA Caffe stores it
+        data = memoryview(np.ascontiguousarray(array, FLOAT16)).cast("B")
+        head += wire.encode_varint_field(BLOB_RAW_TYPE, 2) + wire.encode_length_delimited(BLOB_RAW, data)
+    else:
+        number, dtype = (BLOB_DOUBLE, FLOAT64) if array.dtype == np.float64 else (BLOB_DATA, FLOAT32)
+        if isinstance(array, ScaledRows) and array.dtype == dtype:
+            data = array
+        else:
+            data = memoryview(np.ascontiguousarray(array, dtype)).cast("B")
+        head += wire.encode_length_header(number, _length(data))
+    return [wire.encode_length_header(LAYER_FIELDS[100][1], len(head) + _length(data)), head, data]
+
+
+@contextmanager
+def atomic_output(path: Path) -> Iterator[BinaryIO]:
+    """Write to a temporary file beside `path`; rename it over `path` only when complete. The
+    temporary name is chosen before the file exists, so an interruption at any point (a handled
+    signal included) can remove it."""
+    tmp = path.with_name(f".{path.name}.{os.urandom(6).hex()}.tmp")
+    try:
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 & ~_umask())
+        except OSError as err:
+            raise OutputError(f"{path}: cannot write in {path.parent} ({err.strerror})") from err
+        with os.fdopen(fd, "wb") as handle:
+            yield handle
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def check_outputs(inputs: tuple[Path, Path], outputs: tuple[Path, Path], overwrite: bool) -> None:
+    resolved = {p.resolve() for p in inputs}
+    for out in outputs:
+        if out.resolve() in resolved:
+            raise OutputError(f"{out}: output path equals an input path; choose another output name")
+        if not out.parent.is_dir():
+            raise OutputError(f"{out}: folder {out.parent} does not exist")
+        if out.exists() and not overwrite:
+            raise OutputError(f"{out}: exists already; add --force to replace it")
+    if outputs[0].resolve() == outputs[1].resolve():
+        raise OutputError(f"{outputs[0]}: the output model and weights paths are the same")

@@ -1,0 +1,1 @@
+"""The fold formulas: numpy arrays in, numpy arrays out, float64."""

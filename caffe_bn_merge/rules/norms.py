@@ -1,0 +1,149 @@
+"""Affine layers (BatchNorm, Scale, Bias, Power with power 1) read as per-channel affine maps, or
+refused with the reason they are not one. Caffe's semantics are in each reader's docstring."""
+
+import logging
+from collections.abc import Callable
+
+import numpy as np
+
+from ..errors import MismatchError
+from ..maths.affine import ChannelAffine, bias_affine, scale_affine
+from ..net import WeightLayer
+from . import bn_variants
+from .reasons import Reason, Refusal
+
+NORM_TYPES = ("BatchNorm", "BN", "Scale", "Bias", "Power")
+log = logging.getLogger(__name__)
+
+
+def own_refusal(layer: object) -> Refusal | None:
+    """A reason found in the layer alone (no neighbours, no weights) why it can never fold."""
+    if len(layer.bottom) != 1 or len(layer.top) != 1:
+        return Refusal(Reason.TWO_BOTTOMS, f"{len(layer.bottom)} bottom(s), {len(layer.top)} top(s)")
+    if layer.type == "BatchNorm":
+        param = layer.batch_norm_param
+        if param.HasField("use_global_stats") and not param.use_global_stats:
+            return Refusal(Reason.BATCH_STATS)
+    elif layer.type == "BN" and bn_variants.segnet_learns(layer):
+        return Refusal(Reason.BATCH_STATS, "SegNet BN in bn_mode LEARN")
+    elif layer.type == "Power" and layer.power_param.power != 1:
+        return Refusal(Reason.NOT_AFFINE, f"power {layer.power_param.power:g}")
+    return None
+
+
+def channels_of(layer: object, stored: WeightLayer | None) -> int | None:
+    """The channel count a layer's own blobs reveal (None for scalar maps or missing blobs)."""
+    if stored is None or not stored.blobs or layer.type == "Power":
+        return None
+    if layer.type in ("BatchNorm", "BN"):
+        variant = bn_variants.detect(layer, stored.blobs)
+        return None if isinstance(variant, Refusal) else stored.blobs[0].size  # blob 0 is per channel in each
+    param = layer.scale_param if layer.type == "Scale" else layer.bias_param
+    if param.axis == 1 and param.num_axes == 1:
+        return stored.blobs[0].size
+    return None
+
+
+def read_affine(
+    layer: object, stored: WeightLayer | None, channels: int, rank: int | None, bn_flavour: str = "auto"
+) -> ChannelAffine | Refusal:
+    """The map `layer` applies to a blob of `channels` channels (axis 1) and rank `rank`;
+    `bn_flavour` overrides the detected BatchNorm layout (`bn_variants`)."""
+    refusal = own_refusal(layer)
+    if refusal:
+        return refusal
+    if layer.type == "Power":
+        param = layer.power_param
+        return scale_affine(np.array([param.scale]), np.array([param.shift]), channels)
+    if stored is None:
+        raise MismatchError(f"layer '{layer.name}' ({layer.type}) has no blobs in the caffemodel")
+    if layer.type in ("BatchNorm", "BN"):
+        affine = _batchnorm(layer, stored, channels, bn_flavour)
+    else:
+        affine = _READERS[layer.type](layer, stored, channels, rank)
+    return affine if isinstance(affine, Refusal) else _finite(layer, affine)
+
+
+def _finite(layer: object, affine: ChannelAffine) -> ChannelAffine | Refusal:
+    """Refuse a map that is not finite everywhere: folding it would spread NaN or infinity into
+    weights that other channels share (Caffe keeps it per channel). Warn about negative variance."""
+    bad = ~(np.isfinite(affine.scale) & np.isfinite(affine.shift))
+    if bad.any():
+        return Refusal(Reason.BAD_STATISTICS, f"{int(bad.sum())} channel(s)")
+    return affine
+
+
+def _batchnorm(layer: object, stored: WeightLayer, channels: int, flavour: str) -> ChannelAffine | Refusal:
+    """Any BatchNorm layout (`bn_variants`); eps from the layer's parameters."""
+    variant = bn_variants.detect(layer, stored.blobs, flavour)
+    if isinstance(variant, Refusal):
+        return variant
+    if variant == bn_variants.SEGNET:
+        if bn_variants.segnet_learns(layer, stored.blobs):
+            return Refusal(Reason.BATCH_STATS, "SegNet BN in bn_mode LEARN")
+        _check_size(layer, stored.blobs[0].size == channels, channels)
+        return bn_variants.affine(variant, layer, stored.blobs, channels)
+    statistics = bn_variants.statistics(variant, stored.blobs)
+    per_channel = [b for b in statistics[:4] if b is not None]
+    _check_size(layer, all(b.size == channels for b in per_channel), channels)
+    with np.errstate(invalid="ignore"):
+        negative = int(np.sum(np.asarray(statistics[1], np.float64) < 0))
+    if negative:
+        log.warning(
+            "%s '%s': %d channel(s) have negative variance; folded as Caffe computes them",
+            layer.type,
+            layer.name,
+            negative,
+        )
+    return bn_variants.affine(variant, layer, stored.blobs, channels)
+
+
+def _scale(layer: object, stored: WeightLayer, channels: int, rank: int | None) -> ChannelAffine | Refusal:
+    """Scale: gamma over bottom.shape[axis : axis+num_axes], plus beta when bias_term."""
+    param = layer.scale_param
+    expected = 2 if param.bias_term else 1
+    if len(stored.blobs) != expected:
+        raise MismatchError(
+            f"layer '{layer.name}': Scale with bias_term {str(param.bias_term).lower()} needs "
+            f"{expected} blob(s), the caffemodel has {len(stored.blobs)}"
+        )
+    gamma = stored.blobs[0]
+    refusal = _per_channel(param.axis, param.num_axes, gamma.size, channels, rank)
+    if refusal:
+        return refusal
+    beta = stored.blobs[1] if param.bias_term else None
+    _check_size(layer, beta is None or beta.size == gamma.size, channels)
+    return scale_affine(gamma, beta, channels)
+
+
+def _bias(layer: object, stored: WeightLayer, channels: int, rank: int | None) -> ChannelAffine | Refusal:
+    """Bias: beta over bottom.shape[axis : axis+num_axes]."""
+    param = layer.bias_param
+    if len(stored.blobs) != 1:
+        raise MismatchError(f"layer '{layer.name}': Bias needs 1 blob, the caffemodel has {len(stored.blobs)}")
+    refusal = _per_channel(param.axis, param.num_axes, stored.blobs[0].size, channels, rank)
+    return refusal or bias_affine(stored.blobs[0], channels)
+
+
+def _per_channel(axis: int, num_axes: int, size: int, channels: int, rank: int | None) -> Refusal | None:
+    """None when a parameter blob of `size` values over [axis, axis+num_axes) is per channel."""
+    if num_axes == 0 and size == 1:
+        return None  # one scalar for the whole blob
+    if axis < 0:
+        if rank is None:
+            return Refusal(Reason.NOT_PER_CHANNEL, f"axis {axis} on a blob of unknown rank")
+        axis += rank
+    if axis != 1 or size != channels:
+        return Refusal(Reason.NOT_PER_CHANNEL, f"axis {axis}, {size} values for {channels} channels")
+    return None
+
+
+def _check_size(layer: object, ok: bool, channels: int) -> None:
+    if not ok:
+        raise MismatchError(f"layer '{layer.name}': blob sizes do not match the {channels} channels of its input")
+
+
+_READERS: dict[str, Callable[[object, WeightLayer, int, int | None], ChannelAffine | Refusal]] = {
+    "Scale": _scale,
+    "Bias": _bias,
+}

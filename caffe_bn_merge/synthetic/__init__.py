@@ -1,0 +1,1 @@
+"""Generated nets with realistic statistics, for tests, benchmarks and the bundled samples."""

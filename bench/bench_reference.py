@@ -1,4 +1,4 @@
-"""Forward time of the float64 reference engine (`caffe_bn_merge.verify.reference`) on MobileNet-SSD.
+"""Forward time of the float64 reference engine (`caffe_bn_merge.verification.reference`) on MobileNet-SSD.
 
     python bench/bench_reference.py [--runs 3]
 
@@ -17,10 +17,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from caffe_bn_merge import merge  # noqa: E402
-from caffe_bn_merge.caffe_io import read_net  # noqa: E402
 from caffe_bn_merge.graph import build_graph  # noqa: E402
-from caffe_bn_merge.verification import compare_points, random_inputs  # noqa: E402
-from caffe_bn_merge.verify.reference import run_reference  # noqa: E402
+from caffe_bn_merge.io.read import read_net  # noqa: E402
+from caffe_bn_merge.verification.compare import compare_points, random_inputs  # noqa: E402
+from caffe_bn_merge.verification.reference import run_reference  # noqa: E402
 
 REAL = ROOT.parent / "shared" / "real_nets" / "mobilenet_ssd_0.5_hx"
 NETS = {

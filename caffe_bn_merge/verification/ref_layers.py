@@ -13,10 +13,10 @@ from collections.abc import Callable
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from .. import bn_variants
 from ..errors import VerifyError
-from ..reasons import Refusal
-from ..shapes import canonical_axis, conv_geometry, prior_aspect_ratios
+from ..rules import bn_variants
+from ..rules.reasons import Refusal
+from ..synthetic.shapes import canonical_axis, conv_geometry, prior_aspect_ratios
 
 Forward = Callable[[object, list[np.ndarray], list[np.ndarray]], list[np.ndarray]]
 SEGNET_VAR_EPS = 1e-9  # caffe-segnet's BN layer: fixed in LayerSetUp
@@ -289,14 +289,14 @@ def batch_norm(layer: object, inputs: list[np.ndarray], blobs: list[np.ndarray])
 
 
 def bn(layer: object, inputs: list[np.ndarray], blobs: list[np.ndarray]) -> list[np.ndarray]:
-    """`BN`: PSPNet's (4 blobs: slope, bias, mean, var) or caffe-segnet's (2 blobs: scale, shift;
-    `bn_mode: INFERENCE` -> scale*x + shift, else batch statistics with eps 1e-9, then scale/shift)."""
-    if len(blobs) != 2:
+    """`BN`: PSPNet's (4 blobs: slope, bias, mean, var) as `batch_norm`; caffe-segnet's (2 blobs:
+    scale, shift): `bn_mode: INFERENCE` -> scale*x + shift, LEARN (the default) -> the batch's own
+    statistics (eps 1e-9), then scale and shift."""
+    if bn_variants.detect(layer, blobs) != bn_variants.SEGNET:
         return batch_norm(layer, inputs, blobs)
     x = inputs[0]
-    scale, shift = _channel(blobs[0], x), _channel(blobs[1], x)
-    inference = getattr(layer.bn_param, "bn_mode", 0) == 1
-    return [(x if inference else _batch_stats(x, SEGNET_VAR_EPS)) * scale + shift]
+    normalised = _batch_stats(x, SEGNET_VAR_EPS) if bn_variants.segnet_learns(layer, blobs) else x
+    return [normalised * _channel(blobs[0], x) + _channel(blobs[1], x)]
 
 
 def _param_view(values: np.ndarray, x: np.ndarray, axis: int, count: int) -> np.ndarray:

@@ -12,8 +12,7 @@ A plug-in file (`load_plugin`) is a Python file that defines a dict `LAYERS = {"
         return [inputs[0] * 2]  # one array per top; never modify the inputs
 
 The net is parsed with our schema extended by the fork fields it lacks (`upsample_param`,
-`interp_param`, `shuffle_channel_param`, caffe-segnet's `bn_param { bn_mode }`), so fork layers
-read their parameters by name.
+`interp_param`, `shuffle_channel_param`), so fork layers read their parameters by name.
 """
 
 import importlib.metadata
@@ -26,11 +25,11 @@ from pathlib import Path
 import numpy as np
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
-from .. import proto
-from ..caffe_io import read_net_text, read_weights
 from ..errors import MergeError, VerifyError
 from ..graph import NET_INPUT, BlobVersion, LayerNode, NetGraph, build_graph
-from ..prototxt import Schema
+from ..io import proto
+from ..io.prototxt import Schema
+from ..io.read import read_net_text, read_weights
 from .ref_layers import LAYERS, Forward
 
 ENTRY_POINT_GROUP = "caffe_bn_merge.layers"
@@ -118,14 +117,20 @@ def fork_schema() -> Schema:
     file = descriptor_pb2.FileDescriptorProto()
     proto.LayerParameter.DESCRIPTOR.file.CopyToProto(file)
     file.name = "caffe_bn_merge_fork.proto"
+    known = {m.name for m in file.message_type}
     for name, fields in _FORK_MESSAGES.items():
+        if name in known:
+            continue
         message = file.message_type.add(name=name)
         for field_name, number, kind, default in fields:
             field = message.field.add(name=field_name, number=number, type=kind, label=1)
             if default is not None:
                 field.default_value = default
     messages = {m.name: m for m in file.message_type}
+    layer_fields = {f.name for f in messages["LayerParameter"].field}
     for field_name, number in _FORK_LAYER_FIELDS:
+        if field_name in layer_fields:
+            continue
         type_name = "".join(part.title() for part in field_name.split("_")[:-1]) + "Parameter"
         messages["LayerParameter"].field.add(
             name=field_name,
@@ -133,24 +138,6 @@ def fork_schema() -> Schema:
             type=descriptor_pb2.FieldDescriptorProto.TYPE_MESSAGE,
             label=1,
             type_name=f".caffe.{type_name}",
-        )
-    segnet = file.enum_type.add(name="SegNetBNMode")  # caffe-segnet bn_param: LEARN (batch stats), INFERENCE
-    segnet.value.add(name="LEARN", number=0)
-    segnet.value.add(name="INFERENCE", number=1)
-    messages["BNParameter"].field.add(
-        name="bn_mode",
-        number=9001,
-        type=descriptor_pb2.FieldDescriptorProto.TYPE_ENUM,
-        label=1,
-        type_name=".caffe.SegNetBNMode",
-    )
-    for offset, filler in enumerate(("scale_filler", "shift_filler")):
-        messages["BNParameter"].field.add(
-            name=filler,
-            number=9002 + offset,
-            type=descriptor_pb2.FieldDescriptorProto.TYPE_MESSAGE,
-            label=1,
-            type_name=".caffe.FillerParameter",
         )
     pool = descriptor_pool.DescriptorPool()
     pool.Add(file)

@@ -1,4 +1,4 @@
-"""The float64 reference engine (`caffe_bn_merge.verify.reference`) against real engines and formulas.
+"""The float64 reference engine (`caffe_bn_merge.verification.reference`) against real engines and formulas.
 
 - Per layer type, one net holding several variants (shapes, groups, pads, strides, dilations, axes,
   ceil rounding) side by side, each on its own input: compared with OpenCV dnn (where it computes the
@@ -18,15 +18,16 @@ import numpy as np
 import pytest
 from google.protobuf import text_format
 
-from caffe_bn_merge import proto
-from caffe_bn_merge.caffe_backend import run_caffe
-from caffe_bn_merge.caffe_io import read_net, write_new_weights
 from caffe_bn_merge.errors import VerifyError
 from caffe_bn_merge.graph import build_graph
-from caffe_bn_merge.synth import weights_for
-from caffe_bn_merge.verification import compare_points, random_inputs, run_opencv
-from caffe_bn_merge.verify import reference
-from caffe_bn_merge.verify.reference import load_plugin, register_layer, run_reference
+from caffe_bn_merge.io import proto
+from caffe_bn_merge.io.emit import write_new_weights
+from caffe_bn_merge.io.read import read_net
+from caffe_bn_merge.synthetic.synth import weights_for
+from caffe_bn_merge.verification import reference
+from caffe_bn_merge.verification.compare import compare_points, random_inputs, run_opencv
+from caffe_bn_merge.verification.pycaffe import run_caffe
+from caffe_bn_merge.verification.reference import load_plugin, register_layer, run_reference
 
 UNUSED_RECORD = {"unused": [np.zeros(1)]}  # a caffemodel needs a layer record; engines skip unknown names
 TOLERANCE = 1e-5  # max |difference| relative to the output's max |value|
@@ -677,7 +678,7 @@ def test_entry_point_group_supplies_a_type(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(reference, "_registered", {})
     monkeypatch.setattr(reference, "_entry_points", None)
     point = importlib.metadata.EntryPoint(
-        "Clip6", "caffe_bn_merge.verify.ref_layers:relu6", reference.ENTRY_POINT_GROUP
+        "Clip6", "caffe_bn_merge.verification.ref_layers:relu6", reference.ENTRY_POINT_GROUP
     )
     monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [point] if group == point.group else [])
     model, weights = _fork_net(tmp_path, [(1, 3)], _layer("Clip6", ""))

@@ -419,6 +419,23 @@ def test_layer_matches_caffe(case: Case, tmp_path, pycaffe) -> None:
         assert_close(f"{layer}/{top}", mine, theirs)
 
 
+FLOOR_POOLING = Case(  # `ceil_mode: false` (forks; BVLC's round_mode FLOOR): real Caffe's schema lacks it
+    "Pooling",
+    [
+        _v((1, 2, 10, 10), "pooling_param { pool: MAX kernel_size: 3 stride: 2 ceil_mode: false }"),
+        _v((1, 2, 10, 9), "pooling_param { pool: AVE kernel_size: 3 stride: 2 pad: 1 ceil_mode: false }"),
+        _v((2, 3, 7, 8), "pooling_param { pool: AVE kernel_size: 2 stride: 2 ceil_mode: false }"),
+    ],
+)
+
+
+def test_floor_pooling_matches_opencv(tmp_path) -> None:
+    model, weights, inputs, outputs = _case_net(FLOOR_POOLING, tmp_path)
+    ours = run_reference(model, weights, inputs, outputs)
+    for (layer, top), mine, theirs in zip(outputs, ours, run_opencv(model, weights, inputs, outputs), strict=True):
+        assert_close(f"{layer}/{top}", mine, theirs)
+
+
 # --- (b) real nets ---------------------------------------------------------------------------------
 
 REAL = {

@@ -575,22 +575,24 @@ def upsample(layer: object, inputs: list[np.ndarray], blobs: list[np.ndarray]) -
 
 def interp(layer: object, inputs: list[np.ndarray], blobs: list[np.ndarray]) -> list[np.ndarray]:
     """PSPNet / DeepLab Interp: crop by pad_beg / pad_end (<= 0), then bilinear resize with corners
-    aligned to `height`/`width`, or by shrink_factor then zoom_factor."""
+    aligned, to the size (in the fork's order) of bottom 1, or shrink_factor alone, or zoom_factor
+    alone, or height and width, or shrink_factor then zoom_factor."""
     p, x = layer.interp_param, inputs[0]
-    h_in, w_in = x.shape[2:]
     pad_beg, pad_end = p.pad_beg, p.pad_end
-    h_eff, w_eff = h_in + pad_beg + pad_end, w_in + pad_beg + pad_end
-    shrink, zoom = p.shrink_factor or 1, p.zoom_factor or 1
-    if p.height and p.width:
-        h_out, w_out = p.height, p.width
+    h_eff, w_eff = x.shape[2] + pad_beg + pad_end, x.shape[3] + pad_beg + pad_end
+    shrink, zoom = p.HasField("shrink_factor"), p.HasField("zoom_factor")
+    if len(inputs) > 1:
+        size = inputs[1].shape[2:4]
+    elif p.HasField("height") and p.HasField("width") and shrink == zoom:  # only a lone factor comes first
+        size = (p.height, p.width)
     else:
-        h_out, w_out = h_eff, w_eff
-        if shrink != 1:
-            h_out, w_out = (h_out - 1) // shrink + 1, (w_out - 1) // shrink + 1
-        if zoom != 1:
-            h_out, w_out = h_out + (h_out - 1) * (zoom - 1), w_out + (w_out - 1) * (zoom - 1)
+        size = (h_eff, w_eff)
+        if shrink:
+            size = tuple((s - 1) // p.shrink_factor + 1 for s in size)
+        if zoom:
+            size = tuple(s + (s - 1) * (p.zoom_factor - 1) for s in size)
     region = x[:, :, -pad_beg : -pad_beg + h_eff, -pad_beg : -pad_beg + w_eff]
-    return [_bilinear(region, h_out, w_out)]
+    return [_bilinear(region, *size)]
 
 
 def _bilinear(x: np.ndarray, h_out: int, w_out: int) -> np.ndarray:

@@ -560,6 +560,8 @@ INTERP = [
     ((2, 1, 5, 6), "interp_param { height: 11 width: 3 }", (11, 3), 0),
     ((1, 2, 6, 6), "interp_param { zoom_factor: 3 pad_beg: -1 pad_end: -1 }", (10, 10), 1),
     ((1, 1, 9, 9), "interp_param { shrink_factor: 2 zoom_factor: 3 }", (13, 13), 0),
+    ((1, 2, 4, 4), "interp_param { zoom_factor: 2 height: 3 width: 3 }", (7, 7), 0),  # a lone factor wins
+    ((1, 2, 4, 4), "interp_param { zoom_factor: 2 shrink_factor: 2 height: 3 width: 5 }", (3, 5), 0),
 ]
 
 
@@ -569,6 +571,12 @@ def test_interp_bilinear_corners_aligned(shape, params, size, crop, tmp_path) ->
     region = x[:, :, crop : shape[2] - crop, crop : shape[3] - crop]
     got = _one(tmp_path, [shape], _layer("Interp", params), [x])
     np.testing.assert_allclose(got, _interp_expected(region, *size), rtol=0, atol=1e-12)
+
+
+def test_interp_to_the_size_of_a_second_bottom(tmp_path) -> None:
+    x, like = np.random.default_rng(4).standard_normal((1, 2, 3, 5)), np.zeros((1, 1, 8, 4))
+    got = _one(tmp_path, [x.shape, like.shape], _layer("Interp", "", 2), [x, like])
+    np.testing.assert_allclose(got, _interp_expected(x, 8, 4), rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize(("channels", "group"), [(6, 2), (6, 3), (12, 4), (5, 1)])

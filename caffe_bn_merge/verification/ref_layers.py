@@ -205,6 +205,27 @@ def _log(layer: object, x: np.ndarray) -> np.ndarray:
     return np.log(p.shift + p.scale * x) / log_base
 
 
+def _threshold(layer: object, x: np.ndarray) -> np.ndarray:
+    return (x > layer.threshold_param.threshold).astype(np.float64)
+
+
+def tile(layer: object, inputs: list[np.ndarray], blobs: list[np.ndarray]) -> list[np.ndarray]:
+    p, x = layer.tile_param, inputs[0]
+    reps = [1] * x.ndim
+    reps[canonical_axis(p.axis, x.ndim)] = p.tiles
+    return [np.tile(x, reps)]
+
+
+def reduction(layer: object, inputs: list[np.ndarray], blobs: list[np.ndarray]) -> list[np.ndarray]:
+    """SUM, ASUM, SUMSQ or MEAN over all axes from `axis` on, times `coeff`."""
+    p, x = layer.reduction_param, inputs[0]
+    axis = canonical_axis(p.axis, x.ndim)
+    flat = x.reshape(*x.shape[:axis], -1)
+    operation = p.ReductionOp.Name(p.operation)
+    values = {"SUM": flat, "ASUM": np.abs(flat), "SUMSQ": flat * flat, "MEAN": flat / flat.shape[-1]}[operation]
+    return [values.sum(axis=-1) * p.coeff]
+
+
 def prelu(layer: object, inputs: list[np.ndarray], blobs: list[np.ndarray]) -> list[np.ndarray]:
     x = inputs[0]
     slope = blobs[0].ravel()
@@ -629,6 +650,9 @@ LAYERS: dict[str, Forward] = {
     "Sigmoid": _unary(lambda layer, x: 0.5 * (1.0 + np.tanh(0.5 * x))),
     "TanH": _unary(lambda layer, x: np.tanh(x)),
     "AbsVal": _unary(lambda layer, x: np.abs(x)),
+    "Threshold": _unary(_threshold),
+    "Tile": tile,
+    "Reduction": reduction,
     "BNLL": _unary(_bnll),
     "Power": _unary(_power),
     "Exp": _unary(_exp),

@@ -23,7 +23,7 @@ from functools import cache
 from pathlib import Path
 
 import numpy as np
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format
 
 from ..errors import MergeError, VerifyError
 from ..graph import NET_INPUT, BlobVersion, LayerNode, NetGraph, build_graph
@@ -111,6 +111,16 @@ def forward_for(node: LayerNode) -> Forward:
     return found
 
 
+class _ForkSchema(Schema):
+    """Our schema plus fork fields under numbers ours leaves free: the binary form carries them into
+    our NetParameter as unknown fields, and back into `layer_class` when a layer runs."""
+
+    def parse(self, text: str, strict: bool) -> tuple[object, set[str]]:
+        net = self.net_class()
+        text_format.Parse(text, net, allow_unknown_field=not strict)
+        return proto.NetParameter.FromString(net.SerializeToString()), set()
+
+
 @cache
 def fork_schema() -> Schema:
     """Our schema plus the fork fields the reference engine reads (text parse needs their names)."""
@@ -142,7 +152,7 @@ def fork_schema() -> Schema:
     pool = descriptor_pool.DescriptorPool()
     pool.Add(file)
     net, layer = (pool.FindMessageTypeByName(f"caffe.{n}") for n in ("NetParameter", "LayerParameter"))
-    return Schema(message_factory.GetMessageClass(net), message_factory.GetMessageClass(layer))
+    return _ForkSchema(message_factory.GetMessageClass(net), message_factory.GetMessageClass(layer))
 
 
 def run_reference(

@@ -208,6 +208,29 @@ CASES = [
     Case("AbsVal", [_v((2, 3, 4, 5)), _v((3, 7))]),
     Case("BNLL", [_v((2, 3, 4, 5)), _v((3, 7))]),
     Case(
+        "Threshold",
+        [
+            _v((2, 3, 4, 5), opencv="no Threshold layer"),
+            _v((3, 7), "threshold_param { threshold: 0.4 }", opencv="no Threshold layer"),
+        ],
+    ),
+    Case(
+        "Tile",
+        [
+            _v((2, 3, 4), "tile_param { tiles: 3 }", opencv="Caffe's Tile"),
+            _v((2, 3, 4, 2), "tile_param { axis: -1 tiles: 2 }", opencv="Caffe's Tile"),
+        ],
+    ),
+    Case(
+        "Reduction",
+        [
+            _v((2, 3, 4, 5), opencv="no Reduction layer"),
+            _v((2, 3, 4, 5), "reduction_param { operation: ASUM axis: 1 }", opencv="no Reduction layer"),
+            _v((2, 3, 4), "reduction_param { operation: SUMSQ axis: 2 coeff: 0.5 }", opencv="no Reduction layer"),
+            _v((2, 3, 4, 5), "reduction_param { operation: MEAN axis: -2 coeff: -2 }", opencv="no Reduction layer"),
+        ],
+    ),
+    Case(
         "Power",
         [
             _v((2, 3, 4, 5), "power_param { power: 2 scale: 0.5 shift: 1 }"),

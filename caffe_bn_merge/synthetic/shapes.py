@@ -288,15 +288,21 @@ def _prior_box(layer: object, bottoms: list[Shape]) -> list[Shape]:
     return [(1, 2, height * width * num_priors(layer.prior_box_param) * 4)]
 
 
-def num_priors(param: object) -> int:
-    """Priors per location, as the SSD fork counts them: aspect ratio 1 plus each new ratio (and its
-    inverse when `flip`), per min_size, plus one per max_size."""
+def prior_aspect_ratios(param: object) -> list[float]:
+    """The SSD fork's aspect ratios of a PriorBox: 1, then each new ratio (and its inverse when `flip`)."""
     ratios = [1.0]
     for ratio in param.aspect_ratio:
         if all(abs(ratio - known) >= 1e-6 for known in ratios):
             ratios.append(ratio)
             if param.flip:
                 ratios.append(1.0 / ratio)
+    return ratios
+
+
+def num_priors(param: object) -> int:
+    """Priors per location, as the SSD fork counts them: each aspect ratio per min_size, plus one per
+    max_size."""
+    ratios = prior_aspect_ratios(param)
     if param.max_size and len(param.max_size) != len(param.min_size):
         raise ValueError(f"{len(param.max_size)} max_size for {len(param.min_size)} min_size")
     return len(ratios) * len(param.min_size) + len(param.max_size)

@@ -147,6 +147,15 @@ def _add_verify_flags(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="when --verify rejects the merged pair (or cannot run it), write the pair into DIR for inspection",
     )
+    group.add_argument(
+        "--layer-plugin",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="FILE.py",
+        help="layer types for the reference engine: a Python file defining LAYERS = {'Type': forward}, "
+        "forward(layer, inputs, blobs) -> outputs; repeatable",
+    )
 
 
 def _positive(text: str) -> int:
@@ -269,6 +278,7 @@ def _run(args: argparse.Namespace) -> int:
     from .rules.hosts import DEFAULT_CONV_LIKE
 
     more_inputs, more_outputs = _more_paths(args)
+    _load_plugins(args.layer_plugin)
     console, errors = None if args.quiet else make_console(), make_console(stderr=True)
     options = MergeOptions(
         identity=not args.keep_identity,
@@ -317,13 +327,28 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_plugins(paths: Sequence[Path]) -> None:
+    """Register the reference engine's plug-in layer types; a broken plug-in is bad input."""
+    if not paths:
+        return
+    from .errors import InputError
+    from .verification.reference import load_plugin
+
+    for path in paths:
+        try:
+            load_plugin(path)
+        except VerifyError as err:
+            raise InputError(f"--layer-plugin {err}") from err
+
+
 def _more_paths(args: argparse.Namespace) -> "tuple[list[Path], list[Output]]":
     """The inputs besides the net, and the paths written besides the pair (report, --keep-failed
     pair), for `merge` to check with the rest."""
     from .io.outputs import Output
     from .pipeline import default_outputs
 
-    inputs = [*([args.caffe_proto] if args.caffe_proto else []), *(Path(s.rpartition("=")[2]) for s in args.input)]
+    given = (*([args.caffe_proto] if args.caffe_proto else []), *args.layer_plugin)
+    inputs = [*given, *(Path(s.rpartition("=")[2]) for s in args.input)]
     wanted = [Output(args.report, "--report", replaceable=True)] if args.report else []
     if args.keep_failed and args.verify and not args.dry_run:
         if not args.keep_failed.is_dir():

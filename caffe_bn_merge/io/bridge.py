@@ -76,7 +76,7 @@ def _only(source: object, field: FieldDescriptor, value: object) -> bytes:
         getattr(alone, field.name).CopyFrom(value)
     else:
         setattr(alone, field.name, value)
-    return alone.SerializeToString()
+    return alone.SerializePartialToString()
 
 
 def _unknown_only(source: object) -> bytes:
@@ -85,7 +85,7 @@ def _unknown_only(source: object) -> bytes:
     rest.CopyFrom(source)
     for field, _ in rest.ListFields():
         rest.ClearField(field.name)
-    return rest.SerializeToString()
+    return rest.SerializePartialToString()
 
 
 def _carry(raw: bytes, target: object, where: str, lost: list[str]) -> None:

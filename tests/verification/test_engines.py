@@ -1,0 +1,103 @@
+"""Which engine judges `--verify`: `auto` tries real Caffe, then OpenCV, then our float64 reference
+engine, passing over any that is missing or cannot run the net, and says which judged."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+from caffe_bn_merge.cli import main
+from caffe_bn_merge.synthetic.synth import NetBuilder
+from caffe_bn_merge.verification.compare import verify
+
+SAMPLE = ROOT / "sample_nets" / "mobilenet_ssd"
+NO_PYCAFFE = "/nonexistent/pycaffe-python"  # CAFFE_BN_MERGE_PYCAFFE pointing nowhere: pycaffe "not installed"
+
+
+def _bias_net(tmp_path, seed: int) -> tuple:
+    """A net with a Bias layer after a folded chain: OpenCV dnn 4.x has no Bias layer."""
+    b = NetBuilder("bias_net", (1, 3, 12, 12), seed)
+    x = b.scale(b.bn(b.conv("data", 6, name="c1"), name="bn1"), name="sc1")
+    b.conv(b.bias(b.relu(x), name="b1"), 4, kernel=1, name="c2")
+    model, weights = tmp_path / "n.prototxt", tmp_path / "n.caffemodel"
+    b.save(model, weights)
+    return model, weights
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_auto_passes_over_engines_that_cannot_run_the_net(seed, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("CAFFE_BN_MERGE_PYCAFFE", NO_PYCAFFE)
+    model, weights = _bias_net(tmp_path, seed)
+    out = (tmp_path / "m.prototxt", tmp_path / "m.caffemodel")
+    assert main(["--model", str(model), "--weights", str(weights), "--output-model", str(out[0]),
+                 "--output-weights", str(out[1]), "-q"]) == 0  # fmt: skip
+    checked = verify((model, weights), out)
+    assert checked.backend == "reference" and checked.passed
+    assert [why.split(":")[0] for why in checked.passed_over] == ["caffe", "opencv"]
+    assert checked.max_relative < 1e-5
+
+
+def test_an_engine_asked_for_by_name_is_not_replaced(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("CAFFE_BN_MERGE_PYCAFFE", NO_PYCAFFE)
+    model, weights = _bias_net(tmp_path, 0)
+    report = tmp_path / "r.json"
+    args = ["--model", str(model), "--weights", str(weights), "--output-model", str(tmp_path / "m.prototxt"),
+            "--output-weights", str(tmp_path / "m.caffemodel"), "--verify", "--report", str(report), "-q"]  # fmt: skip
+    assert main([*args, "--backend", "opencv"]) != 0
+    assert main([*args, "--backend", "reference", "--force"]) == 0
+    assert json.loads(report.read_text())["verify"]["backend"] == "reference"
+
+
+def test_verify_works_with_the_core_dependencies_alone(tmp_path) -> None:
+    """No OpenCV (its import blocked), no pycaffe: the reference engine verifies the sample SSD."""
+    code = "import sys; sys.modules['cv2'] = None; from caffe_bn_merge.cli import main; sys.exit(main(sys.argv[1:]))"
+    args = ["--model", f"{SAMPLE}.prototxt", "--weights", f"{SAMPLE}.caffemodel", "--verify",
+            "--output-model", str(tmp_path / "m.prototxt"), "--output-weights", str(tmp_path / "m.caffemodel"),
+            "--report", str(tmp_path / "r.json")]  # fmt: skip
+    env = {"CAFFE_BN_MERGE_PYCAFFE": NO_PYCAFFE, "PATH": "/usr/bin:/bin", "COLUMNS": "100"}
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    verified = json.loads((tmp_path / "r.json").read_text())["verify"]
+    assert verified["backend"] == "reference" and verified["passed"]
+    assert [why.split(":")[0] for why in verified["passed_over"]] == ["caffe", "opencv"]
+    assert verified["max_relative_error"] < 1e-5
+
+
+def _net_with_own_type(tmp_path) -> tuple:
+    """A foldable net with a layer type of the user's own ("Cube"), unknown to every engine."""
+    b = NetBuilder("own_type", (1, 3, 10, 10), 5)
+    x = b.scale(b.bn(b.conv("data", 6, name="c1"), name="bn1"), name="sc1")
+    b.unary("Cube", x, top="cubed", name="cube")
+    b.conv("cubed", 4, kernel=1, name="c2")
+    model, weights = tmp_path / "n.prototxt", tmp_path / "n.caffemodel"
+    b.save(model, weights)
+    return model, weights
+
+
+def test_a_layer_plugin_lets_the_reference_engine_run_the_net(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("CAFFE_BN_MERGE_PYCAFFE", NO_PYCAFFE)
+    model, weights = _net_with_own_type(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    args = ["--model", str(model), "--weights", str(weights), "--output-model", str(out / "m.prototxt"), "--verify"]
+    assert main(args) == 3
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "no layer type 'Cube'" in error and "--layer-plugin" in error
+    assert sorted(p.name for p in out.iterdir()) == []  # unverified: nothing under the output names
+    plugin = tmp_path / "cube.py"
+    plugin.write_text("def forward(layer, inputs, blobs):\n    return [inputs[0] ** 3]\n\nLAYERS = {'Cube': forward}\n")
+    assert main([*args, "--layer-plugin", str(plugin), "--report", str(tmp_path / "r.json")]) == 0
+    verified = json.loads((tmp_path / "r.json").read_text())["verify"]
+    assert verified["backend"] == "reference" and verified["max_relative_error"] < 1e-5
+    assert sorted(p.name for p in out.iterdir()) == ["m.caffemodel", "m.prototxt"]
+
+
+def test_a_broken_layer_plugin_is_bad_input(tmp_path, capsys) -> None:
+    model, weights = _net_with_own_type(tmp_path)
+    plugin = tmp_path / "broken.py"
+    plugin.write_text("raise RuntimeError('boom')\n")
+    args = ["--model", str(model), "--weights", str(weights), "--verify", "--layer-plugin", str(plugin)]
+    assert main(args) == 2
+    assert "boom" in capsys.readouterr().err

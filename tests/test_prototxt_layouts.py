@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from test_real_nets import REAL
 
 from caffe_bn_merge import merge, proto
+from caffe_bn_merge.prototxt import layer_blocks, splice
 from caffe_bn_merge.synth import NetBuilder
 from caffe_bn_merge.upgrade import V1_TYPES
 
@@ -253,6 +254,8 @@ def test_any_layout_merges_like_the_canonical_one(pair: tuple[Path, Path], layou
         assert (marker in text) != (owner in removed), (marker, owner)
     if layout.one_line:
         assert "\n" not in text.removesuffix("\n")
+    elif layout.crlf:
+        assert "\n" not in text.replace("\r\n", "")  # changed layers written with the file's line ends
 
 
 def test_one_line_net_of_5000_layers_is_split_once_in_bounded_memory(tmp_path: Path) -> None:
@@ -287,3 +290,21 @@ merge(model, weights, out.with_suffix(".prototxt"), out.with_suffix(".caffemodel
 status = Path("/proc/self/status").read_text()  # VmHWM: this program's peak (ru_maxrss outlives exec)
 print(json.dumps({"peak_kb": int(re.search(r"VmHWM:\\s*(\\d+) kB", status).group(1))}))
 """
+
+
+@pytest.mark.parametrize(
+    ("text", "removed", "expected"),
+    [
+        ("a: 1\n  layer { B }\r\nlayer { C }\n", "B", "a: 1\nlayer { C }\n"),  # its whole line
+        ("layer { A } layer { B }  layer { C }", "B", "layer { A } layer { C }"),  # no doubled blanks
+        ("  layer { A }\tlayer { B }\n", "A", "  layer { B }\n"),
+        ("a: 1 layer { B }  \nlayer { C }", "B", "a: 1\nlayer { C }"),
+        ("layer { A } layer { B }  # on B's line\n", "B", "layer { A } # on B's line\n"),
+        ("layer # about B\n { B } layer { C }", "B", "layer { C }"),
+        ("layer { A }\nlayer { B } # last", "B", "layer { A }\n# last"),
+    ],
+)
+def test_a_removed_block_leaves_its_neighbours_tidy(text: str, removed: str, expected: str) -> None:
+    blocks = layer_blocks(text)
+    kept = [None if f"{{ {removed} }}" not in text[b.start : b.end] else "" for b in blocks]
+    assert splice(text, blocks, kept) == expected

@@ -21,6 +21,7 @@ _STRUCTURE = re.compile(r"""[{}<>]|"(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*'|\#[^\
 _WORD = "_0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"  # field name characters
 _REST_OF_LINE = re.compile(r"[^\S\n]*(?:\n|\Z)")  # blanks up to the line end (or the text's end)
 _BLANKS = re.compile(r"[ \t]*")
+_INNER_INDENT = re.compile(r"\n([ \t]+)\S")  # a line's indent
 _BOM = "\ufeff"
 
 
@@ -103,15 +104,27 @@ def _line_start(text: str, pos: int, floor: int) -> int:
     return start if not text[start:pos].strip() else pos
 
 
-def render_layer(
-    layer: object, indent: str, field: str = "layer", *, newline: str = "\n", one_line: bool = False
-) -> str:
-    """One layer block in text format, at `indent`, ending with `newline`; or on one line."""
-    if one_line:
-        return f"{indent}{field} {{ {text_format.MessageToString(layer, as_one_line=True)} }}{newline}"
-    lines = text_format.MessageToString(layer).split("\n")
-    body = "".join(f"{indent}  {line}{newline}" for line in lines if line)
-    return f"{indent}{field} {{{newline}{body}{indent}}}{newline}"
+@dataclass(frozen=True)
+class Style:
+    """How a block is written: one indent step inside it, its line end, or all on one line."""
+
+    step: str = "  "
+    newline: str = "\n"
+    one_line: bool = False
+
+
+def render_layer(layer: object, indent: str, field: str = "layer", style: Style = Style()) -> str:
+    """One layer block in text format at `indent`, in `style`, ending with a line end."""
+    end = style.newline
+    if style.one_line:
+        return f"{indent}{field} {{ {text_format.MessageToString(layer, as_one_line=True)} }}{end}"
+    lines = text_format.MessageToString(layer).split("\n")  # nested two spaces a level
+    body = "".join(f"{indent}{style.step * (1 + _depth(line))}{line.lstrip(' ')}{end}" for line in lines if line)
+    return f"{indent}{field} {{{end}{body}{indent}}}{end}"
+
+
+def _depth(line: str) -> int:
+    return (len(line) - len(line.lstrip(" "))) // 2
 
 
 def splice(text: str, blocks: Sequence[Block], replacements: Sequence[str | None]) -> str:
@@ -146,10 +159,11 @@ class NetText:
 
     text: str
     net: object
-    blocks: list[Block] | None  # None: the text is written anew (V1 input, or blocks not matched)
+    blocks: list[Block] | None  # None: the text is written anew (blocks not matched)
     frozen: frozenset[str]  # layers holding fields the schema does not know: never changed
     schema: "Schema"
     unknown_fields: bool = False  # the text holds fields the schema does not know
+    upgraded: bool = False  # V1 `layers`: every block is printed anew in the `layer` form
 
 
 @dataclass(frozen=True)
@@ -168,11 +182,11 @@ class Schema:
         text_format.Parse(text, net, allow_unknown_field=not strict)
         return net if self.net_class is proto.NetParameter else proto.NetParameter.FromString(net.SerializeToString())
 
-    def render(self, layer: object, indent: str, *, newline: str = "\n", one_line: bool = False) -> str:
+    def render(self, layer: object, indent: str, style: Style = Style()) -> str:
         """Our LayerParameter -> a `layer { ... }` block in this schema's terms (see `render_layer`)."""
         if not isinstance(layer, self.layer_class):
             layer = self.layer_class.FromString(layer.SerializeToString())
-        return render_layer(layer, indent, newline=newline, one_line=one_line)
+        return render_layer(layer, indent, style=style)
 
     def render_net(self, net: object) -> str:
         from . import proto
@@ -196,8 +210,9 @@ def parse_net_text(text: str, schema: Schema) -> NetText:
         raise text_format.ParseError("V0 layers are not supported")
     blocks = _match_blocks(text, net)
     frozen = frozenset(_unknown_field_layers(text, blocks, net, schema)) if unknown and blocks else frozenset()
-    if net.layers:
-        net, blocks = upgrade_net(net), None
+    if net.layers:  # V1: blocks kept only where printing every layer anew loses nothing
+        blocks = None if unknown or net.layer else blocks
+        return NetText(text, upgrade_net(net), blocks, frozen, schema, unknown, upgraded=True)
     return NetText(text, net, blocks, frozen, schema, unknown)
 
 
@@ -228,7 +243,7 @@ def render_net_text(original: NetText, net: object, origin: Sequence[int]) -> st
         layer = now.get(i)
         if layer is None:
             replacements.append("")
-        elif layer == original.net.layer[i]:
+        elif layer == original.net.layer[i] and not original.upgraded:
             replacements.append(None)
         else:
             replacements.append(_rewritten(original, block, layer))
@@ -236,14 +251,24 @@ def render_net_text(original: NetText, net: object, origin: Sequence[int]) -> st
 
 
 def _rewritten(original: NetText, block: Block, layer: object) -> str:
-    """A changed layer in its block's style: its indent, line ends, on one line or not, and the
-    comments it held (on lines of their own at its top)."""
+    """A changed layer in its block's style (`_style`), with the comments it held on lines of
+    their own at its top."""
     text = original.text
     written = text[block.name : block.close]
-    newline = "\r\n" if "\r\n" in written else "\n"
     indent = text[block.start : block.name]  # blanks, or "" when the block does not start its line
-    rendered = original.schema.render(layer, indent, newline=newline, one_line="\n" not in written)
+    style = _style(written, indent)
+    rendered = original.schema.render(layer, indent, style)
     comments = [token.group().rstrip() for token in _STRUCTURE.finditer(text, block.name, block.close)]
-    opening, body = rendered.split(newline, 1)
-    notes = "".join(f"{indent}  {comment}{newline}" for comment in comments if comment.startswith("#"))
-    return f"{opening}{newline}{notes}{body}".removesuffix(newline) + text[block.close : block.end]
+    opening, body = rendered.split(style.newline, 1)
+    notes = "".join(f"{indent}{style.step}{note}{style.newline}" for note in comments if note.startswith("#"))
+    return f"{opening}{style.newline}{notes}{body}".removesuffix(style.newline) + text[block.close : block.end]
+
+
+def _style(written: str, indent: str) -> Style:
+    """A block's style, from its text (field name to closing brace) and its indent: on one line or
+    not, CRLF or LF, and the indent step of its first inner line (two spaces if none)."""
+    if "\n" not in written:
+        return Style(one_line=True)
+    inner = _INNER_INDENT.search(written)
+    step = inner.group(1).removeprefix(indent) if inner and inner.group(1).startswith(indent) else ""
+    return Style(step or "  ", "\r\n" if "\r\n" in written else "\n")

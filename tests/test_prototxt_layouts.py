@@ -248,8 +248,6 @@ def test_any_layout_merges_like_the_canonical_one(pair: tuple[Path, Path], layou
     merged_net, merged_weights, removed, text = _merged(formatted.text, weights)
     assert merged_net == canonical[0]
     assert merged_weights == canonical[1]
-    if net.layers:
-        return  # V1 nets are written anew in the `layer` form, without comments
     for marker, owner in formatted.comments.items():
         assert (marker in text) != (owner in removed), (marker, owner)
     if layout.one_line:
@@ -308,3 +306,20 @@ def test_a_removed_block_leaves_its_neighbours_tidy(text: str, removed: str, exp
     blocks = layer_blocks(text)
     kept = [None if f"{{ {removed} }}" not in text[b.start : b.end] else "" for b in blocks]
     assert splice(text, blocks, kept) == expected
+
+
+def _tabs_crlf(net: object) -> str:
+    return text_format.MessageToString(net).replace("  ", "\t").replace("\n", "\r\n")
+
+
+def _one_line(net: object) -> str:
+    return text_format.MessageToString(net, as_one_line=True)
+
+
+@pytest.mark.parametrize("write", [_tabs_crlf, _one_line])
+@pytest.mark.parametrize("model", SAMPLES, ids=[p.stem for p in SAMPLES])
+def test_changed_layers_are_written_in_the_files_style(model: Path, write) -> None:
+    """Merging a net written in one style gives the canonical merge written in that style."""
+    net = text_format.Parse(model.read_text(), proto.NetParameter())
+    merged = _merged(write(net), model.with_suffix(".caffemodel"))
+    assert merged[3] == write(merged[0])

@@ -6,8 +6,7 @@ Every layout protobuf's text format reads is understood, in time and memory line
 one line or many, LF or CRLF line ends, any blanks, comments anywhere (also between a field name and
 its brace), braces and `#` inside strings, `layer {`, `layer{`, `layer: {`, `layer <...>`, and
 fields after the layers. A changed layer is printed in its block's style: on one line if it was
-written on one line, else indented as it was, with the block's line ends and comments. A UTF-8 byte
-order mark is read and dropped: Caffe's and OpenCV's parsers refuse it, so no output holds one.
+written on one line, else with its indent step, line ends and comments.
 """
 
 import re
@@ -22,7 +21,6 @@ _WORD = "_0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"  # fie
 _REST_OF_LINE = re.compile(r"[^\S\n]*(?:\n|\Z)")  # blanks up to the line end (or the text's end)
 _BLANKS = re.compile(r"[ \t]*")
 _INNER_INDENT = re.compile(r"\n([ \t]+)\S")  # a line's indent
-_BOM = "\ufeff"
 
 
 @dataclass(frozen=True)
@@ -197,11 +195,9 @@ class Schema:
 
 
 def parse_net_text(text: str, schema: Schema) -> NetText:
-    """Parse leniently: layers with fields the schema does not know are kept as written (frozen).
-    A leading byte order mark is dropped."""
+    """Parse leniently: layers with fields the schema does not know are kept as written (frozen)."""
     from .upgrade import upgrade_net
 
-    text = text.removeprefix(_BOM)
     try:
         net, unknown = schema.parse(text, strict=True), False
     except text_format.ParseError:

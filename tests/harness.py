@@ -154,3 +154,22 @@ def run_in_terminal(args: list[str], columns: int, cwd: Path) -> str:
     os.close(leader)
     assert child.wait(timeout=300) in (0, 1)
     return ANSI.sub("", b"".join(chunks).decode()).replace("\r\n", "\n")
+
+
+# The weighted real nets of ../shared/real_nets: name -> (prototxt, caffemodel, forward folds expected).
+REAL_NETS = {
+    "mobilenet_ssd_0.5": (
+        "mobilenet_ssd_0.5_hx/MobileNetSSD_deploy_bn.DERIVED.prototxt",
+        "mobilenet_ssd_0.5_hx/mobilenet_0.5.caffemodel",
+        23,
+    ),
+    "cifar10_resnet20": (
+        "cifar10_resnet20/res20_deploy.DERIVED.prototxt",
+        "cifar10_resnet20/cifar10_res20_iter_64000.caffemodel",
+        21,
+    ),
+    "emotion_mini_xception": ("emotion_mini_xception/deploy.prototxt", "emotion_mini_xception/weights.caffemodel", 14),
+    "yoloface50k": ("yoloface50k/yoloface-50k.prototxt", "yoloface50k/yoloface-50k.caffemodel", 23),
+    "landmark106_mbv2": ("landmark106_mbv2/landmark106.prototxt", "landmark106_mbv2/landmark106.caffemodel", 38),
+    "ultraface_rfb320_nobn": ("ultraface_rfb320_nobn/RFB-320.prototxt", "ultraface_rfb320_nobn/RFB-320.caffemodel", 0),
+}

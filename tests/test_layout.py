@@ -106,3 +106,14 @@ def test_every_folder_of_code_is_a_package() -> None:
     left out of `pip install .` while an editable install still works."""
     folders = {path.parent for path in PACKAGE.rglob("*.py")}
     assert sorted(str(f) for f in folders if not (f / "__init__.py").is_file()) == []
+
+
+def test_no_test_file_imports_another() -> None:
+    """Shared test code lives in conftest.py and harness.py, never in a test file."""
+    importing = []
+    for path in (PACKAGE.parent / "tests").rglob("test_*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            names += [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+            importing += [f"{path.name}: {name}" for name in names if name.split(".")[0].startswith("test_")]
+    assert importing == []

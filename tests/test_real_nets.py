@@ -1,27 +1,11 @@
 """Real third-party trained models from ../shared/real_nets: each converts and matches on OpenCV."""
 
 import pytest
+from harness import REAL_NETS as REAL
 from harness import merge_and_check
 
 from caffe_bn_merge.io import read as caffe_io
 from caffe_bn_merge.rules.plan import Rule
-
-REAL = {
-    "mobilenet_ssd_0.5": (
-        "mobilenet_ssd_0.5_hx/MobileNetSSD_deploy_bn.DERIVED.prototxt",
-        "mobilenet_ssd_0.5_hx/mobilenet_0.5.caffemodel",
-        23,
-    ),
-    "cifar10_resnet20": (
-        "cifar10_resnet20/res20_deploy.DERIVED.prototxt",
-        "cifar10_resnet20/cifar10_res20_iter_64000.caffemodel",
-        21,
-    ),
-    "emotion_mini_xception": ("emotion_mini_xception/deploy.prototxt", "emotion_mini_xception/weights.caffemodel", 14),
-    "yoloface50k": ("yoloface50k/yoloface-50k.prototxt", "yoloface50k/yoloface-50k.caffemodel", 23),
-    "landmark106_mbv2": ("landmark106_mbv2/landmark106.prototxt", "landmark106_mbv2/landmark106.caffemodel", 38),
-    "ultraface_rfb320_nobn": ("ultraface_rfb320_nobn/RFB-320.prototxt", "ultraface_rfb320_nobn/RFB-320.caffemodel", 0),
-}
 
 
 @pytest.mark.parametrize("name", REAL)

@@ -1,6 +1,12 @@
 """Net prototxt text: finding each top-level `layer { ... }` block, and writing a changed net back
 into the original text, so that untouched layers keep their comments, formatting and any field
 our schema does not know, and `diff` shows only real changes.
+
+Every layout protobuf's text format reads is understood, in time and memory linear in the text:
+one line or many, LF or CRLF line ends, any blanks, comments anywhere (also between a field name and
+its brace), braces and `#` inside strings, `layer {`, `layer{`, `layer: {`, `layer <...>`, and
+fields after the layers. A changed layer is printed in its block's style: on one line if it was
+written on one line, else with its indent step, line ends and comments.
 """
 
 import re
@@ -15,15 +21,22 @@ from .bridge import convert
 # What block structure depends on: braces, and strings and comments (which may hold braces).
 _STRUCTURE = re.compile(r"""[{}<>]|"(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*'|\#[^\n]*|["']""")
 _WORD = "_0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"  # field name characters
+_REST_OF_LINE = re.compile(r"[^\S\n]*(?:\n|\Z)")  # blanks up to the line end (or the text's end)
+_BLANKS = re.compile(r"[ \t]*")
+_INNER_INDENT = re.compile(r"\n([ \t]+)\S")  # a line's indent
 
 
 @dataclass(frozen=True)
 class Block:
-    """A top-level `layer` (or V1 `layers`) block: the field name and its byte span in the text."""
+    """A top-level `layer` (or V1 `layers`) block: the field name and its span in the text. A block
+    owns whole lines when nothing else is on them: then `start` is its line's start and `end` is
+    after its line end; otherwise they are the field name's start and the closing brace's end."""
 
     field: str
-    start: int  # start of the line holding the field name
-    end: int  # after the closing brace and the rest of its line
+    start: int  # the line start before the field name, or the field name
+    end: int  # after the line end that follows the closing brace, or after the brace
+    name: int  # where the field name starts
+    close: int  # after the closing brace
 
 
 def layer_blocks(text: str) -> list[Block]:
@@ -39,20 +52,33 @@ def layer_blocks(text: str) -> list[Block]:
             continue
         if kind in ("{", "<"):
             if depth == 0:
-                current = _field_before(text, gap)
-                current = current if current[0] in ("layer", "layers") else None
+                current = _layer_opening(text, gap)
             depth += 1
         elif kind in ("}", ">"):
             depth -= 1
             if depth < 0:
                 raise ValueError("unbalanced braces")
             if depth == 0 and current:
-                blocks.append(Block(current[0], _line_start(text, current[1]), _line_end(text, token.end())))
+                blocks.append(_block(text, *current, token.end()))
                 current = None
         elif kind in ("'", '"'):
             raise ValueError("unterminated string")
         gap = [(token.end(), token.end())]
     return blocks
+
+
+def _layer_opening(text: str, gap: list[tuple[int, int]]) -> tuple[str, int, int] | None:
+    """For a top-level brace opening a layer: its field, the line start before the field name
+    (or the name, when something precedes it on its line) and the name's start."""
+    field, name = _field_before(text, gap)
+    if field not in ("layer", "layers"):
+        return None
+    return field, _line_start(text, name, gap[0][0]), name
+
+
+def _block(text: str, field: str, start: int, name: int, close: int) -> Block:
+    rest = _REST_OF_LINE.match(text, close)
+    return Block(field, start, rest.end() if rest else close, name, close)
 
 
 def _field_before(text: str, gap: list[tuple[int, int]]) -> tuple[str, int]:
@@ -69,36 +95,62 @@ def _field_before(text: str, gap: list[tuple[int, int]]) -> tuple[str, int]:
     return "", 0
 
 
-def _line_start(text: str, pos: int) -> int:
-    start = text.rfind("\n", 0, pos) + 1
+def _line_start(text: str, pos: int, floor: int) -> int:
+    """The start of `pos`'s line if only blanks precede `pos` on it, else `pos`. `floor`: the end
+    of the last string or brace before `pos`, so the search never goes back further than that."""
+    newline = text.rfind("\n", floor, pos)
+    if newline < 0 and floor > 0:
+        return pos  # the string or brace at `floor` is on this line
+    start = newline + 1
     return start if not text[start:pos].strip() else pos
 
 
-def _line_end(text: str, pos: int) -> int:
-    end = text.find("\n", pos)
-    return len(text) if end < 0 else (end + 1 if not text[pos:end].strip() else pos)
+@dataclass(frozen=True)
+class Style:
+    """How a block is written: one indent step inside it, its line end, or all on one line."""
+
+    step: str = "  "
+    newline: str = "\n"
+    one_line: bool = False
 
 
-def render_layer(layer: object, indent: str, field: str = "layer") -> str:
-    """One layer block in text format, at `indent`."""
-    body = text_format.MessageToString(layer, indent=len(indent) + 2)
-    return f"{indent}{field} {{\n{body}{indent}}}\n"
+def render_layer(layer: object, indent: str, field: str = "layer", style: Style = Style()) -> str:
+    """One layer block in text format at `indent`, in `style`, ending with a line end."""
+    end = style.newline
+    if style.one_line:
+        return f"{indent}{field} {{ {text_format.MessageToString(layer, as_one_line=True)} }}{end}"
+    lines = text_format.MessageToString(layer).split("\n")  # nested two spaces a level
+    body = "".join(f"{indent}{style.step * (1 + _depth(line))}{line.lstrip(' ')}{end}" for line in lines if line)
+    return f"{indent}{field} {{{end}{body}{indent}}}{end}"
+
+
+def _depth(line: str) -> int:
+    return (len(line) - len(line.lstrip(" "))) // 2
 
 
 def splice(text: str, blocks: Sequence[Block], replacements: Sequence[str | None]) -> str:
     """`text` with block i replaced by replacements[i] (None keeps it verbatim, "" removes it)."""
     out, pos = [], 0
     for block, new in zip(blocks, replacements, strict=True):
-        out.append(text[pos : block.start])
-        out.append(text[block.start : block.end] if new is None else new)
-        pos = block.end
+        start, end = _removed_span(text, block, pos) if new == "" else (block.start, block.end)
+        out.append(text[pos:start])
+        out.append(text[start:end] if new is None else new)
+        pos = end
     out.append(text[pos:])
     return "".join(out)
 
 
-def indent_of(text: str, block: Block) -> str:
-    line = text[block.start : text.find("\n", block.start)]
-    return line[: len(line) - len(line.lstrip())]
+def _removed_span(text: str, block: Block, floor: int) -> tuple[int, int]:
+    """What a removed block takes with it: its lines when it owns them, else the blanks that would
+    be left doubled on its line (looking back no further than `floor`)."""
+    owns_start = block.start == 0 or text[block.start - 1] == "\n"
+    owns_end = block.end == len(text) or text[block.end - 1] == "\n"
+    if owns_start and owns_end:
+        return block.start, block.end
+    after = _BLANKS.match(text, block.close).end()
+    if not owns_end:
+        return block.name, after
+    return floor + len(text[floor : block.name].rstrip(" \t")), after
 
 
 @dataclass
@@ -108,10 +160,11 @@ class NetText:
 
     text: str
     net: object
-    blocks: list[Block] | None  # None: the text is written anew (V1 input, or blocks not matched)
+    blocks: list[Block] | None  # None: the text is written anew (blocks not matched)
     frozen: frozenset[str]  # layers holding fields the schema does not know: never changed
     schema: "Schema"
     unknown_fields: bool = False  # the text holds fields the schema does not know
+    upgraded: bool = False  # V1 `layers`: every block is printed anew in the `layer` form
 
 
 @dataclass(frozen=True)
@@ -135,9 +188,9 @@ class Schema:
         lossy = {layer.name for layers, ours in layer_classes for layer in layers if convert(layer, ours)[1]}
         return convert(net, proto.NetParameter)[0], lossy
 
-    def render(self, layer: object, indent: str) -> str:
-        """Our LayerParameter -> a `layer { ... }` block in this schema's terms."""
-        return render_layer(self._theirs(layer, self.layer_class), indent)
+    def render(self, layer: object, indent: str, style: Style = Style()) -> str:
+        """Our LayerParameter -> a `layer { ... }` block in this schema's terms (see `render_layer`)."""
+        return render_layer(self._theirs(layer, self.layer_class), indent, style=style)
 
     def render_net(self, net: object) -> str:
         return text_format.MessageToString(self._theirs(net, self.net_class))
@@ -167,8 +220,9 @@ def parse_net_text(text: str, schema: Schema) -> NetText:
     frozen = frozenset(_unknown_field_layers(text, blocks, net, schema)) if unknown and blocks else frozenset()
     frozen |= lossy if blocks else frozenset()
     unknown = unknown or bool(lossy)
-    if net.layers:
-        net, blocks = upgrade_net(net), None
+    if net.layers:  # V1: blocks kept only where printing every layer anew loses nothing
+        blocks = None if unknown or net.layer else blocks
+        return NetText(text, upgrade_net(net), blocks, frozen, schema, unknown, upgraded=True)
     return NetText(text, net, blocks, frozen, schema, unknown)
 
 
@@ -199,8 +253,32 @@ def render_net_text(original: NetText, net: object, origin: Sequence[int]) -> st
         layer = now.get(i)
         if layer is None:
             replacements.append("")
-        elif layer == original.net.layer[i]:
+        elif layer == original.net.layer[i] and not original.upgraded:
             replacements.append(None)
         else:
-            replacements.append(original.schema.render(layer, indent_of(original.text, block)))
+            replacements.append(_rewritten(original, block, layer))
     return splice(original.text, original.blocks, replacements)
+
+
+def _rewritten(original: NetText, block: Block, layer: object) -> str:
+    """A changed layer in its block's style (`_style`), with the comments it held on lines of
+    their own at its top."""
+    text = original.text
+    written = text[block.name : block.close]
+    indent = text[block.start : block.name]  # blanks, or "" when the block does not start its line
+    style = _style(written, indent)
+    rendered = original.schema.render(layer, indent, style)
+    comments = [token.group().rstrip() for token in _STRUCTURE.finditer(text, block.name, block.close)]
+    opening, body = rendered.split(style.newline, 1)
+    notes = "".join(f"{indent}{style.step}{note}{style.newline}" for note in comments if note.startswith("#"))
+    return f"{opening}{style.newline}{notes}{body}".removesuffix(style.newline) + text[block.close : block.end]
+
+
+def _style(written: str, indent: str) -> Style:
+    """A block's style, from its text (field name to closing brace) and its indent: on one line or
+    not, CRLF or LF, and the indent step of its first inner line (two spaces if none)."""
+    if "\n" not in written:
+        return Style(one_line=True)
+    inner = _INNER_INDENT.search(written)
+    step = inner.group(1).removeprefix(indent) if inner and inner.group(1).startswith(indent) else ""
+    return Style(step or "  ", "\r\n" if "\r\n" in written else "\n")

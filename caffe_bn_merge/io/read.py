@@ -103,9 +103,11 @@ def _not_a_net(text: str, err: text_format.ParseError | None) -> str:
 
 
 def _read_text(path: Path, flag: str) -> str:
+    """The file as UTF-8 text, without a byte order mark (Caffe's and OpenCV's parsers refuse one,
+    so what we write never holds one)."""
     raw = _read_bytes(path, flag)
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         hint = " (it looks like a caffemodel: pass it as --weights)" if b"\0" in raw[:4096] else ""
         raise InputError(f"{path}: not a text prototxt{hint}") from err

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from conftest import ROOT
 from google.protobuf import text_format
-from test_real_nets import REAL
+from harness import REAL_NETS as REAL
 
 from caffe_bn_merge import InputError, merge, verify
 from caffe_bn_merge.graph import build_graph, input_shapes

@@ -10,6 +10,7 @@ Compared blobs, matched by name (an in-place blob as the version its reader sees
 The library returns numbers; it never prints.
 """
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,11 +54,15 @@ class VerifyResult:
 
     @property
     def max_relative(self) -> float:
-        return max((e.relative for e in self.errors if e.gating), default=0.0)
+        """The largest gating relative error; NaN when any of them is not finite (Python's `max`
+        would skip a NaN that is not first)."""
+        relative = [e.relative for e in self.errors if e.gating]
+        return float(np.max(relative, initial=0.0)) if all(map(math.isfinite, relative)) else math.nan
 
     @property
     def passed(self) -> bool:
-        return self.max_relative <= self.tolerance
+        """Every gating error finite and within the tolerance."""
+        return math.isfinite(self.max_relative) and self.max_relative <= self.tolerance
 
 
 @dataclass(frozen=True)
@@ -207,14 +212,19 @@ def compare_models(
     reference = run(*original, inputs, [(want[label].layer, want[label].top) for label in labels])
     result = run(*merged, inputs, [(have[label].layer, have[label].top) for label in labels])
     return [
-        BlobError(
-            label,
-            float(np.max(np.abs(ref - out), initial=0.0)),
-            float(np.max(np.abs(ref), initial=0.0)),
-            want[label].gating,
-        )
+        blob_error(label, ref, out, want[label].gating)
         for label, ref, out in zip(labels, reference, result, strict=True)
     ]
+
+
+def blob_error(label: str, reference: np.ndarray, merged: np.ndarray, gating: bool) -> BlobError:
+    """How far `merged` is from `reference` (NaN when either holds a NaN: numpy's max keeps it)."""
+    return BlobError(
+        label,
+        float(np.max(np.abs(reference - merged), initial=0.0)),
+        float(np.max(np.abs(reference), initial=0.0)),
+        gating,
+    )
 
 
 def verify(

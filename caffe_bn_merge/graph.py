@@ -153,7 +153,8 @@ def _meets(rule: object, state: object) -> bool:
 
 
 def input_shapes(net: object) -> dict[str, tuple[int, ...]]:
-    """Shapes of the net's inputs, from `input_shape`, `input_dim` or Input layers."""
+    """Shapes of the net's inputs, from `input_shape`, `input_dim` or Input layers (`()` for an
+    Input layer that declares none)."""
     shapes: dict[str, tuple[int, ...]] = {}
     state = inference_state(net)
     for i, name in enumerate(net.input):
@@ -163,7 +164,7 @@ def input_shapes(net: object) -> dict[str, tuple[int, ...]]:
             shapes[name] = tuple(net.input_dim[4 * i : 4 * i + 4])
     for layer in net.layer:
         if layer.type == "Input" and included(layer, state):
+            declared = layer.input_param.shape
             for i, top in enumerate(layer.top):
-                dims = layer.input_param.shape[min(i, len(layer.input_param.shape) - 1)].dim
-                shapes[top] = tuple(dims)
+                shapes[top] = tuple(declared[min(i, len(declared) - 1)].dim) if declared else ()
     return shapes

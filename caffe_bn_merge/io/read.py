@@ -222,7 +222,7 @@ def _decode_blob(buf: memoryview, record: wire.Field) -> tuple[np.ndarray, bool]
     values = _unpacked_values(buf, record) if unpacked else _join(chunks)
     is_legacy = shape is None and any(legacy)
     dims = shape if shape is not None else (legacy if is_legacy else [values.size])
-    if len(dims) > MAX_DIMS or math.prod(dims) != values.size:
+    if len(dims) > MAX_DIMS or math.prod(dims) != values.size or math.prod(d or 1 for d in dims) >= 2**63:
         raise wire.WireError(f"a blob declares shape {dims} but holds {values.size} values")
     return values.reshape(dims), is_legacy
 

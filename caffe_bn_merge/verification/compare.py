@@ -100,14 +100,23 @@ def _after_softmax(graph: NetGraph, node: LayerNode | None) -> bool:
 
 def random_inputs(model: Path, seed: int = 0) -> dict[str, np.ndarray]:
     """Seeded standard-normal inputs shaped as the prototxt declares."""
+    if seed < 0:
+        raise InputError(f"--seed {seed}: the seed must be 0 or more")
     rng = np.random.default_rng(seed)
     return {name: rng.standard_normal(shape).astype(np.float32) for name, shape in _declared_shapes(model).items()}
 
 
 def _declared_shapes(model: Path) -> dict[str, tuple[int, ...]]:
+    """The net's input shapes, each with at least one dimension and every dimension positive."""
     shapes = input_shapes(read_net(model))
     if not shapes:
         raise VerifyError(f"{model}: no input shape (Input layer, input_shape or input_dim) to verify with")
+    for name, shape in shapes.items():
+        if not shape or min(shape) <= 0:
+            raise InputError(
+                f"{model}: input '{name}' has shape {list(shape)}; --verify needs every dimension "
+                "declared and positive (Input layer's input_param { shape { dim: ... } })"
+            )
     return shapes
 
 
@@ -132,10 +141,22 @@ def load_inputs(model: Path, specs: list[str], seed: int = 0) -> dict[str, np.nd
 def _read_input(path: Path, shape: tuple[int, ...]) -> np.ndarray:
     if not path.is_file():
         raise InputError(f"{path}: no such input file")
-    array = np.load(path, allow_pickle=False) if path.suffix == ".npy" else _read_image(path, shape)
-    if array.size != int(np.prod(shape)):
+    array = _read_npy(path) if path.suffix == ".npy" else _read_image(path, shape)
+    if array.size != math.prod(shape):
         raise InputError(f"{path}: holds {array.shape}, the input needs {shape}")
     return np.asarray(array, np.float32).reshape(shape)
+
+
+def _read_npy(path: Path) -> np.ndarray:
+    """A .npy array of real numbers (numpy's own reader: no pickles, a bounded header)."""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, EOFError, OSError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise InputError(f"{path}: not a readable .npy array ({reason})") from err
+    if array.dtype.kind not in "biuf":
+        raise InputError(f"{path}: holds {array.dtype} values; --input needs real numbers (int or float)")
+    return array
 
 
 def _read_image(path: Path, shape: tuple[int, ...]) -> np.ndarray:

@@ -51,7 +51,7 @@ NPY: dict[str, Callable[[Path], None]] = {
     "not npy": lambda p: p.write_bytes(b"hello, not an array"),
     "empty": lambda p: p.write_bytes(b""),
     "wrong shape": lambda p: np.save(p, np.zeros((1, 3, 31, 32), np.float32)),
-    **{f"truncated at {keep}": (lambda p, keep=keep: _npy_truncated(p, keep)) for keep in (0, 5, 9, 60, 127, 200, 12000)},
+    **{f"truncated at {n}": (lambda p, n=n: _npy_truncated(p, n)) for n in (0, 5, 9, 60, 127, 200, 12000)},
 }
 
 
@@ -71,11 +71,14 @@ def test_negative_seed(seed: int, tmp_path, capsys) -> None:
     _assert_refused(code, err, "--seed")
 
 
+def _shape_param(dims: tuple[int, ...]) -> str:
+    return "input_param { shape { " + " ".join(f"dim: {d}" for d in dims) + " } }"
+
+
 INPUT_SHAPES = {
     "no shape": "input_param { }",
-    **{f"dim {d} at {i}": "input_param { shape { " + " ".join(f"dim: {d if j == i else s}" for j, s in enumerate(SHAPE)) + " } }"
-       for d in (0, -1, -32) for i in range(4)},
-}  # fmt: skip
+    **{f"dim {d} at {i}": _shape_param((*SHAPE[:i], d, *SHAPE[i + 1 :])) for d in (0, -1, -32) for i in range(4)},
+}
 
 
 @pytest.mark.parametrize("case", INPUT_SHAPES, ids=list(INPUT_SHAPES))

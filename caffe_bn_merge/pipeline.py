@@ -12,7 +12,7 @@ from .graph import NetGraph, build_graph, included, inference_state
 from .io import emit, read
 from .io.user_schema import compile_schema
 from .rules.hosts import DEFAULT_CONV_LIKE, is_host_type, read_host
-from .rules.norms import NORM_TYPES
+from .rules.norms import NORM_TYPES, negative_variance
 from .rules.passes import run_rules
 from .rules.plan import FoldPlan, Rule
 from .rules.rewrite import Rewrite
@@ -92,6 +92,7 @@ def merge(
         log.info("%s: %s%s", action.rule, " + ".join(action.layers), f" -> {action.target}" if action.target else "")
     for kept in plan.kept:
         log.info("kept %s '%s': %s", kept.type, kept.layer, kept)
+    _warn_negative_variance(net, stored, plan, options.bn_flavour)
     if write:
         on_step("writing")
         dropped = plan.removed & set(stored.layers)
@@ -120,6 +121,20 @@ def _log_input(net_text: object) -> None:
     other = sum(1 for layer in net_text.net.layer if not included(layer, state))
     if other:
         log.warning("%d layer(s) outside the TEST phase kept as they are; folding follows the TEST phase", other)
+
+
+def _warn_negative_variance(net: object, stored: read.Weights, plan: FoldPlan, flavour: str) -> None:
+    """Warn once per folded BatchNorm whose stored variance has negative channels."""
+    folded = {name for action in plan.actions for name in action.layers}
+    for layer in net.layer:
+        negative = negative_variance(layer, stored.layers.get(layer.name), flavour) if layer.name in folded else 0
+        if negative:
+            log.warning(
+                "%s '%s': %d channel(s) have negative variance; folded as Caffe computes them",
+                layer.type,
+                layer.name,
+                negative,
+            )
 
 
 def _check_pairing(

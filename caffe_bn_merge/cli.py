@@ -143,13 +143,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MergeError as err:
         if args.debug:
             raise
-        print(f"merge-bn: error: {err}", file=sys.stderr)
+        print(one_line(f"merge-bn: error: {err}"), file=sys.stderr)
         return err.exit_code
     except Exception as err:  # a bug of ours: say so in one line, keep the traceback behind --debug
         if args.debug:
             raise
-        print(f"merge-bn: internal error: {type(err).__name__}: {err} (rerun with --debug)", file=sys.stderr)
+        print(one_line(f"merge-bn: internal error: {type(err).__name__}: {err} (rerun with --debug)"), file=sys.stderr)
         return 1
+
+
+MAX_LINE = 300  # characters of an error line; longer ones keep their head and tail
+
+
+def one_line(message: str, limit: int = MAX_LINE) -> str:
+    """`message` on one line of at most `limit` characters: line breaks become spaces, characters
+    a terminal cannot take are escaped, and the middle of a longer one gives way to an ellipsis."""
+    text = " ".join(message.split("\n")).encode("utf-8", "backslashreplace").decode("utf-8")
+    if len(text) <= limit:
+        return text
+    head = (limit - 1) * 2 // 3
+    return f"{text[:head]}…{text[len(text) - (limit - 1 - head) :]}"
 
 
 def _terminate(signum: int, frame: object) -> None:

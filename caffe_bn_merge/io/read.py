@@ -186,7 +186,7 @@ def _index_layer(weights: Weights, record: wire.Field) -> str | None:
     name, blobs, legacy = "", [], []
     for item in wire.iter_fields(weights.buffer, record.value_start, record.end):
         if item.number == name_field and item.wire_type == wire.LENGTH:
-            name = bytes(weights.buffer[item.value_start : item.end]).decode("utf-8", "replace")
+            name = _layer_name(bytes(weights.buffer[item.value_start : item.end]))
         elif item.number == blob_field and item.wire_type == wire.LENGTH:
             if len(blobs) == MAX_BLOBS:
                 raise wire.WireError(f"layer '{name}' has more than {MAX_BLOBS} blobs")
@@ -195,6 +195,12 @@ def _index_layer(weights: Weights, record: wire.Field) -> str | None:
             legacy.append(is_legacy)
     weights.layers[name] = WeightLayer(name, blobs, legacy)
     return name
+
+
+def _layer_name(raw: bytes) -> str:
+    """A stored layer name, its bytes kept distinct as Caffe compares them: bytes that are not
+    UTF-8 become lone surrogates, which no name read from a (UTF-8) prototxt can equal."""
+    return raw.decode("utf-8", "surrogateescape")
 
 
 def _decode_blob(buf: memoryview, record: wire.Field) -> tuple[np.ndarray, bool]:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import __version__
-from .defaults import DEFAULT_TOLERANCE, EXIT_VERIFY_FAILED, TABLE_WIDTH
+from .defaults import DEFAULT_TOLERANCE, EXIT_VERIFY_FAILED, MAX_INPUT_ELEMENTS, MAX_PROTOTXT_MB, TABLE_WIDTH
 from .errors import MergeError
 
 if TYPE_CHECKING:  # the heavy modules load only once there is work to do, so --help is fast
@@ -98,6 +98,13 @@ def _add_fork_flags(parser: argparse.ArgumentParser) -> None:
         help="the fork's caffe.proto, to read and write its prototxt fields by name "
         "(pip install 'caffe-bn-merge[schema]')",
     )
+    forks.add_argument(
+        "--max-prototxt-mb",
+        type=int,
+        default=MAX_PROTOTXT_MB,
+        metavar="MB",
+        help=f"largest prototxt read, in MB (default {MAX_PROTOTXT_MB})",
+    )
 
 
 def _add_verify_flags(parser: argparse.ArgumentParser) -> None:
@@ -125,6 +132,13 @@ def _add_verify_flags(parser: argparse.ArgumentParser) -> None:
         "inputs not given are seeded random normal",
     )
     group.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    group.add_argument(
+        "--max-input-elements",
+        type=int,
+        default=MAX_INPUT_ELEMENTS,
+        metavar="N",
+        help=f"largest number of input values for --verify, all inputs together (default {MAX_INPUT_ELEMENTS:,})",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -182,6 +196,7 @@ def _run(args: argparse.Namespace) -> int:
         bn_flavour=args.bn_flavour,
         conv_like=(*DEFAULT_CONV_LIKE, *args.conv_like),
         caffe_proto=args.caffe_proto,
+        max_prototxt_mb=args.max_prototxt_mb,
     )
     with _progress(console) as step:
         result = merge(
@@ -209,11 +224,12 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace, result: "MergeResult") -> "VerifyResult":
-    from .verification.compare import verify
+    from .verification.compare import InputLimits, verify
 
     original = (args.model, args.weights)
     merged = (result.output_model, result.output_weights)
-    return verify(original, merged, args.backend, args.tolerance, args.input, args.seed)
+    limits = InputLimits(args.max_prototxt_mb, args.max_input_elements)
+    return verify(original, merged, args.backend, args.tolerance, args.input, args.seed, limits)
 
 
 def _console() -> object:

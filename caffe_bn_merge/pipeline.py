@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .defaults import MAX_PROTOTXT_MB
 from .errors import MismatchError
 from .graph import NetGraph, build_graph, included, inference_state
 from .io import emit, read
@@ -30,6 +31,7 @@ class MergeOptions:
     bn_flavour: str = "auto"  # BatchNorm layout: auto or one of bn_variants.VARIANTS
     conv_like: tuple[str, ...] = DEFAULT_CONV_LIKE  # layer types that are Convolutions under another name
     caffe_proto: Path | None = None  # the fork's caffe.proto, to read its prototxt fields by name
+    max_prototxt_mb: int = MAX_PROTOTXT_MB  # a larger prototxt is refused
 
     def rules(self) -> list[Rule]:
         wanted = {Rule.IDENTITY: self.identity, Rule.FORWARD: True, Rule.BACKWARD: self.backward}
@@ -76,34 +78,35 @@ def merge(
     output_weights = Path(output_weights or defaults[1])
     on_step("reading")
     schema = compile_schema(options.caffe_proto) if options.caffe_proto else None
-    net_text = read.read_net_text(model, schema)
+    net_text = read.read_net_text(model, schema, options.max_prototxt_mb)
     net = net_text.net
-    stored = read.read_weights(weights)
-    if write:
-        emit.check_outputs((model, weights), (output_model, output_weights), overwrite)
-    graph = build_graph(net)
-    _check_pairing(graph, stored, model, weights, options.conv_like)
-    _log_input(net_text)
-    on_step("folding")
-    rewrite, plan = run_rules(
-        net, graph, stored, options.rules(), options.bn_flavour, frozenset(options.conv_like), net_text.frozen
-    )
-    for action in plan.actions:
-        log.info("%s: %s%s", action.rule, " + ".join(action.layers), f" -> {action.target}" if action.target else "")
-    for kept in plan.kept:
-        log.info("kept %s '%s': %s", kept.type, kept.layer, kept)
-    _warn_negative_variance(net, stored, plan, options.bn_flavour)
-    if write:
-        on_step("writing")
-        dropped = plan.removed & set(stored.layers)
-        _write(net_text, rewrite, stored, dropped, output_model, output_weights)
-    return MergeResult(
-        plan,
-        Counter(layer.type for layer in net.layer),
-        Counter(layer.type for layer in rewrite.net.layer),
-        output_model if write else None,
-        output_weights if write else None,
-    )
+    with read.read_weights(weights) as stored:  # the caffemodel stays as read until the block ends
+        if write:
+            emit.check_outputs((model, weights), (output_model, output_weights), overwrite)
+        graph = build_graph(net)
+        _check_pairing(graph, stored, model, weights, options.conv_like)
+        _log_input(net_text)
+        on_step("folding")
+        rewrite, plan = run_rules(
+            net, graph, stored, options.rules(), options.bn_flavour, frozenset(options.conv_like), net_text.frozen
+        )
+        for action in plan.actions:
+            into = f" -> {action.target}" if action.target else ""
+            log.info("%s: %s%s", action.rule, " + ".join(action.layers), into)
+        for kept in plan.kept:
+            log.info("kept %s '%s': %s", kept.type, kept.layer, kept)
+        _warn_negative_variance(net, stored, plan, options.bn_flavour)
+        if write:
+            on_step("writing")
+            dropped = plan.removed & set(stored.layers)
+            _write(net_text, rewrite, stored, dropped, output_model, output_weights)
+        return MergeResult(
+            plan,
+            Counter(layer.type for layer in net.layer),
+            Counter(layer.type for layer in rewrite.net.layer),
+            output_model if write else None,
+            output_weights if write else None,
+        )
 
 
 def _log_input(net_text: object) -> None:

@@ -70,7 +70,11 @@ def write_weights(weights: Weights, edits: dict[str, LayerEdit], dropped: set[st
 
 @contextmanager
 def _source(weights: Weights) -> Iterator[int | None]:
-    """The caffemodel opened again for copying, if it is still the file that was mapped."""
+    """The caffemodel opened again for copying, if it is still the file that was mapped (a private
+    copy is written from memory: the file may have changed since it was read)."""
+    if weights.mapping is None:
+        yield None
+        return
     try:
         fd = os.open(weights.path, os.O_RDONLY)
     except OSError:

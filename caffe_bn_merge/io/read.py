@@ -30,6 +30,9 @@ from ..errors import InputError
 from ..net import WeightLayer
 from . import proto, prototxt, wire
 
+CHANGED = "the file changed while it was being read; run again once it is complete"
+CHANGED_WEIGHTS = "the caffemodel changed while it was being read; run again once it is complete"
+
 # NetParameter field numbers of the two layer lists, and per list (name, blobs) field numbers.
 LAYER_FIELDS = {100: (1, 7), 2: (4, 6)}  # 100: LayerParameter `layer`, 2: V1 `layers`
 BLOB_DIMS, BLOB_DATA, BLOB_DOUBLE, BLOB_SHAPE = (1, 2, 3, 4), 5, 8, 7
@@ -136,18 +139,18 @@ def read_regular(path: Path, flag: str, limit: int | None = None, limit_flag: st
             os.close(fd)
 
 
-def _read_exactly(fd: int, size: int, path: Path) -> bytearray:
+def _read_exactly(fd: int, size: int, path: Path, changed: str = CHANGED) -> bytearray:
+    """`size` bytes from the start of `fd`; InputError(`changed`) if the file has fewer."""
     data = bytearray(size)
     view, done = memoryview(data), 0
     while done < size:
         got = os.preadv(fd, [view[done:]], done)
         if not got:
-            raise InputError(f"{path}: {CHANGED}")
+            raise InputError(f"{path}: {changed}")
         done += got
     return data
 
 
-CHANGED = "the file changed while it was being read; run again once it is complete"
 _KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
           (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))  # fmt: skip
 
@@ -237,7 +240,7 @@ def _open_weights(path: Path) -> tuple[memoryview, mmap.mmap | None, tuple[int, 
         lease = _Lease.take(fd, path)
         identity = file_identity(fd)
         if lease is None:
-            return memoryview(_read_exactly(fd, identity[2], path)), None, identity, None
+            return memoryview(_read_exactly(fd, identity[2], path, CHANGED_WEIGHTS)), None, identity, None
         try:
             mapping = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)  # shares `handle`'s open file: the lease stays
         except BaseException:
@@ -283,7 +286,6 @@ class _Lease:
 
 
 _LEASES: dict[int, object] = {}  # descriptor -> lease held; -1 -> the SIGIO handler before ours
-CHANGED_WEIGHTS = "the caffemodel changed while it was being read; run again once it is complete"
 
 
 def _lease_broken(signum: int, frame: object) -> None:

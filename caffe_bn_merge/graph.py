@@ -51,6 +51,7 @@ class NetGraph:
     outputs: list[BlobVersion] = field(default_factory=list)
     pinned: set[str] = field(default_factory=set)  # names read by layers outside the TEST net
     _by_index: dict[int, LayerNode] = field(default_factory=dict, repr=False)
+    _writers: dict[str, list[int]] | None = field(default=None, repr=False)
 
     def producer(self, version: BlobVersion) -> LayerNode | None:
         """The layer that wrote `version`, or None for a net input."""
@@ -62,6 +63,15 @@ class NetGraph:
         if len(self._by_index) != len(self.layers):
             self._by_index = {node.index: node for node in self.layers}
         return self._by_index
+
+    def writers(self, blob: str) -> list[int]:
+        """Indices of the layers writing a blob named `blob`, in net order."""
+        if self._writers is None:
+            self._writers = defaultdict(list)
+            for node in self.layers:
+                for top in node.tops:
+                    self._writers[top.name].append(node.index)
+        return self._writers.get(blob, [])
 
     def sole_reader(self, version: BlobVersion) -> LayerNode | None:
         """The only layer reading `version`, if exactly one does, it is not a net output and no

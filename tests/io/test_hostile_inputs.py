@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 from harness import copy_sample
 
+from caffe_bn_merge.io import wire
+
 PEAK_MB = 300  # the issue's bound on the memory any hostile input may cost
 ADDRESS_SPACE = 3 << 30  # children may map at most this much: a regression fails, it does not swap
 
@@ -203,3 +205,50 @@ def test_max_input_elements_sets_the_limit(limit: int, accepted: bool, tmp_path)
         assert code == 0, err
     else:
         assert_refused(code, err, f"{limit:,}.*--max-input-elements")
+
+
+# --- millions of tiny unknown fields in a caffemodel --------------------------------------------
+
+TINY = {"varint": b"\xb8\x3e\x01", "empty string": b"\xba\x3e\x00", "fixed32": b"\xbd\x3e\0\0\0\0"}  # field 999
+
+
+def _grow(payload: bytes, unknown: bytes, name: str | None, where: str) -> bytes:
+    """`payload` of a layer record named `name`, with `unknown` added where `where` says."""
+    if where == name:
+        return payload + unknown
+    if where != f"blob of {name}":
+        return payload
+    fields = list(wire.iter_fields(memoryview(payload)))
+    first = next(f for f in fields if f.number == 7)
+    blob = payload[first.value_start : first.end] + unknown
+    return payload[: first.start] + wire.encode_length_header(7, len(blob)) + blob + payload[first.end :]
+
+
+def _with_unknown_fields(data: bytes, unknown: bytes, where: str) -> bytes:
+    """The caffemodel `data` with `unknown` at the top level or inside a layer or blob record."""
+    if where == "top level":
+        return data + unknown
+    out = bytearray()
+    for record in wire.iter_fields(memoryview(data)):
+        payload = data[record.value_start : record.end]
+        names = [f for f in wire.iter_fields(memoryview(payload)) if f.number == 1] if record.number == 100 else []
+        name = payload[names[0].value_start : names[0].end].decode() if names else None
+        grown = _grow(payload, unknown, name, where)
+        out += wire.encode_length_header(record.number, len(grown)) + grown
+    return bytes(out)
+
+
+@pytest.mark.parametrize(
+    ("where", "kind"),
+    [("top level", "varint"), ("conv1", "varint"), ("conv1", "empty string"), ("conv1/bn", "fixed32"),
+     ("blob of conv1", "empty string"), ("fc/scale", "varint")],
+)  # fmt: skip
+def test_millions_of_tiny_unknown_fields(where: str, kind: str, tmp_path) -> None:
+    """Legal protobuf (unknown fields are kept), so the merge succeeds, in bounded memory: conv1 is
+    re-encoded (folded), conv1/bn dropped, fc copied as it is."""
+    model, weights = copy_sample(tmp_path)
+    count = (6 << 20) // len(TINY[kind])  # 6 MB of them: 1-2 million fields
+    weights.write_bytes(_with_unknown_fields(weights.read_bytes(), TINY[kind] * count, where))
+    code, err, peak = run_cli("--model", model, "--weights", weights, "-q", timeout=600)
+    assert code == 0, err
+    assert peak < PEAK_MB, f"{peak:.0f} MB"

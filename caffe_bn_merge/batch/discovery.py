@@ -76,7 +76,8 @@ def classify_text(text: str) -> Classification:
 def classify_prototxt(path: Path) -> Classification:
     """`classify_text` of the file; an unreadable file is UNKNOWN."""
     try:
-        text = read_regular(Path(path), "prototxt", MAX_PROTOTXT_MB << 20, "--max-prototxt-mb").decode(errors="replace")
+        limit = MAX_PROTOTXT_MB << 20
+        text = read_regular(Path(path), "prototxt", limit, "merge-bn --max-prototxt-mb").decode(errors="replace")
     except InputError as err:
         return Classification(Kind.UNKNOWN, str(err))
     return classify_text(text)

@@ -252,3 +252,30 @@ def test_millions_of_tiny_unknown_fields(where: str, kind: str, tmp_path) -> Non
     code, err, peak = run_cli("--model", model, "--weights", weights, "-q", timeout=600)
     assert code == 0, err
     assert peak < PEAK_MB, f"{peak:.0f} MB"
+
+
+# --- hostile files in a batch tree --------------------------------------------------------------
+
+
+def _hostile_prototxt(kind: str, path: Path) -> None:
+    if kind == "sparse 200 MB":
+        with path.open("wb") as handle:
+            handle.truncate(200 << 20)
+    elif kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.symlink_to(kind)
+
+
+@pytest.mark.parametrize("kind", ["sparse 200 MB", "fifo", "/dev/zero", "/dev/urandom"])
+def test_batch_tree_with_a_hostile_prototxt(kind: str, tmp_path) -> None:
+    """Discovery reads each prototxt to classify it: a huge one, a FIFO or a device among them is
+    skipped with its reason, quickly and in bounded memory, and the real deployment converts."""
+    source = tmp_path / "src"
+    source.mkdir()
+    copy_sample(source)
+    _hostile_prototxt(kind, source / "other.prototxt")
+    code, err, peak = run_cli("batch", source, "--out", tmp_path / "out", "-q", "--jobs", "1", timeout=120)
+    assert code == 0, err
+    assert (tmp_path / "out" / "net.caffemodel").is_file()
+    assert peak < PEAK_MB

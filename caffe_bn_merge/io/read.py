@@ -131,12 +131,16 @@ def read_regular(path: Path, flag: str, limit: int | None = None, limit_flag: st
             size = os.fstat(fd).st_size
             if limit is not None and size > limit:
                 raise InputError(
-                    f"{path}: {size / 2**20:,.0f} MB, more than the {limit >> 20:,} MB allowed for {flag}; "
+                    f"{path}: {_mb(size)} MB, more than the {_mb(limit)} MB allowed for {flag}; "
                     f"if it is right, raise the limit with {limit_flag}"
                 )
             return _read_exactly(fd, size, path)
         finally:
             os.close(fd)
+
+
+def _mb(size: int) -> str:
+    return f"{size / 2**20:,.1f}".removesuffix(".0")
 
 
 def _read_exactly(fd: int, size: int, path: Path, changed: str = CHANGED) -> bytearray:

@@ -210,7 +210,8 @@ def _image_size(path: Path, data: bytearray) -> tuple[int, int]:
             with Image.open(io.BytesIO(data)) as image:
                 return image.size
     except Image.DecompressionBombError as err:
-        raise InputError(f"{path}: {err}; more input values than --max-input-elements allows") from err
+        size = str(err).split(",")[0]  # "Image size (N pixels) exceeds limit of M pixels"
+        raise InputError(f"{path}: {size}: more input values than --max-input-elements allows") from err
     except (OSError, ValueError, SyntaxError) as err:  # Pillow's errors for files it cannot identify
         raise InputError(f"{path}: not an image whose size can be read ({err}); give a .npy array instead") from err
 

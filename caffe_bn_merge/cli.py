@@ -15,7 +15,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import __version__
-from .defaults import BACKENDS, BENCHMARK_ROUNDS, DEFAULT_TOLERANCE, EXIT_VERIFY_FAILED
+from .defaults import (
+    BACKENDS,
+    BENCHMARK_ROUNDS,
+    DEFAULT_TOLERANCE,
+    EXIT_VERIFY_FAILED,
+    MAX_INPUT_ELEMENTS,
+    MAX_PROTOTXT_MB,
+)
 from .errors import MergeError, OutputError, VerifyError
 
 if TYPE_CHECKING:  # the heavy modules load only once there is work to do, so --help is fast
@@ -113,6 +120,13 @@ def _add_fork_flags(parser: argparse.ArgumentParser) -> None:
         help="the fork's caffe.proto, to read and write its prototxt fields by name "
         "(pip install 'caffe-bn-merge[schema]')",
     )
+    forks.add_argument(
+        "--max-prototxt-mb",
+        type=int,
+        default=MAX_PROTOTXT_MB,
+        metavar="MB",
+        help=f"largest prototxt read, in MB (default {MAX_PROTOTXT_MB})",
+    )
 
 
 def _add_verify_flags(parser: argparse.ArgumentParser) -> None:
@@ -141,6 +155,13 @@ def _add_verify_flags(parser: argparse.ArgumentParser) -> None:
         "inputs not given are seeded random normal",
     )
     group.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    group.add_argument(
+        "--max-input-elements",
+        type=int,
+        default=MAX_INPUT_ELEMENTS,
+        metavar="N",
+        help=f"largest number of input values for --verify, all inputs together (default {MAX_INPUT_ELEMENTS:,})",
+    )
     group.add_argument(
         "--keep-failed",
         type=Path,
@@ -256,7 +277,7 @@ def _main(argv: list[str]) -> int:
     except MergeError as err:
         if args.debug:
             raise
-        print(f"merge-bn: error: {err}", file=sys.stderr)
+        print(one_line(f"merge-bn: error: {err}"), file=sys.stderr)
         return err.exit_code
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
@@ -265,8 +286,21 @@ def _main(argv: list[str]) -> int:
     except Exception as err:  # a bug of ours: say so in one line, keep the traceback behind --debug
         if args.debug:
             raise
-        print(f"merge-bn: internal error: {type(err).__name__}: {err} (rerun with --debug)", file=sys.stderr)
+        print(one_line(f"merge-bn: internal error: {type(err).__name__}: {err} (rerun with --debug)"), file=sys.stderr)
         return 1
+
+
+MAX_LINE = 300  # characters of an error line; longer ones keep their head and tail
+
+
+def one_line(message: str, limit: int = MAX_LINE) -> str:
+    """`message` on one line of at most `limit` characters: line breaks become spaces, characters
+    a terminal cannot take are escaped, and the middle of a longer one gives way to an ellipsis."""
+    text = " ".join(message.split("\n")).encode("utf-8", "backslashreplace").decode("utf-8")
+    if len(text) <= limit:
+        return text
+    head = (limit - 1) * 2 // 3
+    return f"{text[:head]}…{text[len(text) - (limit - 1 - head) :]}"
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -288,6 +322,7 @@ def _run(args: argparse.Namespace) -> int:
         conv_like=(*DEFAULT_CONV_LIKE, *args.conv_like),
         caffe_proto=args.caffe_proto,
         assume_global_stats=args.assume_global_stats,
+        max_prototxt_mb=args.max_prototxt_mb,
     )
     staged = Staged()
     try:
@@ -379,12 +414,13 @@ def _stage_report(
 
 def _verify(args: argparse.Namespace, result: "MergeResult") -> "tuple[VerifyResult | None, VerifyError | None]":
     """Verify the staged pair: (the result, None), or (None, why no engine could run it)."""
-    from .verification.compare import verify
+    from .verification.compare import InputLimits, verify
 
     original = (args.model, args.weights)
     merged = (result.staged.temporary(result.output_model), result.staged.temporary(result.output_weights))
+    limits = InputLimits(args.max_prototxt_mb, args.max_input_elements)
     try:
-        return verify(original, merged, args.backend, args.tolerance, args.input, args.seed), None
+        return verify(original, merged, args.backend, args.tolerance, args.input, args.seed, limits), None
     except VerifyError as err:
         return None, err
 
@@ -404,5 +440,5 @@ def _reject(
         worst = max((e for e in checked.errors if e.gating), key=lambda e: e.relative, default=None)
         blob = f"blob '{worst.blob}' relative error {worst.relative:.3g}" if worst else "no blob compared"
         reason = f"verification failed on {checked.backend}: {blob} > tolerance {checked.tolerance:g}"
-    print(f"merge-bn: error: {reason}; no output written{kept}", file=sys.stderr)
+    print(one_line(f"merge-bn: error: {reason}; no output written{kept}"), file=sys.stderr)
     return EXIT_VERIFY_FAILED

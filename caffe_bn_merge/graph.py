@@ -54,6 +54,7 @@ class NetGraph:
     pinned: set[str] = field(default_factory=set)  # names read by layers outside the TEST net
     duplicated: frozenset[str] = frozenset()  # layer names several layers share (any phase)
     _by_index: dict[int, LayerNode] = field(default_factory=dict, repr=False)
+    _writers: dict[str, list[int]] | None = field(default=None, repr=False)
 
     def producer(self, version: BlobVersion) -> LayerNode | None:
         """The layer that wrote `version`, or None for a net input."""
@@ -65,6 +66,15 @@ class NetGraph:
         if len(self._by_index) != len(self.layers):
             self._by_index = {node.index: node for node in self.layers}
         return self._by_index
+
+    def writers(self, blob: str) -> list[int]:
+        """Indices of the layers writing a blob named `blob`, in net order."""
+        if self._writers is None:
+            self._writers = defaultdict(list)
+            for node in self.layers:
+                for top in node.tops:
+                    self._writers[top.name].append(node.index)
+        return self._writers.get(blob, [])
 
     def sole_reader(self, version: BlobVersion) -> LayerNode | None:
         """The only layer reading `version`, if exactly one does, it is not a net output and no
@@ -153,7 +163,8 @@ def _meets(rule: object, state: object) -> bool:
 
 
 def input_shapes(net: object) -> dict[str, tuple[int, ...]]:
-    """Shapes of the net's inputs, from `input_shape`, `input_dim` or Input layers."""
+    """Shapes of the net's inputs, from `input_shape`, `input_dim` or Input layers (`()` for an
+    Input layer that declares none)."""
     shapes: dict[str, tuple[int, ...]] = {}
     state = inference_state(net)
     for i, name in enumerate(net.input):
@@ -163,7 +174,7 @@ def input_shapes(net: object) -> dict[str, tuple[int, ...]]:
             shapes[name] = tuple(net.input_dim[4 * i : 4 * i + 4])
     for layer in net.layer:
         if layer.type == "Input" and included(layer, state):
+            declared = layer.input_param.shape
             for i, top in enumerate(layer.top):
-                dims = layer.input_param.shape[min(i, len(layer.input_param.shape) - 1)].dim
-                shapes[top] = tuple(dims)
+                shapes[top] = tuple(declared[min(i, len(declared) - 1)].dim) if declared else ()
     return shapes

@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from .defaults import MAX_PROTOTXT_MB
 from .errors import MismatchError
 from .graph import NetGraph, build_graph, included, inference_state
 from .io import emit, outputs, read
@@ -14,7 +15,7 @@ from .io.user_schema import compile_schema
 from .logs import collected
 from .net import FoldedHost
 from .rules.hosts import DEFAULT_CONV_LIKE, is_host_type, read_host
-from .rules.norms import NORM_TYPES, uses_batch_stats
+from .rules.norms import NORM_TYPES, negative_variance, uses_batch_stats
 from .rules.passes import folded_hosts, run_rules
 from .rules.plan import FoldPlan, Rule
 from .rules.rewrite import Rewrite
@@ -33,6 +34,7 @@ class MergeOptions:
     conv_like: tuple[str, ...] = DEFAULT_CONV_LIKE  # layer types that are Convolutions under another name
     caffe_proto: Path | None = None  # the fork's caffe.proto, to read its prototxt fields by name
     assume_global_stats: bool = False  # fold BatchNorm set to batch statistics with its stored averages
+    max_prototxt_mb: int = MAX_PROTOTXT_MB  # a larger prototxt is refused
 
     def rules(self) -> list[Rule]:
         wanted = {Rule.IDENTITY: self.identity, Rule.FORWARD: True, Rule.BACKWARD: self.backward}
@@ -118,42 +120,43 @@ def _merge(model: Path, weights: Path, pair: tuple[Path, Path], options: MergeOp
     on_step = how.on_step
     on_step("reading")
     schema = compile_schema(options.caffe_proto) if options.caffe_proto else None
-    net_text = read.read_net_text(model, schema)
+    net_text = read.read_net_text(model, schema, options.max_prototxt_mb)
     net = net_text.net
-    stored = read.read_weights(weights)
-    targets = [outputs.Output(output_weights, "--output-weights"), outputs.Output(output_model, "--output-model")]
-    written = [*targets, *how.more_outputs] if how.write else list(how.more_outputs)
-    outputs.check_outputs((model, weights, *how.more_inputs), written, how.overwrite)
-    graph = build_graph(net)
-    _check_pairing(graph, stored, model, weights, options.conv_like)
-    _log_input(net_text)
-    on_step("folding")
-    rewrite, plan = run_rules(
-        net, graph, stored, options.rules(), options.bn_flavour, frozenset(options.conv_like), net_text.frozen,
-        options.assume_global_stats,
-    )  # fmt: skip
-    _log_plan(plan, net, options.assume_global_stats)
-    staged = None
-    if how.write:
-        on_step("writing")
-        dropped = plan.removed & set(stored.layers)
-        staged = _write(net_text, rewrite, stored, dropped, pair, how.on_progress)
-        if not how.stage:
-            try:
-                staged.publish(how.overwrite)
-            finally:
-                staged.discard()
-            staged = None
-    return MergeResult(
-        plan,
-        Counter(layer.type for layer in net.layer),
-        Counter(layer.type for layer in rewrite.net.layer),
-        output_model if how.write else None,
-        output_weights if how.write else None,
-        hosts=folded_hosts(plan, rewrite, net, options.bn_flavour),
-        assume_global_stats=options.assume_global_stats,
-        staged=staged,
-    )
+    with read.read_weights(weights) as stored:  # the caffemodel stays as read until the block ends
+        targets = [outputs.Output(output_weights, "--output-weights"), outputs.Output(output_model, "--output-model")]
+        written = [*targets, *how.more_outputs] if how.write else list(how.more_outputs)
+        outputs.check_outputs((model, weights, *how.more_inputs), written, how.overwrite)
+        graph = build_graph(net)
+        _check_pairing(graph, stored, model, weights, options.conv_like)
+        _log_input(net_text)
+        on_step("folding")
+        rewrite, plan = run_rules(
+            net, graph, stored, options.rules(), options.bn_flavour, frozenset(options.conv_like), net_text.frozen,
+            options.assume_global_stats,
+        )  # fmt: skip
+        _log_plan(plan, net, options.assume_global_stats)
+        _warn_negative_variance(net, stored, plan, options.bn_flavour)
+        staged = None
+        if how.write:
+            on_step("writing")
+            dropped = plan.removed & set(stored.layers)
+            staged = _write(net_text, rewrite, stored, dropped, pair, how.on_progress)
+            if not how.stage:
+                try:
+                    staged.publish(how.overwrite)
+                finally:
+                    staged.discard()
+                staged = None
+        return MergeResult(
+            plan,
+            Counter(layer.type for layer in net.layer),
+            Counter(layer.type for layer in rewrite.net.layer),
+            output_model if how.write else None,
+            output_weights if how.write else None,
+            hosts=folded_hosts(plan, rewrite, net, options.bn_flavour),
+            assume_global_stats=options.assume_global_stats,
+            staged=staged,
+        )
 
 
 def _log_plan(plan: FoldPlan, net: object, assume_global_stats: bool) -> None:
@@ -191,6 +194,20 @@ def _log_input(net_text: object) -> None:
     other = sum(1 for layer in net_text.net.layer if not included(layer, state))
     if other:
         log.warning("%d layer(s) outside the TEST phase kept as they are; folding follows the TEST phase", other)
+
+
+def _warn_negative_variance(net: object, stored: read.Weights, plan: FoldPlan, flavour: str) -> None:
+    """Warn once per folded BatchNorm whose stored variance has negative channels."""
+    folded = {name for action in plan.actions for name in action.layers}
+    for layer in net.layer:
+        negative = negative_variance(layer, stored.layers.get(layer.name), flavour) if layer.name in folded else 0
+        if negative:
+            log.warning(
+                "%s '%s': %d channel(s) have negative variance; folded as Caffe computes them",
+                layer.type,
+                layer.name,
+                negative,
+            )
 
 
 def _check_pairing(

@@ -61,7 +61,7 @@ def _merged_weights_unmerged_prototxt(folder: Path) -> None:
 BAD: dict[str, tuple[Callable[[Path], None], str]] = {
     "empty prototxt": (lambda f: (f / "net.prototxt").write_text(""), "defines no layers"),
     "empty caffemodel": (lambda f: (f / "net.caffemodel").write_bytes(b""), "is empty"),
-    "prototxt is a folder": (lambda f: ((f / "net.prototxt").unlink(), (f / "net.prototxt").mkdir()), "cannot read"),
+    "prototxt is a folder": (lambda f: ((f / "net.prototxt").unlink(), (f / "net.prototxt").mkdir()), "not a regular"),
     "binary prototxt": (lambda f: (f / "net.prototxt").write_bytes(b"\x00\xff" * 100), "not a text prototxt"),
     "not text format": (lambda f: (f / "net.prototxt").write_text("this is { not : a net"), "not a Caffe net"),
     "solver": (lambda f: (f / "net.prototxt").write_text('net: "t.prototxt"\nbase_lr: 0.1\n'), "solver file"),

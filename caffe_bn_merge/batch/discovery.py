@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
-from ..errors import UsageError
+from ..defaults import MAX_PROTOTXT_MB
+from ..errors import InputError, UsageError
+from ..io.read import read_regular
 
 PROTOTXT_SUFFIX, CAFFEMODEL_SUFFIX = ".prototxt", ".caffemodel"
 
@@ -75,9 +77,11 @@ def classify_text(text: str) -> Classification:
 def classify_prototxt(path: Path) -> Classification:
     """`classify_text` of the file; an unreadable file is UNKNOWN."""
     try:
-        return classify_text(Path(path).read_text(errors="replace"))
-    except OSError as err:
-        return Classification(Kind.UNKNOWN, f"cannot read ({err.strerror})")
+        limit = MAX_PROTOTXT_MB << 20
+        text = read_regular(Path(path), "prototxt", limit, "merge-bn --max-prototxt-mb").decode(errors="replace")
+    except InputError as err:
+        return Classification(Kind.UNKNOWN, str(err))
+    return classify_text(text)
 
 
 @dataclass(frozen=True)
@@ -202,9 +206,9 @@ def read_manifest(path: Path) -> list[ManifestEntry]:
     manifest. Relative paths are relative to the manifest's folder. Raises UsageError."""
     path = Path(path)
     try:
-        text = path.read_text()
-    except OSError as err:
-        raise UsageError(f"{path}: cannot read the manifest ({err.strerror})") from None
+        text = read_regular(path, "--manifest").decode()
+    except InputError as err:
+        raise UsageError(str(err)) from None
     rows = _json_rows(path, text) if path.suffix.lower() == ".json" else _csv_rows(path, text)
     base = path.parent
     entries = []

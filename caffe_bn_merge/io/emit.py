@@ -79,7 +79,11 @@ def write_weights(
 
 @contextmanager
 def _source(weights: Weights) -> Iterator[int | None]:
-    """The caffemodel opened again for copying, if it is still the file that was mapped."""
+    """The caffemodel opened again for copying, if it is still the file that was mapped (a private
+    copy is written from memory: the file may have changed since it was read)."""
+    if weights.mapping is None:
+        yield None
+        return
     try:
         fd = os.open(weights.path, os.O_RDONLY)
     except OSError:
@@ -111,11 +115,7 @@ def _write_edited_layer(
     its blobs from `edit` (or as stored). A V1 record is written in today's `layer` form: a file
     must not mix the two, since Caffe's upgrade then ignores the `layer` records."""
     blob_field = LAYER_FIELDS[record.number][1]
-    kept = b"".join(
-        weights.buffer[item.start : item.end]
-        for item in wire.iter_fields(weights.buffer, record.value_start, record.end)
-        if item.number != blob_field
-    )
+    kept = b"".join(weights.buffer[start:end] for start, end in _runs_without(weights, record, blob_field))
     try:
         if record.number == 100:
             layer = proto.LayerParameter.FromString(kept)
@@ -129,6 +129,20 @@ def _write_edited_layer(
     blobs = edit.blobs
     legacy = [_is_legacy(stored, i, blob) for i, blob in enumerate(blobs)]
     _write_layer(out, layer.SerializeToString(), blobs, legacy)
+
+
+def _runs_without(weights: Weights, record: wire.Field, number: int) -> list[tuple[int, int]]:
+    """Byte spans of `record`'s fields other than field `number`, adjacent ones merged: at most one
+    more span than there are such fields (a record of millions of tiny fields costs no more)."""
+    runs: list[tuple[int, int]] = []
+    for item in wire.iter_fields(weights.buffer, record.value_start, record.end):
+        if item.number == number:
+            continue
+        if runs and runs[-1][1] == item.start:
+            runs[-1] = (runs[-1][0], item.end)
+        else:
+            runs.append((item.start, item.end))
+    return runs
 
 
 def write_new_weights(layers: list[tuple[str, str, list[np.ndarray]]], path: Path) -> None:

@@ -9,10 +9,15 @@
   verbatim, never folded.
 """
 
+import fcntl
 import math
 import mmap
 import os
 import re
+import signal
+import stat
+import threading
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -22,9 +27,13 @@ import numpy as np
 from google.protobuf import text_format
 from google.protobuf.message import DecodeError
 
+from ..defaults import MAX_PROTOTXT_MB
 from ..errors import InputError
 from ..net import WeightLayer
 from . import proto, prototxt, wire
+
+CHANGED = "the file changed while it was being read; run again once it is complete"
+CHANGED_WEIGHTS = "the caffemodel changed while it was being read; run again once it is complete"
 
 # NetParameter field numbers of the two layer lists, and per list (name, blobs) field numbers.
 LAYER_FIELDS = {100: (1, 7), 2: (4, 6)}  # 100: LayerParameter `layer`, 2: V1 `layers`
@@ -38,15 +47,24 @@ _RAW_TYPES = {0: FLOAT64, 1: FLOAT32, 2: FLOAT16}  # caffe.Type: DOUBLE, FLOAT, 
 
 @dataclass
 class Weights:
-    """A caffemodel walked once: its top-level records and, by name, the layers holding blobs."""
+    """A caffemodel walked once: its top-level records and, by name, the layers holding blobs.
+    Use it as a context manager: leaving it lets other processes change the file again (`_Lease`)."""
 
     path: Path
     buffer: memoryview
     records: list[wire.Field]
-    mapping: mmap.mmap | None = None  # the memory map behind `buffer`
-    identity: tuple[int, ...] = ()  # the mapped file's device, inode, size and mtime
+    mapping: mmap.mmap | None = None  # the file's memory map behind `buffer` (None: a private copy)
+    identity: tuple[int, ...] = ()  # the file's device, inode, size and mtime
     layers: dict[str, WeightLayer] = field(default_factory=dict)
     record_names: list[str | None] = field(default_factory=list)
+    lease: "_Lease | None" = None
+
+    def __enter__(self) -> "Weights":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.lease is not None:
+            self.lease.release()
 
 
 @dataclass
@@ -57,14 +75,15 @@ class UndecodedLayer(WeightLayer):
     problem: str = ""
 
 
-def read_net(path: Path) -> object:
+def read_net(path: Path, max_mb: int = MAX_PROTOTXT_MB) -> object:
     """Parse a text-format net (deploy or train_val prototxt) into a NetParameter (`layer` form)."""
-    return read_net_text(path).net
+    return read_net_text(path, max_mb=max_mb).net
 
 
-def read_net_text(path: Path, schema: prototxt.Schema | None = None) -> prototxt.NetText:
-    """Parse a net prototxt, keeping its text and which layers our schema cannot fully read."""
-    text = _read_text(path, "--model")
+def read_net_text(path: Path, schema: prototxt.Schema | None = None, max_mb: int = MAX_PROTOTXT_MB) -> prototxt.NetText:
+    """Parse a net prototxt of at most `max_mb` MB, keeping its text and which layers our schema
+    cannot fully read."""
+    text = _read_text(path, "--model", max_mb)
     schema = schema or our_schema()
     try:
         parsed = prototxt.parse_net_text(text, schema)
@@ -102,10 +121,10 @@ def _not_a_net(text: str, err: text_format.ParseError | None) -> str:
     return f"not a Caffe net prototxt ({err}); check the --model file"
 
 
-def _read_text(path: Path, flag: str) -> str:
+def _read_text(path: Path, flag: str, max_mb: int) -> str:
     """The file as UTF-8 text, without a byte order mark (Caffe's and OpenCV's parsers refuse one,
     so what we write never holds one)."""
-    raw = _read_bytes(path, flag)
+    raw = read_regular(path, flag, max_mb << 20, "--max-prototxt-mb")
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
@@ -113,9 +132,56 @@ def _read_text(path: Path, flag: str) -> str:
         raise InputError(f"{path}: not a text prototxt{hint}") from err
 
 
-def _read_bytes(path: Path, flag: str) -> bytes:
+def read_regular(path: Path, flag: str, limit: int | None = None, limit_flag: str = "") -> bytearray:
+    """The bytes of the regular file `path` (given as `flag`), read up to the size it has when
+    opened: never more, whatever it is or becomes. Refused (InputError): anything but a regular
+    file (`open_regular`), a file over `limit` bytes (saying which flag raises it), one that
+    shrinks while it is read."""
     with _reading(path, flag):
-        return path.read_bytes()
+        fd = open_regular(path, flag)
+        try:
+            size = os.fstat(fd).st_size
+            if limit is not None and size > limit:
+                raise InputError(
+                    f"{path}: {_mb(size)} MB, more than the {_mb(limit)} MB allowed for {flag}; "
+                    f"if it is right, raise the limit with {limit_flag}"
+                )
+            return _read_exactly(fd, size, path)
+        finally:
+            os.close(fd)
+
+
+def _mb(size: int) -> str:
+    return f"{size / 2**20:,.1f}".removesuffix(".0")
+
+
+def _read_exactly(fd: int, size: int, path: Path, changed: str = CHANGED) -> bytearray:
+    """`size` bytes from the start of `fd`; InputError(`changed`) if the file has fewer."""
+    data = bytearray(size)
+    view, done = memoryview(data), 0
+    while done < size:
+        got = os.preadv(fd, [view[done:]], done)
+        if not got:
+            raise InputError(f"{path}: {changed}")
+        done += got
+    return data
+
+
+_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))  # fmt: skip
+
+
+def open_regular(path: Path, flag: str) -> int:
+    """A read-only descriptor of `path`, refused at once (InputError) unless it is a regular file:
+    a FIFO is opened without waiting for a writer, a device is never read."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = next((name for test, name in _KINDS if test(mode)), "not a file")
+        raise InputError(f"{path}: not a regular file ({kind}), given as {flag}; pass the file itself")
+    os.set_blocking(fd, True)
+    return fd
 
 
 @contextmanager
@@ -130,12 +196,15 @@ def _reading(path: Path, flag: str) -> Iterator[None]:
 
 
 def read_weights(path: Path) -> Weights:
-    """Memory-map a caffemodel and index its layers' blobs without copying them."""
-    mapping, identity = _map_file(path)
-    buffer = memoryview(mapping)
+    """Memory-map a caffemodel and index its layers' blobs without copying them, while holding a
+    lease on it (`_Lease`); where no lease can be had, read it into private memory instead: a
+    memory map of a file truncated by another process would kill us with SIGBUS."""
+    buffer, mapping, identity, lease = _open_weights(path)
     _refuse_other_formats(path, bytes(buffer[:4096]))
     try:
-        weights = Weights(path, buffer, _top_records(buffer), mapping, identity)
+        weights = Weights(path, buffer, _top_records(buffer), mapping, identity, lease=lease)
+        if lease is not None:
+            weakref.finalize(weights, lease.release)  # also when not used as a context manager
         for record in weights.records:
             weights.record_names.append(_index_layer(weights, record))
     except wire.WireError as err:
@@ -177,12 +246,69 @@ def _top_records(buffer: memoryview) -> list[wire.Field]:
     return records
 
 
-def _map_file(path: Path) -> tuple[mmap.mmap, tuple[int, ...]]:
-    """The file's memory map, and what identifies the file mapped (`file_identity`)."""
-    with _reading(path, "--weights"), path.open("rb") as handle:
-        if os.fstat(handle.fileno()).st_size == 0:
+def _open_weights(path: Path) -> tuple[memoryview, mmap.mmap | None, tuple[int, ...], "_Lease | None"]:
+    """The caffemodel's bytes, the file's memory map behind them (None for a private copy), what
+    identifies the file (`file_identity`) and the lease that keeps it as it is while we map it."""
+    with _reading(path, "--weights"), open(open_regular(path, "--weights"), "rb") as handle:
+        fd = handle.fileno()
+        if os.fstat(fd).st_size == 0:
             raise InputError(f"{path}: the file is empty (given as --weights)")
-        return mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ), file_identity(handle.fileno())
+        lease = _Lease.take(fd, path)
+        identity = file_identity(fd)
+        if lease is None:
+            return memoryview(_read_exactly(fd, identity[2], path, CHANGED_WEIGHTS)), None, identity, None
+        try:
+            mapping = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)  # shares `handle`'s open file: the lease stays
+        except BaseException:
+            lease.release()
+            raise
+        return memoryview(mapping), mapping, identity, lease
+
+
+class _Lease:
+    """A read lease on a file (Linux `F_SETLEASE`): a process that opens it for writing or
+    truncates it waits (up to /proc/sys/fs/lease-break-time, 45 s by default) until we release it,
+    and we hear of it (SIGIO) and stop at once with `InputError` (CHANGED_WEIGHTS), before the file
+    changes under our memory map. Taken only where it can be: the file's owner (or CAP_LEASE), a
+    local file system, nobody writing it now, on the main thread (where signal handlers run)."""
+
+    def __init__(self, fd: int, path: Path) -> None:
+        self.fd, self.path = os.dup(fd), path
+
+    @classmethod
+    def take(cls, fd: int, path: Path) -> "_Lease | None":
+        if not hasattr(fcntl, "F_SETLEASE") or threading.current_thread() is not threading.main_thread():
+            return None
+        previous = signal.signal(signal.SIGIO, _lease_broken)
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+        except OSError:
+            signal.signal(signal.SIGIO, previous)
+            return None
+        if not _LEASES:
+            _LEASES[-1] = previous  # the handler to restore once no lease is left
+        lease = cls(fd, path)
+        _LEASES[lease.fd] = lease
+        return lease
+
+    def release(self) -> None:
+        """Let other processes change the file again (our memory map must not be read after)."""
+        if _LEASES.pop(self.fd, None) is None:
+            return
+        fcntl.fcntl(self.fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        os.close(self.fd)
+        if len(_LEASES) == 1:
+            signal.signal(signal.SIGIO, _LEASES.pop(-1))
+
+
+_LEASES: dict[int, object] = {}  # descriptor -> lease held; -1 -> the SIGIO handler before ours
+
+
+def _lease_broken(signum: int, frame: object) -> None:
+    """Another process wants to change a caffemodel we read: stop (it waits until we release)."""
+    lease = next((lease for fd, lease in _LEASES.items() if fd >= 0), None)
+    if lease is not None:
+        raise InputError(f"{lease.path}: {CHANGED_WEIGHTS}")
 
 
 def file_identity(fd: int) -> tuple[int, ...]:
@@ -199,7 +325,7 @@ def _index_layer(weights: Weights, record: wire.Field) -> str | None:
     name, blobs, legacy, count, problem = "", [], [], 0, ""
     for item in wire.iter_fields(weights.buffer, record.value_start, record.end):
         if item.number == name_field and item.wire_type == wire.LENGTH:
-            name = bytes(weights.buffer[item.value_start : item.end]).decode("utf-8", "replace")
+            name = _layer_name(bytes(weights.buffer[item.value_start : item.end]))
         elif item.number == blob_field and item.wire_type == wire.LENGTH:
             count += 1
             if count > MAX_BLOBS:
@@ -218,6 +344,12 @@ def _index_layer(weights: Weights, record: wire.Field) -> str | None:
         )
     weights.layers[name] = UndecodedLayer(name, [], [], problem) if problem else WeightLayer(name, blobs, legacy)
     return name
+
+
+def _layer_name(raw: bytes) -> str:
+    """A stored layer name, its bytes kept distinct as Caffe compares them: bytes that are not
+    UTF-8 become lone surrogates, which no name read from a (UTF-8) prototxt can equal."""
+    return raw.decode("utf-8", "surrogateescape")
 
 
 def _decode_blob(buf: memoryview, record: wire.Field) -> tuple[np.ndarray, bool]:
@@ -245,7 +377,7 @@ def _decode_blob(buf: memoryview, record: wire.Field) -> tuple[np.ndarray, bool]
     values = _unpacked_values(buf, record) if unpacked else _join(chunks)
     is_legacy = shape is None and any(legacy)
     dims = shape if shape is not None else (legacy if is_legacy else [values.size])
-    if len(dims) > MAX_DIMS or math.prod(dims) != values.size:
+    if len(dims) > MAX_DIMS or math.prod(dims) != values.size or math.prod(d or 1 for d in dims) >= 2**63:
         raise wire.WireError(f"a blob declares shape {dims} but holds {values.size} values")
     return values.reshape(dims), is_legacy
 

@@ -10,6 +10,9 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from ..errors import InputError
 from .prototxt import Schema
+from .read import read_regular
+
+MAX_SCHEMA_BYTES = 16 << 20  # BVLC's caffe.proto is 70 KB
 
 
 def compile_schema(path: Path) -> Schema:
@@ -19,8 +22,7 @@ def compile_schema(path: Path) -> Schema:
     except ImportError as err:
         raise InputError("--caffe-proto needs grpcio-tools: pip install 'caffe-bn-merge[schema]'") from err
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such file (given as --caffe-proto)")
+    read_regular(path, "--caffe-proto", MAX_SCHEMA_BYTES, "a smaller caffe.proto")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "schema.desc"
         args = ["protoc", f"--proto_path={path.parent.resolve()}", f"--descriptor_set_out={out}", path.name]

@@ -1,7 +1,6 @@
 """Affine layers (BatchNorm, Scale, Bias, Power with power 1) read as per-channel affine maps, or
 refused with the reason they are not one. Caffe's semantics are in each reader's docstring."""
 
-import logging
 from collections.abc import Callable
 
 import numpy as np
@@ -13,7 +12,6 @@ from . import bn_variants
 from .reasons import Reason, Refusal
 
 NORM_TYPES = ("BatchNorm", "BN", "Scale", "Bias", "Power")
-log = logging.getLogger(__name__)
 
 
 def own_refusal(layer: object, assume_global_stats: bool = False) -> Refusal | None:
@@ -77,7 +75,7 @@ def read_affine(
 
 def _finite(layer: object, affine: ChannelAffine) -> ChannelAffine | Refusal:
     """Refuse a map that is not finite everywhere: folding it would spread NaN or infinity into
-    weights that other channels share (Caffe keeps it per channel). Warn about negative variance."""
+    weights that other channels share (Caffe keeps it per channel)."""
     bad = ~(np.isfinite(affine.scale) & np.isfinite(affine.shift))
     if bad.any():
         return Refusal(Reason.BAD_STATISTICS, f"{int(bad.sum())} channel(s)")
@@ -97,16 +95,19 @@ def _batchnorm(layer: object, stored: WeightLayer, channels: int, flavour: str) 
     statistics = bn_variants.statistics(variant, stored.blobs)
     per_channel = [b for b in statistics[:4] if b is not None]
     _check_size(layer, all(b.size == channels for b in per_channel), channels)
-    with np.errstate(invalid="ignore"):
-        negative = int(np.sum(np.asarray(statistics[1], np.float64) < 0))
-    if negative:
-        log.warning(
-            "%s '%s': %d channel(s) have negative variance; folded as Caffe computes them",
-            layer.type,
-            layer.name,
-            negative,
-        )
     return bn_variants.affine(variant, layer, stored.blobs, channels)
+
+
+def negative_variance(layer: object, stored: WeightLayer | None, flavour: str) -> int:
+    """How many channels of a BatchNorm / BN layer's stored variance are negative (0 for other
+    layers and layouts we do not read)."""
+    if layer.type not in ("BatchNorm", "BN") or stored is None:
+        return 0
+    variant = bn_variants.detect(layer, stored.blobs, flavour)
+    if isinstance(variant, Refusal) or variant == bn_variants.SEGNET:  # SegNet's BN stores no variance
+        return 0
+    with np.errstate(invalid="ignore"):
+        return int(np.sum(np.asarray(bn_variants.statistics(variant, stored.blobs)[1], np.float64) < 0))
 
 
 def _scale(layer: object, stored: WeightLayer, channels: int, rank: int | None) -> ChannelAffine | Refusal:

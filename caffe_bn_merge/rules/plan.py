@@ -26,6 +26,7 @@ Layers that must stay as written (`Context.fixed`: fields our schema lacks, a na
 share, blobs that are not float values) are never removed, folded or folded into.
 """
 
+from bisect import bisect_right
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -174,18 +175,27 @@ def _run_starts(graph: NetGraph) -> list[LayerNode]:
 
 
 def plan_identity(graph: NetGraph, ctx: Context) -> RuleResult:
-    """Remove the first identity layer that can be removed (merge repeats the rule until none)."""
+    """Remove the identity layers that can be removed, as many at once as touch no blob name that
+    another removal of this round touches (merge repeats the rule until none is left): each check
+    `_bypass` makes is about the names a layer reads and writes, so removals on disjoint names are
+    independent. In-place layers that leave no net output share their name (removing them changes
+    no reader's name). A chain of N identity layers goes in about log2(N) rounds."""
     result = RuleResult()
+    claimed: dict[str, bool] = {}  # blob name -> claimed by a removal of this round (True: alone)
     for node in graph.layers:
         if not _is_identity(node, ctx):
             continue
+        names = {node.bottoms[0].name, *(top.name for top in node.tops)}
+        alone = len(names) > 1 or any(top in graph.outputs for top in node.tops)
+        if any(name in claimed and (alone or claimed[name]) for name in names):
+            continue  # next round
         rewires = ctx.fixed(node) or _bypass(graph, node, ctx)
         if isinstance(rewires, Refusal):
             result.refusals[node.name] = rewires
             continue
+        claimed.update(dict.fromkeys(names, alone))
         bottoms, tops = rewires
         result.actions.append(Action(Rule.IDENTITY, (node.name,), bottoms=bottoms, tops=tops))
-        return result
     return result
 
 
@@ -246,9 +256,9 @@ def _rename_producer(graph: NetGraph, source: BlobVersion, node: LayerNode, name
 def _rewritten(graph: NetGraph, blob: str, after: int, until: int, going: tuple[LayerNode, ...] = ()) -> bool:
     """True when a layer between indices `after` and `until` (inclusive), other than the `going`
     ones (about to be removed), writes `blob`."""
-    return any(
-        after < n.index <= until and n not in going and any(t.name == blob for t in n.tops) for n in graph.layers
-    )
+    writers = graph.writers(blob)
+    gone = {n.index for n in going}
+    return any(i not in gone for i in writers[bisect_right(writers, after) : bisect_right(writers, until)])
 
 
 # --- rule 2: forward ------------------------------------------------------------------------

@@ -11,16 +11,19 @@ Compared blobs, matched by name (an in-place blob as the version its reader sees
 The library returns numbers; it never prints.
 """
 
+import io
+import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ..defaults import DEFAULT_TOLERANCE
+from ..defaults import DEFAULT_TOLERANCE, MAX_INPUT_ELEMENTS, MAX_PROTOTXT_MB
 from ..errors import InputError, VerifyError
 from ..graph import LayerNode, NetGraph, build_graph, input_shapes
-from ..io.read import read_net
+from ..io.read import read_net, read_regular
 
 HIDING_TYPES = ("Softmax", "DetectionOutput", "ArgMax")  # their inputs are compared as well
 DISCONTINUOUS_TYPES = ("DetectionOutput", "ArgMax")  # their outputs are informational
@@ -55,11 +58,15 @@ class VerifyResult:
 
     @property
     def max_relative(self) -> float:
-        return max((e.relative for e in self.errors if e.gating), default=0.0)
+        """The largest gating relative error; NaN when any of them is not finite (Python's `max`
+        would skip a NaN that is not first)."""
+        relative = [e.relative for e in self.errors if e.gating]
+        return float(np.max(relative, initial=0.0)) if all(map(math.isfinite, relative)) else math.nan
 
     @property
     def passed(self) -> bool:
-        return self.max_relative <= self.tolerance
+        """Every gating error finite and within the tolerance."""
+        return math.isfinite(self.max_relative) and self.max_relative <= self.tolerance
 
 
 @dataclass(frozen=True)
@@ -95,25 +102,54 @@ def _after_softmax(graph: NetGraph, node: LayerNode | None) -> bool:
     return node is not None and node.type == "Softmax"
 
 
-def random_inputs(model: Path, seed: int = 0) -> dict[str, np.ndarray]:
+@dataclass(frozen=True)
+class InputLimits:
+    """Bounds on what --verify reads: the prototxt's size, and the total number of input values."""
+
+    prototxt_mb: int = MAX_PROTOTXT_MB
+    elements: int = MAX_INPUT_ELEMENTS
+
+    def check(self, what: str, count: int) -> None:
+        if count > self.elements:
+            raise InputError(
+                f"{what}: {count:,} input values, more than the {self.elements:,} allowed; "
+                "if it is right, raise the limit with --max-input-elements"
+            )
+
+
+def random_inputs(model: Path, seed: int = 0, limits: InputLimits = InputLimits()) -> dict[str, np.ndarray]:
     """Seeded standard-normal inputs shaped as the prototxt declares."""
+    if seed < 0:
+        raise InputError(f"--seed {seed}: the seed must be 0 or more")
     rng = np.random.default_rng(seed)
-    return {name: rng.standard_normal(shape).astype(np.float32) for name, shape in _declared_shapes(model).items()}
+    shapes = _declared_shapes(model, limits)
+    return {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
 
 
-def _declared_shapes(model: Path) -> dict[str, tuple[int, ...]]:
-    shapes = input_shapes(read_net(model))
+def _declared_shapes(model: Path, limits: InputLimits) -> dict[str, tuple[int, ...]]:
+    """The net's input shapes, each with at least one dimension, every dimension positive, and
+    within `limits` all together."""
+    shapes = input_shapes(read_net(model, limits.prototxt_mb))
     if not shapes:
         raise VerifyError(f"{model}: no input shape (Input layer, input_shape or input_dim) to verify with")
+    for name, shape in shapes.items():
+        if not shape or min(shape) <= 0:
+            raise InputError(
+                f"{model}: input '{name}' has shape {list(shape)}; --verify needs every dimension "
+                "declared and positive (Input layer's input_param { shape { dim: ... } })"
+            )
+    limits.check(f"{model}: its inputs {sorted(shapes)}", sum(math.prod(shape) for shape in shapes.values()))
     return shapes
 
 
-def load_inputs(model: Path, specs: list[str], seed: int = 0) -> dict[str, np.ndarray]:
+def load_inputs(
+    model: Path, specs: list[str], seed: int = 0, limits: InputLimits = InputLimits()
+) -> dict[str, np.ndarray]:
     """Inputs from `name=path` specs (.npy arrays or images); inputs not given are seeded random.
     A bare `path` names the only input. Images are read as BGR pixel values in [0, 255], resized to
     the input's height and width, without mean or scale: give a .npy for other preprocessing."""
-    shapes = _declared_shapes(model)
-    inputs = random_inputs(model, seed)
+    shapes = _declared_shapes(model, limits)
+    inputs = random_inputs(model, seed, limits)
     for spec in specs:
         name, _, path = spec.rpartition("=")
         if not name:
@@ -122,26 +158,64 @@ def load_inputs(model: Path, specs: list[str], seed: int = 0) -> dict[str, np.nd
             name = next(iter(shapes))
         if name not in shapes:
             raise InputError(f"--input {spec}: the net has no input '{name}' (it has {sorted(shapes)})")
-        inputs[name] = _read_input(Path(path), shapes[name])
+        inputs[name] = _read_input(Path(path), shapes[name], limits)
     return inputs
 
 
-def _read_input(path: Path, shape: tuple[int, ...]) -> np.ndarray:
-    if not path.is_file():
-        raise InputError(f"{path}: no such input file")
-    array = np.load(path, allow_pickle=False) if path.suffix == ".npy" else _read_image(path, shape)
-    if array.size != int(np.prod(shape)):
+def _read_input(path: Path, shape: tuple[int, ...], limits: InputLimits) -> np.ndarray:
+    """An input file read whole (8 bytes a value at most, so bounded by the limit), then decoded."""
+    data = read_regular(path, "--input", limits.elements * 8 + NPY_HEADER_BYTES, "--max-input-elements")
+    array = _read_npy(path, data) if path.suffix == ".npy" else _read_image(path, data, shape, limits)
+    if array.size != math.prod(shape):
         raise InputError(f"{path}: holds {array.shape}, the input needs {shape}")
     return np.asarray(array, np.float32).reshape(shape)
 
 
-def _read_image(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+NPY_HEADER_BYTES = 1 << 16  # numpy refuses longer .npy headers (max_header_size) anyway
+
+
+def _read_npy(path: Path, data: bytearray) -> np.ndarray:
+    """A .npy array of real numbers (numpy's own reader: no pickles, a bounded header)."""
+    try:
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, EOFError, OSError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise InputError(f"{path}: not a readable .npy array ({reason})") from err
+    if array.dtype.kind not in "biuf":
+        raise InputError(f"{path}: holds {array.dtype} values; --input needs real numbers (int or float)")
+    return array
+
+
+def _read_image(path: Path, data: bytearray, shape: tuple[int, ...], limits: InputLimits) -> np.ndarray:
+    """Decode with OpenCV once the header's size (read by Pillow, which decodes nothing to get it)
+    is within `limits`: a small compressed file can declare billions of pixels."""
     cv2 = _import_cv2()
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR if shape[1] == 3 else cv2.IMREAD_GRAYSCALE)
+    channels = 3 if shape[1] == 3 else 1
+    width, height = _image_size(path, data)
+    limits.check(f"{path}: a {width}x{height} image", width * height * channels)
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR if channels == 3 else cv2.IMREAD_GRAYSCALE)
     if image is None:
         raise InputError(f"{path}: not an image OpenCV can read; give a .npy array instead")
     image = cv2.resize(image, (shape[-1], shape[-2])).astype(np.float32)
     return image.reshape(shape[-2], shape[-1], -1).transpose(2, 0, 1)[np.newaxis]
+
+
+def _image_size(path: Path, data: bytearray) -> tuple[int, int]:
+    """Width and height from the image's header alone."""
+    try:
+        from PIL import Image
+    except ImportError as err:
+        raise VerifyError("image inputs need Pillow: pip install 'caffe-bn-merge[verify]'") from err
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides
+            with Image.open(io.BytesIO(data)) as image:
+                return image.size
+    except Image.DecompressionBombError as err:
+        size = str(err).split(",")[0]  # "Image size (N pixels) exceeds limit of M pixels"
+        raise InputError(f"{path}: {size}: more input values than --max-input-elements allows") from err
+    except (OSError, ValueError, SyntaxError) as err:  # Pillow's errors for files it cannot identify
+        raise InputError(f"{path}: not an image whose size can be read ({err}); give a .npy array instead") from err
 
 
 def _import_cv2() -> object:
@@ -206,12 +280,13 @@ def compare_models(
     merged: tuple[Path, Path],
     inputs: dict[str, np.ndarray] | None = None,
     backend: str = "opencv",
+    limits: InputLimits = InputLimits(),
 ) -> list[BlobError]:
     """Per-blob error of `merged` against `original` (each a (prototxt, caffemodel) pair)."""
     original, merged = _paths(original), _paths(merged)
-    inputs = inputs if inputs is not None else random_inputs(original[0])
-    want = compare_points(build_graph(read_net(original[0])))
-    have = compare_points(build_graph(read_net(merged[0])))
+    inputs = inputs if inputs is not None else random_inputs(original[0], limits=limits)
+    want = compare_points(build_graph(read_net(original[0], limits.prototxt_mb)))
+    have = compare_points(build_graph(read_net(merged[0], limits.prototxt_mb)))
     labels = [label for label in want if label in have]
     if not labels:
         raise VerifyError(f"{merged[0]}: no output blob in common with {original[0]}")
@@ -219,14 +294,19 @@ def compare_models(
     reference = run(*original, inputs, [(want[label].layer, want[label].top) for label in labels])
     result = run(*merged, inputs, [(have[label].layer, have[label].top) for label in labels])
     return [
-        BlobError(
-            label,
-            float(np.max(np.abs(ref - out), initial=0.0)),
-            float(np.max(np.abs(ref), initial=0.0)),
-            want[label].gating,
-        )
+        blob_error(label, ref, out, want[label].gating)
         for label, ref, out in zip(labels, reference, result, strict=True)
     ]
+
+
+def blob_error(label: str, reference: np.ndarray, merged: np.ndarray, gating: bool) -> BlobError:
+    """How far `merged` is from `reference` (NaN when either holds a NaN: numpy's max keeps it)."""
+    return BlobError(
+        label,
+        float(np.max(np.abs(reference - merged), initial=0.0)),
+        float(np.max(np.abs(reference), initial=0.0)),
+        gating,
+    )
 
 
 def verify(
@@ -236,23 +316,26 @@ def verify(
     tolerance: float = DEFAULT_TOLERANCE,
     input_specs: list[str] | None = None,
     seed: int = 0,
+    limits: InputLimits = InputLimits(),
 ) -> VerifyResult:
-    """Run both models on the same inputs and judge the merged one against `tolerance`. `auto`
-    takes the first engine of `BACKENDS` that runs both models, and says which it passed over."""
+    """Run both models on the same inputs (within `limits`) and judge the merged one against
+    `tolerance`. `auto` takes the first engine of `BACKENDS` that runs both models, and says which
+    it passed over."""
     original, merged = _paths(original), _paths(merged)
-    inputs = load_inputs(original[0], input_specs or [], seed)
+    inputs = load_inputs(original[0], input_specs or [], seed, limits)
     described = ", ".join(input_specs) if input_specs else f"random normal, seed {seed}"
     passed_over: list[str] = []
     for engine in BACKENDS if backend == "auto" else (backend,):
         try:
-            errors = compare_models(original, merged, inputs, engine)
+            errors = compare_models(original, merged, inputs, engine, limits)
         except VerifyError as err:
             if backend != "auto":
                 raise
             passed_over.append(f"{engine}: {err}")
             continue
         return VerifyResult(engine, tolerance, described, tuple(errors), tuple(passed_over))
-    raise VerifyError(f"no engine can run {original[0]}: {'; '.join(passed_over)}")
+    last, *others = reversed(passed_over)  # the reference engine's reason first: it is always there
+    raise VerifyError(f"no engine can run {original[0].name}: {last}; {'; '.join(reversed(others))}")
 
 
 def _paths(pair: tuple[Path | str, Path | str]) -> tuple[Path, Path]:

@@ -1,10 +1,11 @@
 """The whole job as one library call, `merge`: read (`io.read`) -> graph -> rules (`rules.passes`)
 -> emit (`io.emit`)."""
 
+import hashlib
 import logging
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import MismatchError
@@ -48,6 +49,43 @@ class MergeResult:
     output_weights: Path | None
 
 
+@dataclass
+class NetCache:
+    """Parsed prototxts (the NetText and its graph) by the hash of the prototxt's bytes and the
+    schema's path, for converting many caffemodels of a few architectures in one process: pass the
+    same NetCache to each `merge`. Nothing derived from weights is kept, and nothing kept is
+    changed by a merge (the rules rewrite a copy of the net). Holds at most `size` nets, the least
+    recently used dropped first."""
+
+    size: int = 64
+    hits: int = 0
+    misses: int = 0
+    _nets: OrderedDict[tuple[bytes, str], tuple[object, NetGraph]] = field(default_factory=OrderedDict, repr=False)
+
+    def parsed(self, model: Path, schema_path: Path | None, schema: object) -> tuple[object, NetGraph]:
+        """The NetText of `model` and the graph of its net, parsed on a miss."""
+        raw = read.read_net_bytes(model)
+        key = (hashlib.blake2b(raw, digest_size=20).digest(), str(schema_path or ""))
+        if key in self._nets:
+            self.hits += 1
+            self._nets.move_to_end(key)
+            return self._nets[key]
+        self.misses += 1
+        net_text = read.parse_net_bytes(model, raw, schema)
+        self._nets[key] = entry = (net_text, build_graph(net_text.net))
+        if len(self._nets) > self.size:
+            self._nets.popitem(last=False)
+        return entry
+
+
+def _parsed(model: Path, options: MergeOptions, cache: NetCache | None) -> tuple[object, NetGraph]:
+    schema = compile_schema(options.caffe_proto) if options.caffe_proto else None
+    if cache is not None:
+        return cache.parsed(model, options.caffe_proto, schema)
+    net_text = read.read_net_text(model, schema)
+    return net_text, build_graph(net_text.net)
+
+
 def default_outputs(model: Path, weights: Path) -> tuple[Path, Path]:
     """`<stem>_merged<suffix>` next to each input."""
     return (
@@ -66,22 +104,22 @@ def merge(
     write: bool = True,
     overwrite: bool = False,
     on_step: Callable[[str], None] = lambda step: None,
+    cache: NetCache | None = None,
 ) -> MergeResult:
     """Fold the BatchNorm/Scale layers of `model` + `weights`; write the merged pair unless `write`
     is False, replacing existing output files only when `overwrite`. `on_step` hears the name of
-    each step as it starts (for progress displays)."""
+    each step as it starts (for progress displays). A `cache` shared by several merges parses each
+    distinct prototxt once."""
     model, weights = Path(model), Path(weights)
     defaults = default_outputs(model, weights)
     output_model = Path(output_model or defaults[0])
     output_weights = Path(output_weights or defaults[1])
     on_step("reading")
-    schema = compile_schema(options.caffe_proto) if options.caffe_proto else None
-    net_text = read.read_net_text(model, schema)
+    net_text, graph = _parsed(model, options, cache)
     net = net_text.net
     stored = read.read_weights(weights)
     if write:
         emit.check_outputs((model, weights), (output_model, output_weights), overwrite)
-    graph = build_graph(net)
     _check_pairing(graph, stored, model, weights, options.conv_like)
     _log_input(net_text)
     on_step("folding")

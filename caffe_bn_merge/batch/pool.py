@@ -10,10 +10,14 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 from ..defaults import DEFAULT_TOLERANCE
 from ..errors import MergeError
 from .worklist import WorkItem
+
+if TYPE_CHECKING:
+    from ..pipeline import NetCache  # loaded by the workers only, so that --help needs no numpy
 
 # Workers start fresh ("spawn"): a forked child inherits the locks of threads it does not have
 # (OpenCV's and BLAS's thread pools in a process that verified before), and can hang on them.
@@ -43,6 +47,12 @@ class ItemResult:
     folds: dict[str, int] = field(default_factory=dict)  # actions by rule
     max_verify_error: float | None = None  # max relative error of the gating blobs, when verified
     seconds: float = 0.0
+    # Where `seconds` went (None when the step was not reached): reading the inputs (the prototxt
+    # parse, unless `net_cached`, and the caffemodel index), planning the folds, writing both outputs.
+    read_seconds: float | None = None
+    plan_seconds: float | None = None
+    write_seconds: float | None = None
+    net_cached: bool | None = None  # the prototxt was parsed by an earlier deployment of this process
 
     def to_json(self) -> dict:
         return {k: (str(v) if isinstance(v, Status) else v) for k, v in asdict(self).items()}
@@ -59,11 +69,14 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
-def convert_item(item: WorkItem, verify: bool = False, tolerance: float = DEFAULT_TOLERANCE) -> ItemResult:
+def convert_item(
+    item: WorkItem, verify: bool = False, tolerance: float = DEFAULT_TOLERANCE, cache: "NetCache | None" = None
+) -> ItemResult:
     """Merge one deployment into its outputs (replacing them if they exist: `main` decides up front
     whether that is wanted), verify it on OpenCV when asked; never raises: any error becomes a failed
     result with a one-line reason. A deployment that fails verification has its outputs removed, so
-    that `--skip-existing` retries it."""
+    that `--skip-existing` retries it. `cache` (a `pipeline.NetCache`) is shared by the deployments
+    of one process."""
     start = time.perf_counter()
     if item.problem is not None:
         return item_result(item, Status.FAILED, item.problem)
@@ -72,7 +85,19 @@ def convert_item(item: WorkItem, verify: bool = False, tolerance: float = DEFAUL
         from ..pipeline import merge  # loaded here, so that --help needs no numpy
 
         item.out_prototxt.parent.mkdir(parents=True, exist_ok=True)
-        result = merge(item.prototxt, item.caffemodel, item.out_prototxt, item.out_caffemodel, overwrite=True)
+        steps = StepTimer(details)
+        hits = cache.hits if cache is not None else 0
+        result = merge(
+            item.prototxt,
+            item.caffemodel,
+            item.out_prototxt,
+            item.out_caffemodel,
+            overwrite=True,
+            on_step=steps.step,
+            cache=cache,
+        )
+        steps.step(None)
+        details["net_cached"] = cache is not None and cache.hits > hits
         details["layers_before"] = sum(result.layers_before.values())
         details["layers_after"] = sum(result.layers_after.values())
         details["folds"] = dict(sorted(Counter(str(a.rule) for a in result.plan.actions).items()))
@@ -89,6 +114,23 @@ def convert_item(item: WorkItem, verify: bool = False, tolerance: float = DEFAUL
         reason = str(err) if isinstance(err, MergeError) else f"internal error: {type(err).__name__}: {err}"
         return _finish(item, Status.FAILED, _one_line(reason), start, details)
     return _finish(item, Status.CONVERTED, None, start, details)
+
+
+STEP_FIELDS = {"reading": "read_seconds", "folding": "plan_seconds", "writing": "write_seconds"}
+
+
+class StepTimer:
+    """Seconds of merge's steps ("reading", "folding", "writing"), into `details` as `<field>_seconds`."""
+
+    def __init__(self, details: dict[str, object]) -> None:
+        self.details, self.current, self.since = details, None, time.perf_counter()
+
+    def step(self, name: str | None) -> None:
+        """Close the running step (if any) and start `name` (None: only close)."""
+        now = time.perf_counter()
+        if self.current in STEP_FIELDS:
+            self.details[STEP_FIELDS[self.current]] = round(now - self.since, 4)
+        self.current, self.since = name, now
 
 
 def _finish(item: WorkItem, status: Status, reason: str | None, start: float, details: dict) -> ItemResult:
@@ -108,12 +150,25 @@ def _remove_outputs(item: WorkItem) -> None:
         out.unlink(missing_ok=True)
 
 
+def new_cache() -> "NetCache":
+    """A `pipeline.NetCache` for the deployments converted in one process."""
+    from ..pipeline import NetCache
+
+    return NetCache()
+
+
+_worker_cache: "NetCache | None" = None  # this worker process's NetCache (set by `_init_worker`)
+
+
 def _init_worker(verify: bool) -> None:
     """Worker processes: one BLAS / OpenMP / OpenCV thread each (unless set otherwise), so that N
-    workers use N cores, not N * cores. (The BLAS settings take effect when numpy was not loaded yet,
-    as in `merge-bn batch`, whose own process leaves it to the workers.)"""
+    workers use N cores, not N * cores; then load the pipeline and make the worker's NetCache, once.
+    (The BLAS settings take effect when numpy was not loaded yet, as in `merge-bn batch`, whose own
+    process leaves it to the workers.)"""
+    global _worker_cache
     for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(variable, "1")
+    _worker_cache = new_cache()
     if verify:
         try:
             import cv2
@@ -121,6 +176,10 @@ def _init_worker(verify: bool) -> None:
             cv2.setNumThreads(1)
         except ImportError:
             pass  # reported per item by verify
+
+
+def _convert_in_worker(item: WorkItem, verify: bool) -> ItemResult:
+    return convert_item(item, verify, cache=_worker_cache)
 
 
 def run_items(
@@ -140,8 +199,9 @@ def run_items(
             on_result(result)
 
     if jobs <= 1 or len(items) <= 1:
+        cache = new_cache()
         for item in items:
-            done(convert_item(item, verify))
+            done(convert_item(item, verify, cache=cache))
     else:
         crashed = _run_pool(items, min(jobs, len(items)), verify, done)
         for item in crashed:
@@ -156,7 +216,7 @@ def _run_pool(items: Sequence[WorkItem], jobs: int, verify: bool, done: Callable
     crashed = []
     context = multiprocessing.get_context(START_METHOD)
     with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker, initargs=(verify,)) as pool:
-        futures = {pool.submit(convert_item, item, verify): item for item in items}
+        futures = {pool.submit(_convert_in_worker, item, verify): item for item in items}
         try:
             for future in as_completed(futures):
                 item = futures[future]

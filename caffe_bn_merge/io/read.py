@@ -54,7 +54,17 @@ def read_net(path: Path) -> object:
 
 def read_net_text(path: Path, schema: prototxt.Schema | None = None) -> prototxt.NetText:
     """Parse a net prototxt, keeping its text and which layers our schema cannot fully read."""
-    text = _read_text(path, "--model")
+    return parse_net_bytes(path, read_net_bytes(path), schema)
+
+
+def read_net_bytes(path: Path) -> bytes:
+    """The bytes of a net prototxt given as --model (one clear InputError when unreadable)."""
+    return _read_bytes(path, "--model")
+
+
+def parse_net_bytes(path: Path, raw: bytes, schema: prototxt.Schema | None = None) -> prototxt.NetText:
+    """`read_net_text` of the bytes `raw` read from `path` (named in errors)."""
+    text = _decode_text(path, raw)
     schema = schema or our_schema()
     try:
         parsed = prototxt.parse_net_text(text, schema)
@@ -92,8 +102,7 @@ def _not_a_net(text: str, err: text_format.ParseError | None) -> str:
     return f"not a Caffe net prototxt ({err}); check the --model file"
 
 
-def _read_text(path: Path, flag: str) -> str:
-    raw = _read_bytes(path, flag)
+def _decode_text(path: Path, raw: bytes) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as err:

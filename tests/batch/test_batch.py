@@ -343,11 +343,11 @@ def test_usage_errors(tmp_path, capsys) -> None:
     assert exit_info.value.code == 2
 
 
-def _crashing_convert(item: worklist.WorkItem, verify: bool = False) -> pool.ItemResult:
+def _crashing_convert(item: worklist.WorkItem, verify: bool = False, **options: object) -> pool.ItemResult:
     """convert_item, except that the worker process dies on the deployment keyed 'c'."""
     if item.key == "c":
         os._exit(9)
-    return _CONVERT(item, verify)
+    return _CONVERT(item, verify, **options)
 
 
 _CONVERT = pool.convert_item

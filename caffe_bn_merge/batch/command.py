@@ -16,7 +16,8 @@ from .worklist import WorkItem, WorkList, build_work_list, is_up_to_date, shard
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run `merge-bn batch`; return the exit status (0 all converted or skipped, 1 some failed, 2 usage)."""
+    """Run `merge-bn batch`; return the exit status (0 all converted or skipped, 1 some failed or
+    some file or folder could not be read, 2 usage)."""
     args = build_parser().parse_args(argv)
     console = Console(args.quiet)
     start = time.perf_counter()
@@ -26,6 +27,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         console.error(f"merge-bn batch: error: {err}")
         return 2
     _show_notes(console, work.notes, args.verbose)
+    for line in work.unread:
+        console.error(f"merge-bn batch: not read: {line}")
     try:
         results = _convert(args, console, items)
     except KeyboardInterrupt:
@@ -35,16 +38,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     console.table(results, every=args.verbose or len(results) <= EVERY_ROW_UP_TO)
     if args.report is not None:
         try:
-            write_report(args.report, make_report(results, work.notes, seconds, **_run_settings(args, work)))
+            report = make_report(results, work.notes, seconds, unread=work.unread, **_run_settings(args, work))
+            write_report(args.report, report)
         except UsageError as err:
             console.error(f"merge-bn batch: error: {err}")
             return 2
     counts = Counter(str(r.status) for r in results)
     summary = ", ".join(f"{counts[str(s)]} {s}" for s in Status)
+    unread = f"; {len(work.unread)} files or folders not read" if work.unread else ""
     console.note(
-        f"{len(results)} deployments: {summary} in {seconds:.1f} s" + (f"; report {args.report}" if args.report else "")
+        f"{len(results)} deployments: {summary} in {seconds:.1f} s{unread}"
+        + (f"; report {args.report}" if args.report else "")
     )
-    return 1 if counts["failed"] else 0
+    return 1 if counts["failed"] or work.unread else 0
 
 
 def _prepare(args: argparse.Namespace) -> tuple[WorkList, list[WorkItem]]:

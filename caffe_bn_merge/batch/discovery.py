@@ -5,10 +5,12 @@ import csv
 import json
 import os
 import re
+import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from typing import BinaryIO
 
 from ..errors import UsageError
 
@@ -20,6 +22,8 @@ DATA_TYPES = frozenset(
 )
 EVALUATION_TYPES = frozenset({"Accuracy", "DetectionEvaluate", "ACCURACY"})
 SOLVER_FIELDS = ("base_lr", "net", "train_net", "test_net", "lr_policy")
+MAX_CLASSIFIED_BYTES = 16 << 20  # prototxts larger than this are not read by discovery
+MAX_MANIFEST_BYTES = 256 << 20  # about a million deployments
 
 _COMMENT = re.compile(r"#[^\n]*")
 _TYPE = re.compile(r"\btype\s*:\s*\"?([A-Za-z0-9_]+)\"?")
@@ -72,11 +76,27 @@ def classify_text(text: str) -> Classification:
 
 
 def classify_prototxt(path: Path) -> Classification:
-    """`classify_text` of the file; an unreadable file is UNKNOWN."""
+    """`classify_text` of the file; a file that cannot be read, or is larger than
+    MAX_CLASSIFIED_BYTES (not read at all), is UNKNOWN."""
     try:
-        return classify_text(Path(path).read_text(errors="replace"))
+        with _open_regular(path) as handle:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                return Classification(Kind.UNKNOWN, "not a regular file")
+            head = handle.read(MAX_CLASSIFIED_BYTES + 1)
     except OSError as err:
         return Classification(Kind.UNKNOWN, f"cannot read ({err.strerror})")
+    if len(head) > MAX_CLASSIFIED_BYTES:
+        return Classification(
+            Kind.UNKNOWN,
+            f"larger than {MAX_CLASSIFIED_BYTES >> 20} MiB, not read (deploy prototxts are far smaller); "
+            "list it in a --manifest if it is one",
+        )
+    return classify_text(head.decode("utf-8", errors="replace"))
+
+
+def _open_regular(path: Path) -> BinaryIO:
+    """`path` opened for reading without blocking on a FIFO (the caller checks it is a regular file)."""
+    return open(path, "rb", opener=lambda name, flags: os.open(name, flags | os.O_NONBLOCK))
 
 
 @dataclass(frozen=True)
@@ -94,7 +114,7 @@ def pair_folder(prototxts: Sequence[Path], caffemodels: Sequence[Path]) -> tuple
     the only one named like `*deploy*`. Anything else is a Pairing with a problem, never a guess.
     Also returns notes: the train/test/solver prototxts skipped, deploy prototxts left unused."""
     kinds = {p: classify_prototxt(p) for p in sorted(prototxts)}
-    notes = [f"skipped {p}: {c.why}" for p, c in kinds.items() if c.kind in (Kind.SOLVER, Kind.TRAIN_TEST)]
+    notes = [f"skipped {p}: {c.why}" for p, c in kinds.items() if c.kind is not Kind.DEPLOY]
     by_stem = {p.stem: p for p in kinds}
     deploys = [p for p, c in kinds.items() if c.kind is Kind.DEPLOY]
     pairings = []
@@ -134,27 +154,60 @@ class Discovery:
     pairings: list[Pairing] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     files: set[Path] = field(default_factory=set)  # every file seen (resolved): never to be written over
+    unread: list[str] = field(default_factory=list)  # "<path>: <why>" of folders and inputs not read
 
 
 def discover(root: Path, ignore: Iterable[Path] = ()) -> Discovery:
     """Walk `root` (recursively, not following folder links, skipping the folders in `ignore`, e.g.
-    OUTDIR) and pair the caffemodels of each folder with `pair_folder`."""
+    OUTDIR) and pair the caffemodels of each folder with `pair_folder`. Never raises on what it
+    finds: a folder it cannot list, and a .prototxt / .caffemodel it cannot reach (symlink loop,
+    broken link), go to `unread`; one that is not a regular file (a FIFO...) to `notes`."""
     root = Path(root)
-    ignored = {Path(p).resolve() for p in ignore}
+    ignored = {_resolved(Path(p)) for p in ignore} - {None}
     found = Discovery(root)
-    for folder, subfolders, names in os.walk(root):
+
+    def folder_error(err: OSError) -> None:
+        found.unread.append(f"{err.filename}: cannot read the folder ({err.strerror})")
+
+    for folder, subfolders, names in os.walk(root, onerror=folder_error):
         here = Path(folder)
-        subfolders[:] = sorted(d for d in subfolders if (here / d).resolve() not in ignored)
-        files = [here / name for name in sorted(names)]
-        found.files.update(f.resolve() for f in files)
-        prototxts = [f for f in files if f.suffix.lower() == PROTOTXT_SUFFIX and f.is_file()]
-        caffemodels = [f for f in files if f.suffix.lower() == CAFFEMODEL_SUFFIX and f.is_file()]
-        if not prototxts and not caffemodels:
-            continue
-        pairings, notes = pair_folder(prototxts, caffemodels)
-        found.pairings += pairings
-        found.notes += notes
+        subfolders[:] = sorted(d for d in subfolders if _resolved(here / d) not in ignored)
+        inputs: dict[str, list[Path]] = {PROTOTXT_SUFFIX: [], CAFFEMODEL_SUFFIX: []}
+        for name in sorted(names):
+            path = here / name
+            resolved = _resolved(path)
+            if resolved is not None:
+                found.files.add(resolved)
+            if path.suffix.lower() in inputs:
+                usable = _input_file(path, resolved, found)
+                inputs[path.suffix.lower()] += [path] if usable else []
+        if inputs[PROTOTXT_SUFFIX] or inputs[CAFFEMODEL_SUFFIX]:
+            pairings, notes = pair_folder(inputs[PROTOTXT_SUFFIX], inputs[CAFFEMODEL_SUFFIX])
+            found.pairings += pairings
+            found.notes += notes
     return found
+
+
+def _resolved(path: Path) -> Path | None:
+    """`path` resolved, or None when it cannot be (a symlink loop)."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # RuntimeError: pathlib's "Symlink loop"
+        return None
+
+
+def _input_file(path: Path, resolved: Path | None, found: Discovery) -> bool:
+    """Whether `path` (named like an input) is a regular file; otherwise say why in `found`."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as err:
+        why = "symlink loop" if resolved is None else "broken link" if path.is_symlink() else err.strerror
+        found.unread.append(f"{path}: cannot read ({why})")
+        return False
+    if not stat.S_ISREG(mode):
+        found.notes.append(f"skipped {path}: not a regular file")
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -170,17 +223,19 @@ def read_manifest(path: Path) -> list[ManifestEntry]:
     """Read a CSV (header `prototxt,caffemodel[,out]`) or JSON (a list of objects with those keys)
     manifest. Relative paths are relative to the manifest's folder. Raises UsageError."""
     path = Path(path)
+    text = _manifest_text(path)
     try:
-        text = path.read_text()
-    except OSError as err:
-        raise UsageError(f"{path}: cannot read the manifest ({err.strerror})") from None
-    rows = _json_rows(path, text) if path.suffix.lower() == ".json" else _csv_rows(path, text)
+        rows = _json_rows(path, text) if path.suffix.lower() == ".json" else _csv_rows(path, text)
+    except RecursionError:
+        raise UsageError(f"{path}: nested too deeply; a JSON manifest is a flat list of objects") from None
     base = path.parent
     entries = []
     for number, row in enumerate(rows, start=1):
         missing = [key for key in ("prototxt", "caffemodel") if not row.get(key)]
         if missing:
             raise UsageError(f"{path}: entry {number} has no {' or '.join(missing)}")
+        if any("\0" in (row.get(key) or "") for key in ("prototxt", "caffemodel", "out")):
+            raise UsageError(f"{path}: entry {number} has a NUL character in a path")
         out = row.get("out") or None
         entries.append(ManifestEntry(base / row["prototxt"], base / row["caffemodel"], out))
     if not entries:
@@ -188,12 +243,36 @@ def read_manifest(path: Path) -> list[ManifestEntry]:
     return entries
 
 
+def _manifest_text(path: Path) -> str:
+    """The manifest's text: a regular file of at most MAX_MANIFEST_BYTES of UTF-8 (a BOM allowed)
+    without NUL bytes; anything else is a UsageError."""
+    try:
+        with _open_regular(path) as handle:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                raise UsageError(f"{path}: the manifest is not a regular file")
+            raw = handle.read(MAX_MANIFEST_BYTES + 1)
+    except OSError as err:
+        raise UsageError(f"{path}: cannot read the manifest ({err.strerror})") from None
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise UsageError(f"{path}: the manifest is larger than {MAX_MANIFEST_BYTES >> 20} MiB; split it")
+    nul = raw.find(0)
+    if nul >= 0:
+        raise UsageError(f"{path}: has a NUL byte at offset {nul}; a manifest is CSV or JSON text")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise UsageError(f"{path}: not UTF-8 text (byte {raw[err.start]:#04x} at offset {err.start})") from None
+
+
 def _csv_rows(path: Path, text: str) -> list[dict[str, str]]:
     reader = csv.DictReader(line for line in text.splitlines() if line.strip())
-    header = [name.strip() for name in reader.fieldnames or []]
-    if "prototxt" not in header or "caffemodel" not in header or set(header) - {"prototxt", "caffemodel", "out"}:
-        raise UsageError(f"{path}: the CSV header must be prototxt,caffemodel[,out], not {','.join(header)}")
-    return [{k.strip(): (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
+    try:
+        header = [name.strip() for name in reader.fieldnames or []]
+        if "prototxt" not in header or "caffemodel" not in header or set(header) - {"prototxt", "caffemodel", "out"}:
+            raise UsageError(f"{path}: the CSV header must be prototxt,caffemodel[,out], not {','.join(header)}")
+        return [{k.strip(): (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
+    except csv.Error as err:
+        raise UsageError(f"{path}: not a readable CSV manifest (line {reader.line_num}: {err})") from None
 
 
 def _json_rows(path: Path, text: str) -> list[dict[str, str]]:

@@ -13,8 +13,11 @@ from .pool import ItemResult, Status
 SCHEMA = 1
 
 
-def make_report(results: Sequence[ItemResult], notes: Sequence[str], seconds: float, **run: object) -> dict:
-    """The JSON report: schema version, how the run was made (`run`), counts, notes, deployments."""
+def make_report(
+    results: Sequence[ItemResult], notes: Sequence[str], seconds: float, unread: Sequence[str] = (), **run: object
+) -> dict:
+    """The JSON report: schema version, how the run was made (`run`), counts, notes, what discovery
+    could not read (`unread`), deployments."""
     counts = Counter(str(r.status) for r in results)
     return {
         "schema": SCHEMA,
@@ -23,6 +26,7 @@ def make_report(results: Sequence[ItemResult], notes: Sequence[str], seconds: fl
         "seconds": round(seconds, 3),
         "counts": {str(s): counts[str(s)] for s in Status} | {"total": len(results)},
         "notes": list(notes),
+        "unread": list(unread),
         "deployments": [r.to_json() for r in results],
     }
 

@@ -142,6 +142,7 @@ class WorkList:
     items: list[WorkItem]
     notes: list[str]
     protected: set[Path] = field(default_factory=set)  # source files (resolved): never written
+    unread: list[str] = field(default_factory=list)  # folders and inputs discovery could not read
 
     @property
     def outputs(self) -> set[Path]:
@@ -168,11 +169,13 @@ def build_work_list(sources: Sequence[Path], outdir: Path, manifest: Path | None
     roots = list(dict.fromkeys(Path(s) for s in sources))
     discoveries = [discover(root, ignore=[outdir]) for root in roots]
     items = plan_discovered(discoveries, outdir)
+    unread = [line for d in discoveries for line in d.unread]
     if not items:
-        raise UsageError(f"found no caffemodel under {', '.join(map(str, roots))}")
+        also = f" ({len(unread)} not read, e.g. {unread[0]})" if unread else ""
+        raise UsageError(f"found no caffemodel under {', '.join(map(str, roots))}{also}")
     protected = set().union(*(d.files for d in discoveries)) | _inputs(items)
     check_outputs(items, protected)
-    return WorkList(items, [note for d in discoveries for note in d.notes], protected)
+    return WorkList(items, [note for d in discoveries for note in d.notes], protected, unread)
 
 
 def _inputs(items: Iterable[WorkItem]) -> set[Path]:

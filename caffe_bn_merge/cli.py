@@ -134,6 +134,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .batch.command import main as batch_main
 
         return batch_main(argv[1:])
+    if argv[:1] == ["batch-report"]:
+        from .batch.command import report_main
+
+        return report_main(argv[1:])
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)  # so a killed run still removes its temporary files
     level = logging.INFO if args.verbose else logging.ERROR if args.quiet else logging.WARNING

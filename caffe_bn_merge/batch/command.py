@@ -2,17 +2,18 @@
 
 import argparse
 import importlib.util
+import os
 import time
 from collections import Counter
 from collections.abc import Sequence
 
 from ..defaults import DEFAULT_TOLERANCE
 from ..errors import UsageError
-from .args import build_parser
+from .args import build_parser, build_report_parser
 from .console import EVERY_ROW_UP_TO, Console
 from .pool import ItemResult, Status, item_result, run_items
-from .report import make_report, write_report
-from .worklist import WorkItem, WorkList, build_work_list, is_up_to_date, shard
+from .report import make_report, merge_reports, read_report, write_report
+from .worklist import WorkItem, WorkList, auto_shard, build_work_list, is_up_to_date, shard
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -55,6 +56,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _prepare(args: argparse.Namespace) -> tuple[WorkList, list[WorkItem]]:
     """The work list and this shard of it, once every usage check has passed (raises UsageError)."""
+    if args.shard == "auto":
+        args.shard = auto_shard(os.environ, args.shard_count)
+    elif args.shard_count is not None:
+        raise UsageError("--shard-count goes with --shard auto")
     work = build_work_list(args.sources, args.out, args.manifest)
     if args.report is not None and args.report.resolve() in work.protected | work.outputs:
         raise UsageError(f"{args.report}: the report would overwrite a source file or an output")
@@ -111,3 +116,27 @@ def _run_settings(args: argparse.Namespace, work: WorkList) -> dict[str, object]
         "force": args.force,
         "work_list": len(work.items),
     }
+
+
+def report_main(argv: Sequence[str] | None = None) -> int:
+    """Run `merge-bn batch-report`: merge shard reports; return the exit status (0 complete and
+    nothing failed, 1 shards missing or failures, 2 usage)."""
+    args = build_report_parser().parse_args(argv)
+    console = Console(args.quiet)
+    try:
+        if args.output.resolve() in {r.resolve() for r in args.reports}:
+            raise UsageError(f"{args.output}: would overwrite one of the shard reports")
+        merged = merge_reports({str(path): read_report(path) for path in args.reports})
+        write_report(args.output, merged)
+    except UsageError as err:
+        console.error(f"merge-bn batch-report: error: {err}")
+        return 2
+    missing, counts = merged["shards"]["missing"], merged["counts"]
+    if missing:
+        listed = ", ".join(map(str, missing[:20])) + (", ..." if len(missing) > 20 else "")
+        console.error(f"merge-bn batch-report: {len(missing)} of {merged['shards']['count']} shards missing: {listed}")
+    for failure in merged["failures"]:
+        console.error(f"merge-bn batch-report: failed: {failure['key']}: {failure['reason']}")
+    summary = ", ".join(f"{counts[str(s)]} {s}" for s in Status)
+    console.note(f"{counts['total']} of {merged['work_list']} deployments reported: {summary}; report {args.output}")
+    return 1 if missing or counts["failed"] or merged["unread"] else 0

@@ -1,7 +1,7 @@
 """The work list of a batch run: every deployment with its outputs and key, sorted; output checks; shards."""
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -117,6 +117,51 @@ def parse_shard(text: str) -> tuple[int, int]:
     if not 1 <= index <= count:
         raise ValueError(f"shard '{text}': need 1 <= i <= n")
     return index, count
+
+
+SHARD_COUNT_VARIABLE = "MERGE_BN_SHARD_COUNT"  # the shard count of a Kubernetes Indexed Job, if not --shard-count
+
+
+def auto_shard(env: Mapping[str, str], count: int | None = None) -> tuple[int, int]:
+    """(i, n) of this task of a job array, from the scheduler's environment: Slurm's
+    SLURM_ARRAY_TASK_ID / _MIN / _STEP / _COUNT, else a Kubernetes Indexed Job's JOB_COMPLETION_INDEX
+    (from 0) with `count` (--shard-count) or MERGE_BN_SHARD_COUNT. Raises UsageError."""
+    if "SLURM_ARRAY_TASK_ID" in env:
+        task, first = _whole(env, "SLURM_ARRAY_TASK_ID"), _whole(env, "SLURM_ARRAY_TASK_MIN")
+        step = _whole(env, "SLURM_ARRAY_TASK_STEP") if "SLURM_ARRAY_TASK_STEP" in env else 1
+        tasks = _whole(env, "SLURM_ARRAY_TASK_COUNT")
+        if count is not None and count != tasks:
+            raise UsageError(f"--shard-count {count} but the Slurm array has {tasks} tasks")
+        position, off_step = divmod(task - first, max(step, 1))
+        if off_step or not 0 <= position < tasks:
+            raise UsageError(
+                f"Slurm array task {task} is not one of {tasks} evenly spaced tasks from {first} (step {step}); "
+                "use an array like --array=0-N-1, or --shard i/n"
+            )
+        return position + 1, tasks
+    if "JOB_COMPLETION_INDEX" in env:
+        index = _whole(env, "JOB_COMPLETION_INDEX")
+        if count is None and SHARD_COUNT_VARIABLE in env:
+            count = _whole(env, SHARD_COUNT_VARIABLE)
+        if count is None:
+            raise UsageError(
+                f"--shard auto in a Kubernetes Indexed Job needs the job's completions as --shard-count "
+                f"or {SHARD_COUNT_VARIABLE}"
+            )
+        if not 0 <= index < count:
+            raise UsageError(f"JOB_COMPLETION_INDEX {index} is not below the shard count {count}")
+        return index + 1, count
+    raise UsageError("--shard auto: neither SLURM_ARRAY_TASK_ID (Slurm) nor JOB_COMPLETION_INDEX (Kubernetes) is set")
+
+
+def _whole(env: Mapping[str, str], name: str) -> int:
+    """The whole number in env[name]; UsageError when unset or not a number."""
+    if name not in env:
+        raise UsageError(f"--shard auto: {name} is not set")
+    try:
+        return int(env[name])
+    except ValueError:
+        raise UsageError(f"--shard auto: {name}={env[name]!r} is not a whole number") from None
 
 
 def shard(items: Sequence[WorkItem], index: int, count: int) -> list[WorkItem]:

@@ -21,15 +21,18 @@ DATA_TYPES = frozenset(
     | {"DATA", "IMAGE_DATA", "HDF5_DATA", "WINDOW_DATA"}  # V1 (`layers { type: DATA }`) spellings
 )
 EVALUATION_TYPES = frozenset({"Accuracy", "DetectionEvaluate", "ACCURACY"})
+TELLING_TYPES = DATA_TYPES | EVALUATION_TYPES | {"Input", "INPUT"}  # layer types classification looks at
 SOLVER_FIELDS = ("base_lr", "net", "train_net", "test_net", "lr_policy")
 MAX_CLASSIFIED_BYTES = 16 << 20  # prototxts larger than this are not read by discovery
 MAX_MANIFEST_BYTES = 256 << 20  # about a million deployments
 
+# Patterns start with a literal (no \\b or ^), which `re` finds fast; `_fields` checks what precedes.
 _COMMENT = re.compile(r"#[^\n]*")
-_TYPE = re.compile(r"\btype\s*:\s*\"?([A-Za-z0-9_]+)\"?")
-_SOLVER = re.compile(rf"^\s*({'|'.join(SOLVER_FIELDS)})\s*:", re.MULTILINE)
-_TRAIN_PHASE = re.compile(r"\binclude\s*\{[^}]*\bphase\s*:\s*TRAIN\b")
-_INPUT = re.compile(r"^\s*(input|input_shape|input_dim)\s*[:{]", re.MULTILINE)
+_TYPE = re.compile(r"type\s*:\s*\"?([A-Za-z0-9_]+)")
+_SOLVER = re.compile(r"(?:base_lr|lr_policy|net)\s*:")  # each of SOLVER_FIELDS ends with one of these
+_TRAIN_PHASE = re.compile(r"include\s*\{[^}]*\bphase\s*:\s*TRAIN\b")
+_INPUT = re.compile(r"(?:input|input_shape|input_dim)\s*[:{]")
+_WORD_CHARS = frozenset("_0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
 
 # --- discovery ----------------------------------------------------------------------------------
@@ -57,10 +60,11 @@ def classify_text(text: str) -> Classification:
     net has data, loss or evaluation layers, or layers included in phase TRAIN; a deploy net
     declares its input (Input layer, `input`, `input_shape`, `input_dim`) and has none of those."""
     text = _COMMENT.sub("", text)
-    solver = _SOLVER.search(text)
+    solver = _solver_field(text)
     if solver:
-        return Classification(Kind.SOLVER, f"solver ({solver.group(1)}: field)")
-    types = set(_TYPE.findall(text))
+        return Classification(Kind.SOLVER, f"solver ({solver}: field)")
+    telling = {t for t in set(_TYPE.findall(text)) if t in TELLING_TYPES or t.endswith(("Loss", "_LOSS"))}
+    types = {m.group(1) for m in _TYPE.finditer(text) if m.group(1) in telling and _starts_word(text, m.start())}
     for found, what in (
         (sorted(types & DATA_TYPES), "data layer"),
         (sorted(t for t in types if t.endswith(("Loss", "_LOSS"))), "loss layer"),
@@ -68,11 +72,31 @@ def classify_text(text: str) -> Classification:
     ):
         if found:
             return Classification(Kind.TRAIN_TEST, f"train/test net ({what} {found[0]})")
-    if _TRAIN_PHASE.search(text):
+    if any(_starts_word(text, m.start()) for m in _TRAIN_PHASE.finditer(text)):
         return Classification(Kind.TRAIN_TEST, "train/test net (include { phase: TRAIN })")
-    if "Input" in types or "INPUT" in types or _INPUT.search(text):
+    if "Input" in types or "INPUT" in types or any(_starts_line(text, m.start()) for m in _INPUT.finditer(text)):
         return Classification(Kind.DEPLOY, "deploy net (declares its input)")
     return Classification(Kind.UNKNOWN, "no input declared and no data layer")
+
+
+def _solver_field(text: str) -> str | None:
+    """The first of SOLVER_FIELDS found first on its line, if any."""
+    for match in _SOLVER.finditer(text):
+        start = match.start()
+        while start and text[start - 1] in _WORD_CHARS:
+            start -= 1
+        name = text[start : match.end()].split(":")[0].strip()
+        if name in SOLVER_FIELDS and _starts_line(text, start):
+            return name
+    return None
+
+
+def _starts_word(text: str, start: int) -> bool:
+    return start == 0 or text[start - 1] not in _WORD_CHARS
+
+
+def _starts_line(text: str, start: int) -> bool:
+    return not text[text.rfind("\n", 0, start) + 1 : start].strip()
 
 
 def classify_prototxt(path: Path) -> Classification:

@@ -11,9 +11,10 @@ each, several architectures, distinct weights, nothing broken), then, `--repeat`
    (interpreter start, discovery, workers, the JSON report included).
 
 Each ratio is taken within one round (the same machine load for the three), and the median round
-is shown with the spread. The per-deployment cost in a warm process for an architecture seen
-before comes from the `--jobs 1` reports: the median `seconds` of rows with `net_cached`, with
-their read / plan / write breakdown, next to the time `cp` takes per deployment.
+is shown with the spread, with the CPU time of all processes of each run (less sensitive to
+other work on the machine than wall time). The per-deployment cost in a warm process for an architecture seen
+before comes from the `--jobs 1` reports: the median `seconds` (and `cpu_seconds`) of rows with
+`net_cached`, with their read / plan / write breakdown, next to the time `cp` takes per deployment.
 
 Targets (issue 19): --jobs 2 wall <= 10x cp -r; --jobs 1 / --jobs 2 >= 1.8x; a repeated
 architecture <= 5 ms + its copy time. Other work on the machine skews all of this: read the
@@ -51,21 +52,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def timed_run(command: list[str]) -> float:
-    """Wall seconds of `command`, which must succeed."""
-    start = time.perf_counter()
+def timed_run(command: list[str]) -> tuple[float, float]:
+    """Wall and CPU (user + system, all processes) seconds of `command`, which must succeed."""
+    start, before = time.perf_counter(), os.times()
     subprocess.run(command, check=True, env=os.environ | {"PYTHONPATH": str(ROOT)})
-    return time.perf_counter() - start
+    after = os.times()
+    cpu = after.children_user + after.children_system - before.children_user - before.children_system
+    return time.perf_counter() - start, cpu
 
 
-def one_round(root: Path, fleet: Path, number: int, verify: bool) -> dict[str, float]:
-    """cp -r, batch --jobs 1, batch --jobs 2 of the fleet, one after the other: wall seconds."""
-    walls = {"cp": timed_run(["cp", "-r", str(fleet), str(root / f"copy{number}")])}
+def one_round(root: Path, fleet: Path, number: int, verify: bool) -> dict[str, tuple[float, float]]:
+    """cp -r, batch --jobs 1, batch --jobs 2 of the fleet, one after the other: (wall, CPU) seconds."""
+    times = {"cp": timed_run(["cp", "-r", str(fleet), str(root / f"copy{number}")])}
     for jobs in (1, 2):
         out, report = root / f"out{number}_{jobs}", root / f"report{number}_{jobs}.json"
         args = [str(fleet), "--out", str(out), "--jobs", str(jobs), "--report", str(report), "-q"]
-        walls[f"jobs{jobs}"] = timed_run([*MERGE_BN, "batch", *args, *(["--verify"] if verify else [])])
-    return walls
+        times[f"jobs{jobs}"] = timed_run([*MERGE_BN, "batch", *args, *(["--verify"] if verify else [])])
+    return times
 
 
 def warm_rows(reports: list[Path]) -> list[dict]:
@@ -86,23 +89,30 @@ def run(root: Path, count: int, seed: int, repeat: int, verify: bool) -> list[tu
     size = sum(p.stat().st_size for p in (root / "fleet").rglob("*") if p.is_file())
     architectures = len({(d.width, d.classes) for d in deployments})
     rounds = [one_round(root, root / "fleet", i, verify) for i in range(repeat)]
-    cp, jobs1, jobs2 = ([r[k] for r in rounds] for k in ("cp", "jobs1", "jobs2"))
-    to_cp = [r["jobs2"] / r["cp"] for r in rounds]
-    speedup = [r["jobs1"] / r["jobs2"] for r in rounds]
+    cp, jobs1, jobs2 = ([r[k][0] for r in rounds] for k in ("cp", "jobs1", "jobs2"))
+    cpu = {k: statistics.median(r[k][1] for r in rounds) for k in ("cp", "jobs1", "jobs2")}
+    to_cp = [r["jobs2"][0] / r["cp"][0] for r in rounds]
+    speedup = [r["jobs1"][0] / r["jobs2"][0] for r in rounds]
     warm = warm_rows([root / f"report{i}_1.json" for i in range(repeat)])
     copy_ms = 1000 * statistics.median(cp) / n
-    warm_ms = {k: 1000 * statistics.median(d[k] for d in warm) for k in ("seconds", *STEPS)}
+    warm_ms = {k: 1000 * statistics.median(d[k] for d in warm) for k in ("seconds", "cpu_seconds", *STEPS)}
     return [
         ("fleet", f"{count} folders, {n} deployments, {architectures} architectures, {size / 1e6:.0f} MB"),
         ("", f"made in {made:.1f} s; {repeat} rounds of cp / jobs 1 / jobs 2, median (min-max)"),
-        ("cp -r, wall s", median_spread(cp)),
-        ("batch --jobs 1, wall s", median_spread(jobs1) + f"  = {1000 * statistics.median(jobs1) / n:.1f} ms each"),
-        ("batch --jobs 2, wall s", median_spread(jobs2) + f"  = {1000 * statistics.median(jobs2) / n:.1f} ms each"),
+        ("cp -r, wall s", median_spread(cp) + f"; CPU {cpu['cp']:.2f} s"),
+        (
+            "batch --jobs 1, wall s",
+            median_spread(jobs1) + f"  = {1000 * statistics.median(jobs1) / n:.1f} ms each; CPU {cpu['jobs1']:.2f} s",
+        ),
+        (
+            "batch --jobs 2, wall s",
+            median_spread(jobs2) + f"  = {1000 * statistics.median(jobs2) / n:.1f} ms each; CPU {cpu['jobs2']:.2f} s",
+        ),
         ("jobs 2 / cp -r", median_spread(to_cp) + "x  (target <= 10x)"),
         ("jobs 1 / jobs 2", median_spread(speedup) + "x  (target >= 1.8x)"),
         (
             "warm, repeated architecture",
-            f"{warm_ms['seconds']:.1f} ms per deployment (median of {len(warm)}): "
+            f"{warm_ms['seconds']:.1f} ms per deployment, CPU {warm_ms['cpu_seconds']:.1f} (median of {len(warm)}): "
             + ", ".join(f"{step.split('_')[0]} {warm_ms[step]:.1f}" for step in STEPS)
             + f"; cp {copy_ms:.1f} ms per deployment  (target <= 5 ms + cp)",
         ),

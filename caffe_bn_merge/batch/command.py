@@ -13,7 +13,7 @@ from .args import build_parser, build_report_parser
 from .console import EVERY_ROW_UP_TO, Console
 from .pool import ItemResult, Status, item_result, run_items
 from .report import make_report, merge_reports, read_report, write_report
-from .worklist import WorkItem, WorkList, auto_shard, build_work_list, is_up_to_date, shard
+from .worklist import WorkItem, WorkList, auto_shard, build_work_list, is_up_to_date
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -60,14 +60,14 @@ def _prepare(args: argparse.Namespace) -> tuple[WorkList, list[WorkItem]]:
         args.shard = auto_shard(os.environ, args.shard_count)
     elif args.shard_count is not None:
         raise UsageError("--shard-count goes with --shard auto")
-    work = build_work_list(args.sources, args.out, args.manifest)
+    work = build_work_list(args.sources, args.out, args.manifest, args.shard)
     if args.report is not None and args.report.resolve() in work.protected | work.outputs:
         raise UsageError(f"{args.report}: the report would overwrite a source file or an output")
     if args.report is not None and not args.report.resolve().parent.is_dir():
         raise UsageError(f"{args.report}: folder {args.report.parent} does not exist")
     if args.verify and importlib.util.find_spec("cv2") is None:
         raise UsageError("--verify needs OpenCV: pip install 'caffe-bn-merge[verify]'")
-    items = shard(work.items, *args.shard) if args.shard else work.items
+    items = work.items
     existing = [out for item in items for out in (item.out_prototxt, item.out_caffemodel) if out.exists()]
     if existing and not (args.force or args.skip_existing):
         raise UsageError(
@@ -114,7 +114,7 @@ def _run_settings(args: argparse.Namespace, work: WorkList) -> dict[str, object]
         "tolerance": DEFAULT_TOLERANCE if args.verify else None,
         "skip_existing": args.skip_existing,
         "force": args.force,
-        "work_list": len(work.items),
+        "work_list": work.total,
     }
 
 

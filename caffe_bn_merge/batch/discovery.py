@@ -6,7 +6,7 @@ import json
 import os
 import re
 import stat
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -172,20 +172,30 @@ def pair_folder(prototxts: Sequence[Path], caffemodels: Sequence[Path]) -> tuple
 
 @dataclass
 class Discovery:
-    """What `discover` found under one SRC folder."""
+    """What `walk` listed under one SRC folder (no file read), and what `pair` made of it."""
 
     root: Path
+    folders: dict[Path, tuple[list[Path], list[Path]]] = field(default_factory=dict)  # prototxts, caffemodels
     pairings: list[Pairing] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     files: set[Path] = field(default_factory=set)  # every file seen (resolved): never to be written over
     unread: list[str] = field(default_factory=list)  # "<path>: <why>" of folders and inputs not read
 
+    @property
+    def caffemodels(self) -> list[Path]:
+        return [caffemodel for _, caffemodels in self.folders.values() for caffemodel in caffemodels]
+
 
 def discover(root: Path, ignore: Iterable[Path] = ()) -> Discovery:
-    """Walk `root` (recursively, not following folder links, skipping the folders in `ignore`, e.g.
-    OUTDIR) and pair the caffemodels of each folder with `pair_folder`. Never raises on what it
-    finds: a folder it cannot list, and a .prototxt / .caffemodel it cannot reach (symlink loop,
-    broken link), go to `unread`; one that is not a regular file (a FIFO...) to `notes`."""
+    """`walk` `root`, then `pair` every folder."""
+    return pair(walk(root, ignore))
+
+
+def walk(root: Path, ignore: Iterable[Path] = ()) -> Discovery:
+    """List `root` (recursively, not following folder links, skipping the folders in `ignore`,
+    e.g. OUTDIR): the prototxts and caffemodels of each folder, reading no file. Never raises on
+    what it finds: a folder it cannot list, and a .prototxt / .caffemodel it cannot reach (symlink
+    loop, broken link), go to `unread`; one that is not a regular file (a FIFO...) to `notes`."""
     root = Path(root)
     ignored = {_resolved(Path(p)) for p in ignore} - {None}
     found = Discovery(root)
@@ -206,7 +216,16 @@ def discover(root: Path, ignore: Iterable[Path] = ()) -> Discovery:
                 usable = _input_file(path, resolved, found)
                 inputs[path.suffix.lower()] += [path] if usable else []
         if inputs[PROTOTXT_SUFFIX] or inputs[CAFFEMODEL_SUFFIX]:
-            pairings, notes = pair_folder(inputs[PROTOTXT_SUFFIX], inputs[CAFFEMODEL_SUFFIX])
+            found.folders[here] = (inputs[PROTOTXT_SUFFIX], inputs[CAFFEMODEL_SUFFIX])
+    return found
+
+
+def pair(found: Discovery, only: Container[Path] | None = None) -> Discovery:
+    """Pair the caffemodels of each folder of `found` with `pair_folder` (reading its prototxts),
+    or only of the folders holding a caffemodel in `only`; the pairings and notes go into `found`."""
+    for prototxts, caffemodels in found.folders.values():
+        if only is None or any(caffemodel in only for caffemodel in caffemodels):
+            pairings, notes = pair_folder(prototxts, caffemodels)
             found.pairings += pairings
             found.notes += notes
     return found

@@ -53,6 +53,7 @@ class ItemResult:
     plan_seconds: float | None = None
     write_seconds: float | None = None
     net_cached: bool | None = None  # the prototxt was parsed by an earlier deployment of this process
+    cpu_seconds: float = 0.0  # CPU time of the process (all its threads) while converting it
 
     def to_json(self) -> dict:
         return {k: (str(v) if isinstance(v, Status) else v) for k, v in asdict(self).items()}
@@ -77,7 +78,7 @@ def convert_item(
     result with a one-line reason. A deployment that fails verification has its outputs removed, so
     that `--skip-existing` retries it. `cache` (a `pipeline.NetCache`) is shared by the deployments
     of one process."""
-    start = time.perf_counter()
+    start = time.perf_counter(), time.process_time()
     if item.problem is not None:
         return item_result(item, Status.FAILED, item.problem)
     details: dict[str, object] = {}
@@ -133,8 +134,11 @@ class StepTimer:
         self.current, self.since = name, now
 
 
-def _finish(item: WorkItem, status: Status, reason: str | None, start: float, details: dict) -> ItemResult:
-    return item_result(item, status, reason, seconds=round(time.perf_counter() - start, 4), **details)
+def _finish(
+    item: WorkItem, status: Status, reason: str | None, start: tuple[float, float], details: dict
+) -> ItemResult:
+    wall, cpu = round(time.perf_counter() - start[0], 4), round(time.process_time() - start[1], 4)
+    return item_result(item, status, reason, seconds=wall, cpu_seconds=cpu, **details)
 
 
 def max_verify_error(item: WorkItem) -> float:

@@ -1,12 +1,13 @@
 """The work list of a batch run: every deployment with its outputs and key, sorted; output checks; shards."""
 
+import dataclasses
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from ..errors import UsageError
-from .discovery import CAFFEMODEL_SUFFIX, PROTOTXT_SUFFIX, Discovery, ManifestEntry, discover, read_manifest
+from .discovery import CAFFEMODEL_SUFFIX, PROTOTXT_SUFFIX, Discovery, ManifestEntry, pair, read_manifest, walk
 
 
 @dataclass(frozen=True)
@@ -51,20 +52,34 @@ def source_prefixes(roots: Sequence[Path]) -> list[str]:
 
 
 def plan_discovered(discoveries: Sequence[Discovery], outdir: Path) -> list[WorkItem]:
-    """Work items for discovered pairings, mirroring each SRC tree under OUTDIR (prefixed by the SRC
-    folder's name when there are several): `<folder>/<caffemodel stem>.{prototxt,caffemodel}`.
-    A caffemodel found under several roots is kept once (first root). Sorted by key."""
+    """Work items for every caffemodel `walk` listed, mirroring each SRC tree under OUTDIR (prefixed
+    by the SRC folder's name when there are several): `<folder>/<caffemodel stem>.{prototxt,caffemodel}`.
+    A caffemodel found under several roots is kept once (first root). Sorted by key. Keys depend on
+    paths alone: no prototxt is paired yet (`with_pairings` does that for the items kept)."""
     items, seen = [], set()
     for found, prefix in zip(discoveries, source_prefixes([d.root for d in discoveries]), strict=True):
-        for pairing in found.pairings:
-            resolved = pairing.caffemodel.resolve()
+        for caffemodel in found.caffemodels:
+            resolved = caffemodel.resolve()
             if resolved in seen:
                 continue
             seen.add(resolved)
-            relative = pairing.caffemodel.relative_to(found.root).with_suffix("")
+            relative = caffemodel.relative_to(found.root).with_suffix("")
             key = PurePosixPath(prefix, *relative.parts) if prefix else PurePosixPath(*relative.parts)
-            items.append(_item(key, outdir, pairing.prototxt, pairing.caffemodel, pairing.problem))
+            items.append(_item(key, outdir, None, caffemodel, None))
     return sorted(items, key=lambda item: item.key)
+
+
+def with_pairings(items: Sequence[WorkItem], discoveries: Sequence[Discovery]) -> list[WorkItem]:
+    """`items` (of `plan_discovered`) with their deploy prototxts: only the folders holding one of
+    them are paired (their prototxts read), and only their notes kept."""
+    wanted = {item.caffemodel for item in items}
+    pairings = {p.caffemodel: p for found in discoveries for p in pair(found, only=wanted).pairings}
+    return [
+        dataclasses.replace(
+            item, prototxt=pairings[item.caffemodel].prototxt, problem=pairings[item.caffemodel].problem
+        )
+        for item in items
+    ]
 
 
 def plan_manifest(entries: Sequence[ManifestEntry], manifest: Path, outdir: Path) -> list[WorkItem]:
@@ -182,28 +197,29 @@ def is_up_to_date(item: WorkItem) -> bool:
 
 @dataclass
 class WorkList:
-    """The full sorted work list and the notes made while building it."""
+    """The sorted work list (of one shard) and the notes made while building it."""
 
-    items: list[WorkItem]
+    items: list[WorkItem]  # this shard's (all when not sharded)
     notes: list[str]
     protected: set[Path] = field(default_factory=set)  # source files (resolved): never written
     unread: list[str] = field(default_factory=list)  # folders and inputs discovery could not read
-
-    @property
-    def outputs(self) -> set[Path]:
-        return {p.resolve() for item in self.items for p in (item.out_prototxt, item.out_caffemodel)}
+    total: int = 0  # items in the whole work list, of all shards
+    outputs: set[Path] = field(default_factory=set)  # every output of the whole work list (resolved)
 
 
-def build_work_list(sources: Sequence[Path], outdir: Path, manifest: Path | None = None) -> WorkList:
-    """Discover (or read the manifest), plan outputs and check them; raises UsageError."""
+def build_work_list(
+    sources: Sequence[Path], outdir: Path, manifest: Path | None = None, part: tuple[int, int] | None = None
+) -> WorkList:
+    """Discover (or read the manifest), plan outputs and check them for the whole fleet; keep shard
+    `part` (i, n) of it, if given, pairing only its caffemodels with their prototxts. Raises UsageError."""
     outdir = Path(outdir)
     if manifest is not None:
         if sources:
             raise UsageError("give SRC folders or --manifest, not both")
-        items = plan_manifest(read_manifest(manifest), manifest, outdir)
-        protected = {Path(manifest).resolve()} | _inputs(items)
-        check_outputs(items, protected)
-        return WorkList(items, [], protected)
+        every = plan_manifest(read_manifest(manifest), manifest, outdir)
+        protected = {Path(manifest).resolve()} | _inputs(every)
+        check_outputs(every, protected)
+        return WorkList(shard(every, *part) if part else every, [], protected, [], len(every), _outputs(every))
     if not sources:
         raise UsageError("no SRC folder given (or --manifest)")
     for source in sources:
@@ -212,15 +228,21 @@ def build_work_list(sources: Sequence[Path], outdir: Path, manifest: Path | None
         if Path(source).resolve() == outdir.resolve():
             raise UsageError(f"{source}: OUTDIR is a source folder; choose another --out")
     roots = list(dict.fromkeys(Path(s) for s in sources))
-    discoveries = [discover(root, ignore=[outdir]) for root in roots]
-    items = plan_discovered(discoveries, outdir)
+    discoveries = [walk(root, ignore=[outdir]) for root in roots]
+    every = plan_discovered(discoveries, outdir)
     unread = [line for d in discoveries for line in d.unread]
-    if not items:
+    if not every:
         also = f" ({len(unread)} not read, e.g. {unread[0]})" if unread else ""
         raise UsageError(f"found no caffemodel under {', '.join(map(str, roots))}{also}")
-    protected = set().union(*(d.files for d in discoveries)) | _inputs(items)
-    check_outputs(items, protected)
-    return WorkList(items, [note for d in discoveries for note in d.notes], protected, unread)
+    protected = set().union(*(d.files for d in discoveries))
+    check_outputs(every, protected)
+    items = with_pairings(shard(every, *part) if part else every, discoveries)
+    notes = [note for d in discoveries for note in d.notes]
+    return WorkList(items, notes, protected, unread, len(every), _outputs(every))
+
+
+def _outputs(items: Iterable[WorkItem]) -> set[Path]:
+    return {p.resolve() for item in items for p in (item.out_prototxt, item.out_caffemodel)}
 
 
 def _inputs(items: Iterable[WorkItem]) -> set[Path]:

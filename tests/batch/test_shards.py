@@ -15,7 +15,7 @@ import pytest
 from conftest import ROOT
 from harness import copy_sample
 
-from caffe_bn_merge.batch import command
+from caffe_bn_merge.batch import command, discovery, worklist
 from caffe_bn_merge.batch.report import merge_reports
 from caffe_bn_merge.batch.worklist import auto_shard
 from caffe_bn_merge.errors import UsageError
@@ -228,3 +228,25 @@ def test_a_bad_report_is_one_line(tmp_path, capsys, content) -> None:
     code = command.report_main([str(tmp_path / "bad.json"), "-o", str(tmp_path / "out.json")])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 7])
+def test_a_shard_reads_only_its_own_prototxts(tmp_path, monkeypatch, count) -> None:
+    """Each shard's work list is its part of the whole one, paired alike, and only the prototxts
+    beside its own caffemodels are read."""
+    rng = random.Random(count)
+    for i in range(15):
+        folder = tmp_path / "src" / f"g{rng.randint(0, 3)}" / f"d{i}"
+        folder.mkdir(parents=True)
+        copy_sample(folder, "no_bn")
+        if rng.random() < 0.3:
+            (folder / "solver.prototxt").write_text('net: "train.prototxt"\nbase_lr: 0.1\n')
+    whole = worklist.build_work_list([tmp_path / "src"], tmp_path / "out")
+    read: list[Path] = []
+    classify = discovery.classify_prototxt
+    monkeypatch.setattr(discovery, "classify_prototxt", lambda path: read.append(path) or classify(path))
+    for index in range(1, count + 1):
+        read.clear()
+        part = worklist.build_work_list([tmp_path / "src"], tmp_path / "out", part=(index, count))
+        assert part.items == worklist.shard(whole.items, index, count) and part.total == len(whole.items)
+        assert {p.parent for p in read} == {item.caffemodel.parent for item in part.items}

@@ -3,6 +3,7 @@ into the original text, so that untouched layers keep their comments, formatting
 our schema does not know, and `diff` shows only real changes.
 """
 
+import dataclasses
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -109,6 +110,9 @@ class NetText:
     frozen: frozenset[str]  # layers holding fields the schema does not know: never changed
     schema: "Schema"
     unknown_fields: bool = False  # the text holds fields the schema does not know
+    # Changed layers as printed, by (serialized layer, indent): a NetText reused for many caffemodels
+    # (`pipeline.NetCache`) prints each distinct changed layer once.
+    rendered: dict[tuple[bytes, str], str] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -188,5 +192,13 @@ def render_net_text(original: NetText, net: object, origin: Sequence[int]) -> st
         elif layer == original.net.layer[i]:
             replacements.append(None)
         else:
-            replacements.append(original.schema.render(layer, indent_of(original.text, block)))
+            replacements.append(_render_once(original, layer, indent_of(original.text, block)))
     return splice(original.text, original.blocks, replacements)
+
+
+def _render_once(original: NetText, layer: object, indent: str) -> str:
+    """`original.schema.render(layer, indent)`, remembered in `original.rendered`."""
+    key = (layer.SerializeToString(deterministic=True), indent)
+    if key not in original.rendered:
+        original.rendered[key] = original.schema.render(layer, indent)
+    return original.rendered[key]

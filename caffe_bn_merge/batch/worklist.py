@@ -104,12 +104,12 @@ def plan_manifest(entries: Sequence[ManifestEntry], manifest: Path, outdir: Path
     return sorted(items, key=lambda item: item.key)
 
 
-def check_outputs(items: Sequence[WorkItem], protected: Iterable[Path] = ()) -> None:
+def check_outputs(items: Sequence[WorkItem], protected: Iterable[Path] = ()) -> set[Path]:
     """Refuse (UsageError) two items writing the same file, and any output that is an input of
-    an item or one of the `protected` source files."""
-    sources = {Path(p).resolve() for p in protected}
+    an item or one of the `protected` source files (resolved paths); return the outputs, resolved."""
+    sources = set(protected)
     for item in items:
-        sources.update(p.resolve() for p in (item.prototxt, item.caffemodel) if p is not None)
+        sources.update(p.resolve() for p in (item.prototxt, item.caffemodel) if p is not None and p not in sources)
     writers: dict[Path, str] = {}
     for item in items:
         for out in (item.out_prototxt, item.out_caffemodel):
@@ -121,6 +121,7 @@ def check_outputs(items: Sequence[WorkItem], protected: Iterable[Path] = ()) -> 
                     f"{out}: written by both '{writers[resolved]}' and '{item.key}'; give distinct out names"
                 )
             writers[resolved] = item.key
+    return set(writers)
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -218,8 +219,8 @@ def build_work_list(
             raise UsageError("give SRC folders or --manifest, not both")
         every = plan_manifest(read_manifest(manifest), manifest, outdir)
         protected = {Path(manifest).resolve()} | _inputs(every)
-        check_outputs(every, protected)
-        return WorkList(shard(every, *part) if part else every, [], protected, [], len(every), _outputs(every))
+        outputs = check_outputs(every, protected)
+        return WorkList(shard(every, *part) if part else every, [], protected, [], len(every), outputs)
     if not sources:
         raise UsageError("no SRC folder given (or --manifest)")
     for source in sources:
@@ -235,14 +236,10 @@ def build_work_list(
         also = f" ({len(unread)} not read, e.g. {unread[0]})" if unread else ""
         raise UsageError(f"found no caffemodel under {', '.join(map(str, roots))}{also}")
     protected = set().union(*(d.files for d in discoveries))
-    check_outputs(every, protected)
+    outputs = check_outputs(every, protected)
     items = with_pairings(shard(every, *part) if part else every, discoveries)
     notes = [note for d in discoveries for note in d.notes]
-    return WorkList(items, notes, protected, unread, len(every), _outputs(every))
-
-
-def _outputs(items: Iterable[WorkItem]) -> set[Path]:
-    return {p.resolve() for item in items for p in (item.out_prototxt, item.out_caffemodel)}
+    return WorkList(items, notes, protected, unread, len(every), outputs)
 
 
 def _inputs(items: Iterable[WorkItem]) -> set[Path]:

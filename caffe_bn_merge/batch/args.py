@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
         "guessed) and merged into OUTDIR/<its folder relative to SRC>/<caffemodel stem>.{prototxt,caffemodel} "
         "(with several SRCs, under OUTDIR/<SRC folder name>/...). Sources are never written; "
         "OUTDIR may lie inside a SRC (it is not searched).",
-        epilog="Exit status: 0 all converted or skipped, 1 some deployment failed, 2 usage error. "
+        epilog="Exit status: 0 all converted or skipped, 1 some deployment failed or some file or folder "
+        "could not be read (each listed on stderr and in the report's unread), 2 usage error. "
         "--shard i/n keeps the items at positions p (from 0) of the sorted work list with p % n == i-1, "
         "so the n shards of a job array partition the fleet; give each shard its own --report, and merge them "
         "with `merge-bn batch-report`.",

@@ -90,3 +90,19 @@ def test_batch_rows_say_where_the_time_went(pairs, tmp_path) -> None:
         text = prototxt.read_bytes()
         assert result.net_cached == (text in seen)
         seen.add(text)
+
+
+def test_warm_workers_reuse_their_parsed_nets(pairs, tmp_path) -> None:
+    """With two worker processes, each parses an architecture at most once: of the deployments of
+    an architecture, all but at most two come from a worker's cache."""
+    repeated = pairs * 3
+    items = [
+        worklist.WorkItem(f"d{i}", p, c, tmp_path / f"d{i}.prototxt", tmp_path / f"d{i}.caffemodel")
+        for i, (p, c) in enumerate(repeated)
+    ]
+    results = pool.run_items(items, jobs=2)
+    assert all(r.status is pool.Status.CONVERTED for r in results)
+    texts = [p.read_bytes() for p, _ in repeated]
+    parsed = [text for text, r in zip(texts, results, strict=True) if not r.net_cached]
+    assert all(parsed.count(text) <= 2 for text in set(texts))
+    assert sum(r.net_cached for r in results) >= len(texts) - 2 * len(set(texts)) > 0

@@ -6,12 +6,14 @@ import os
 import time
 from collections import Counter
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 
 from ..defaults import DEFAULT_TOLERANCE
 from ..errors import UsageError
 from .args import build_parser, build_report_parser
 from .console import EVERY_ROW_UP_TO, Console
-from .pool import ItemResult, Status, item_result, run_items
+from .pool import ItemResult, Status, item_result, run_items, start_workers
 from .report import make_report, merge_reports, read_report, write_report
 from .worklist import WorkItem, WorkList, auto_shard, build_work_list, is_up_to_date
 
@@ -22,19 +24,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console = Console(args.quiet)
     start = time.perf_counter()
-    try:
-        work, items = _prepare(args)
-    except (UsageError, OSError) as err:
-        console.error(f"merge-bn batch: error: {err}")
-        return 2
-    _show_notes(console, work.notes, args.verbose)
-    for line in work.unread:
-        console.error(f"merge-bn batch: not read: {line}")
-    try:
-        results = _convert(args, console, items)
-    except KeyboardInterrupt:
-        console.error("merge-bn batch: interrupted")
-        return 130
+    with start_workers(args.jobs, args.verify) if args.jobs > 1 else nullcontext() as workers:
+        try:
+            work, items = _prepare(args)
+        except (UsageError, OSError) as err:
+            console.error(f"merge-bn batch: error: {err}")
+            return 2
+        _show_notes(console, work.notes, args.verbose)
+        for line in work.unread:
+            console.error(f"merge-bn batch: not read: {line}")
+        try:
+            results = _convert(args, console, items, workers)
+        except KeyboardInterrupt:
+            console.error("merge-bn batch: interrupted")
+            return 130
     seconds = time.perf_counter() - start
     console.table(results, every=args.verbose or len(results) <= EVERY_ROW_UP_TO)
     if args.report is not None:
@@ -86,8 +89,11 @@ def _show_notes(console: "Console", notes: Sequence[str], verbose: bool) -> None
         console.note(f"{len(notes)} notes (skipped train/test/solver prototxts...): -v or --report lists them")
 
 
-def _convert(args: argparse.Namespace, console: "Console", items: Sequence[WorkItem]) -> list[ItemResult]:
-    """Skip what is up to date (with --skip-existing), convert the rest; results sorted by key."""
+def _convert(
+    args: argparse.Namespace, console: "Console", items: Sequence[WorkItem], workers: ProcessPoolExecutor | None
+) -> list[ItemResult]:
+    """Skip what is up to date (with --skip-existing), convert the rest (on `workers`, started
+    while the work list was made); results sorted by key."""
     results: list[ItemResult] = []
     with console.progress(len(items)) as progress:
         todo = []
@@ -98,7 +104,7 @@ def _convert(args: argparse.Namespace, console: "Console", items: Sequence[WorkI
                 progress.advance(result)
             else:
                 todo.append(item)
-        results += run_items(todo, args.jobs, args.verify, progress.advance)
+        results += run_items(todo, args.jobs, args.verify, progress.advance, workers)
     return sorted(results, key=lambda r: r.key)
 
 

@@ -8,6 +8,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING
@@ -186,15 +187,26 @@ def _convert_in_worker(item: WorkItem, verify: bool) -> ItemResult:
     return convert_item(item, verify, cache=_worker_cache)
 
 
+def start_workers(jobs: int, verify: bool) -> ProcessPoolExecutor:
+    """A pool of `jobs` worker processes, launched now: they load the pipeline while this process
+    goes on (e.g. finding the deployments). The caller shuts it down (it is a context manager)."""
+    context = multiprocessing.get_context(START_METHOD)
+    pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker, initargs=(verify,))
+    pool.submit(int)  # a pool that does not fork starts all its processes on the first task
+    return pool
+
+
 def run_items(
     items: Sequence[WorkItem],
     jobs: int = 1,
     verify: bool = False,
     on_result: Callable[[ItemResult], None] | None = None,
+    workers: ProcessPoolExecutor | None = None,
 ) -> list[ItemResult]:
-    """Convert `items` (in this process when `jobs` is 1, else in `jobs` worker processes); call
-    `on_result` as each finishes; return the results in the order of `items`. Items whose worker
-    process died (a crash in native code) are retried alone, each in a fresh process."""
+    """Convert `items` (in this process when `jobs` is 1, else in `jobs` worker processes: those of
+    `workers`, from `start_workers`, if given); call `on_result` as each finishes; return the
+    results in the order of `items`. Items whose worker process died (a crash in native code) are
+    retried alone, each in a fresh process."""
     results: dict[str, ItemResult] = {}
 
     def done(result: ItemResult) -> None:
@@ -207,7 +219,7 @@ def run_items(
         for item in items:
             done(convert_item(item, verify, cache=cache))
     else:
-        crashed = _run_pool(items, min(jobs, len(items)), verify, done)
+        crashed = _run_pool(items, min(jobs, len(items)), verify, done, workers)
         for item in crashed:
             again = _run_pool([item], 1, verify, done)
             if again:
@@ -215,11 +227,17 @@ def run_items(
     return [results[item.key] for item in items]
 
 
-def _run_pool(items: Sequence[WorkItem], jobs: int, verify: bool, done: Callable[[ItemResult], None]) -> list[WorkItem]:
-    """Run `items` on a pool of `jobs` processes; return those lost to a dead worker."""
+def _run_pool(
+    items: Sequence[WorkItem],
+    jobs: int,
+    verify: bool,
+    done: Callable[[ItemResult], None],
+    workers: ProcessPoolExecutor | None = None,
+) -> list[WorkItem]:
+    """Run `items` on `workers`, else on a pool of `jobs` processes of its own; return the items
+    lost to a dead worker."""
     crashed = []
-    context = multiprocessing.get_context(START_METHOD)
-    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker, initargs=(verify,)) as pool:
+    with nullcontext(workers) if workers is not None else start_workers(jobs, verify) as pool:
         futures = {pool.submit(_convert_in_worker, item, verify): item for item in items}
         try:
             for future in as_completed(futures):

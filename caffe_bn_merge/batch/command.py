@@ -143,6 +143,8 @@ def report_main(argv: Sequence[str] | None = None) -> int:
         console.error(f"merge-bn batch-report: {len(missing)} of {merged['shards']['count']} shards missing: {listed}")
     for failure in merged["failures"]:
         console.error(f"merge-bn batch-report: failed: {failure['key']}: {failure['reason']}")
+    for line in merged["unread"]:
+        console.error(f"merge-bn batch-report: not read: {line}")
     summary = ", ".join(f"{counts[str(s)]} {s}" for s in Status)
     console.note(f"{counts['total']} of {merged['work_list']} deployments reported: {summary}; report {args.output}")
     return 1 if missing or counts["failed"] or merged["unread"] else 0

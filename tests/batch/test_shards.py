@@ -250,3 +250,14 @@ def test_a_shard_reads_only_its_own_prototxts(tmp_path, monkeypatch, count) -> N
         part = worklist.build_work_list([tmp_path / "src"], tmp_path / "out", part=(index, count))
         assert part.items == worklist.shard(whole.items, index, count) and part.total == len(whole.items)
         assert {p.parent for p in read} == {item.caffemodel.parent for item in part.items}
+
+
+def test_what_a_shard_could_not_read_fails_the_merge(tmp_path, capsys) -> None:
+    reports = []
+    for index, unread in ((1, ["/m/a.caffemodel: cannot read (symlink loop)"]), (2, [])):
+        report = _report(index, 2, [f"k{index}"], 2) | {"unread": unread}
+        reports.append(tmp_path / f"shard-{index}.json")
+        reports[-1].write_text(json.dumps(report))
+    assert command.report_main([*map(str, reports), "-o", str(tmp_path / "fleet.json"), "-q"]) == 1
+    assert "not read: /m/a.caffemodel: cannot read (symlink loop)" in capsys.readouterr().err
+    assert json.loads((tmp_path / "fleet.json").read_text())["counts"]["converted"] == 2

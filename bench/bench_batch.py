@@ -1,119 +1,153 @@
 #!/usr/bin/env python3
-"""Benchmark `merge-bn batch` on a synthetic fleet of MobileNet-SSD deployments.
+"""Benchmark `merge-bn batch` on a synthetic fleet of MobileNet-SSD deployments, against `cp -r`.
 
-    python bench/bench_batch.py [--count 50] [--seed 0] [--verify] [--keep DIR]
+    python bench/bench_batch.py [--count 120] [--seed 0] [--repeat 3] [--verify] [--keep DIR]
 
-Makes a fleet (`caffe_bn_merge.synthetic.fleet.make_fleet`, nothing broken: every pair converts), then times:
+Makes a fleet (`caffe_bn_merge.synthetic.fleet.make_fleet`: `--count` folders of 1-3 caffemodels
+each, several architectures, distinct weights, nothing broken), runs one untimed round (byte-code
+compiled and cached as for an installed package, the fleet in the page cache), then, `--repeat`
+times in turn:
 
-1. merge() alone on every (prototxt, caffemodel) pair, in this process: the single-model conversion
-   time, summed;
-2. `merge-bn batch --jobs 1` (in this process) and `merge-bn batch --jobs 2` (worker processes), one
-   run each, wall time including discovery, the work list and the JSON report.
+1. `cp -r` of the fleet (the floor: the bytes read and written);
+2. `merge-bn batch --jobs 1` and `merge-bn batch --jobs 2`, each a new process as a user runs it
+   (interpreter start, discovery, workers, the JSON report included).
 
-Prints a short table: the jobs 1 / jobs 2 ratio and the per-deployment overhead of the batch run
-beyond the single-model conversion time ((batch --jobs 1 wall - merge() sum) / deployments).
-One run of each, on whatever else the machine is doing: read the figures as rough.
+Each ratio is taken within one round (the same machine load for the three), and the median round
+is shown with the spread, with the CPU time of all processes of each run (less sensitive to
+other work on the machine than wall time). The per-deployment cost in a warm process for an architecture seen
+before comes from the `--jobs 1` reports: the median `seconds` (and `cpu_seconds`) of rows with
+`net_cached`, with their read / plan / write breakdown, next to the time `cp` takes per deployment.
+
+Targets (issue 19): --jobs 2 wall <= 10x cp -r; --jobs 1 / --jobs 2 >= 1.8x; a repeated
+architecture <= 5 ms + its copy time. Other work on the machine skews all of this: read the
+load average printed with the figures.
 """
 
 import argparse
 import json
 import os
+import shlex
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
-from caffe_bn_merge.batch import command
-from caffe_bn_merge.pipeline import merge
-from caffe_bn_merge.synthetic.fleet import make_fleet
+from caffe_bn_merge.synthetic.fleet import make_fleet  # noqa: E402
+
+MERGE_BN = [sys.executable, "-m", "caffe_bn_merge"]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bench_batch.py", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--count", type=int, default=50, help="deployment folders in the fleet (default 50)")
+    parser.add_argument("--count", type=int, default=120, help="deployment folders (default 120: ~200 caffemodels)")
     parser.add_argument("--seed", type=int, default=0, help="fleet seed (default 0)")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds of cp / jobs 1 / jobs 2 (default 3)")
     parser.add_argument("--verify", action="store_true", help="also verify every output on OpenCV in the batch runs")
     parser.add_argument("--keep", type=Path, metavar="DIR", help="build the fleet and outputs in DIR and keep them")
     return parser
 
 
-def timed(action: object) -> tuple[float, object]:
-    start = time.perf_counter()
-    value = action()
-    return time.perf_counter() - start, value
+def child_environment(root: Path) -> dict[str, str]:
+    """This checkout on the path, and byte-code cached under `root` (as an installed package has it:
+    PYTHONDONTWRITEBYTECODE, which this machine's shells set, would make every process compile
+    every module of the package again)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    return env | {"PYTHONPATH": str(ROOT), "PYTHONPYCACHEPREFIX": str(root / "pycache")}
 
 
-def run(root: Path, count: int, seed: int, verify: bool) -> list[tuple[str, str]]:
-    made, fleet = timed(lambda: make_fleet(root / "fleet", count, seed, broken=None))
-    pairs = [pair for deployment in fleet for pair in deployment.pairs]
-    scratch = root / "scratch"
-    scratch.mkdir()
-    merge(*pairs[0], scratch / "warm.prototxt", scratch / "warm.caffemodel")  # imports, caches
-    alone, cpu_before = 0.0, cpu_seconds()
-    for i, (prototxt, caffemodel) in enumerate(pairs):
-        seconds, _ = timed(
-            lambda p=prototxt, c=caffemodel, i=i: merge(p, c, scratch / f"{i}.prototxt", scratch / f"{i}.caffemodel")
-        )
-        alone += seconds
-    alone_cpu = cpu_seconds() - cpu_before
-    walls, cpus = {}, {}
+def timed_run(command: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """Wall and CPU (user + system, all processes) seconds of `command`, which must succeed."""
+    start, before = time.perf_counter(), os.times()
+    subprocess.run(command, check=True, env=env)
+    after = os.times()
+    cpu = after.children_user + after.children_system - before.children_user - before.children_system
+    return time.perf_counter() - start, cpu
+
+
+def one_round(root: Path, fleet: Path, number: int, verify: bool) -> dict[str, tuple[float, float]]:
+    """cp -r, batch --jobs 1, batch --jobs 2 of the fleet, one after the other: (wall, CPU) seconds."""
+    env = child_environment(root)
+    times = {"cp": timed_run(["cp", "-r", str(fleet), str(root / f"copy{number}")], env)}
     for jobs in (1, 2):
-        args = [str(root / "fleet"), "--out", str(root / f"out{jobs}"), "--jobs", str(jobs), "-q"]
-        args += ["--report", str(root / f"report{jobs}.json")] + (["--verify"] if verify else [])
-        before = cpu_seconds()
-        walls[jobs], code = timed(lambda a=args: command.main(a))
-        cpus[jobs] = cpu_seconds() - before
-        if code != 0:
-            raise SystemExit(f"batch --jobs {jobs} exited {code}: see {root / f'report{jobs}.json'}")
-    report = json.loads((root / "report1.json").read_text())
-    in_items = sum(d["seconds"] for d in report["deployments"])
-    n = len(pairs)
+        out, report = root / f"out{number}_{jobs}", root / f"report{number}_{jobs}.json"
+        args = [str(fleet), "--out", str(out), "--jobs", str(jobs), "--report", str(report), "-q"]
+        times[f"jobs{jobs}"] = timed_run([*MERGE_BN, "batch", *args, *(["--verify"] if verify else [])], env)
+    return times
+
+
+def warm_rows(reports: list[Path]) -> list[dict]:
+    """The converted rows of --jobs 1 runs whose prototxt came from the process's cache."""
+    rows = [d for path in reports for d in json.loads(path.read_text())["deployments"]]
+    return [d for d in rows if d["status"] == "converted" and d.get("net_cached")]
+
+
+def median_spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f}" + (f" ({min(values):.2f}-{max(values):.2f})" if len(values) > 1 else "")
+
+
+def run(root: Path, count: int, seed: int, repeat: int, verify: bool) -> list[tuple[str, str]]:
+    start = time.perf_counter()
+    deployments = make_fleet(root / "fleet", count, seed, broken=None)
+    made = time.perf_counter() - start
+    n = sum(len(d.caffemodels) for d in deployments)
+    size = sum(p.stat().st_size for p in (root / "fleet").rglob("*") if p.is_file())
+    architectures = len({(d.width, d.classes) for d in deployments})
+    subprocess.run([*MERGE_BN, "--help"], check=True, env=child_environment(root), capture_output=True)
+    one_round(root, root / "fleet", -1, verify)  # untimed: byte-code compiled and cached, the fleet read once
+    rounds = [one_round(root, root / "fleet", i, verify) for i in range(repeat)]
+    cp, jobs1, jobs2 = ([r[k][0] for r in rounds] for k in ("cp", "jobs1", "jobs2"))
+    cpu = {k: statistics.median(r[k][1] for r in rounds) for k in ("cp", "jobs1", "jobs2")}
+    to_cp = [r["jobs2"][0] / r["cp"][0] for r in rounds]
+    speedup = [r["jobs1"][0] / r["jobs2"][0] for r in rounds]
+    warm = warm_rows([root / f"report{i}_1.json" for i in range(repeat)])
+    copy_ms = 1000 * statistics.median(cp) / n
+    warm_ms = {k: 1000 * statistics.median(d[k] for d in warm) for k in ("seconds", "cpu_seconds", *STEPS)}
     return [
-        ("fleet", f"{count} folders, {n} deployments (prototxt + caffemodel pairs), made in {made:.1f} s"),
-        ("merge() alone, summed", f"{alone:.2f} s ({1000 * alone / n:.1f} ms per deployment), CPU {alone_cpu:.2f} s"),
+        ("fleet", f"{count} folders, {n} deployments, {architectures} architectures, {size / 1e6:.0f} MB"),
+        ("", f"made in {made:.1f} s; {repeat} rounds of cp / jobs 1 / jobs 2, median (min-max)"),
+        ("cp -r, wall s", median_spread(cp) + f"; CPU {cpu['cp']:.2f} s"),
         (
-            "batch --jobs 1, wall",
-            f"{walls[1]:.2f} s ({1000 * walls[1] / n:.1f} ms per deployment), CPU {cpus[1]:.2f} s",
+            "batch --jobs 1, wall s",
+            median_spread(jobs1) + f"  = {1000 * statistics.median(jobs1) / n:.1f} ms each; CPU {cpu['jobs1']:.2f} s",
         ),
         (
-            "batch --jobs 2, wall",
-            f"{walls[2]:.2f} s ({1000 * walls[2] / n:.1f} ms per deployment), CPU {cpus[2]:.2f} s",
+            "batch --jobs 2, wall s",
+            median_spread(jobs2) + f"  = {1000 * statistics.median(jobs2) / n:.1f} ms each; CPU {cpu['jobs2']:.2f} s",
         ),
-        ("jobs 1 / jobs 2", f"{walls[1] / walls[2]:.2f}x"),
-        ("overhead per deployment", f"{1000 * (walls[1] - alone) / n:.1f} ms (batch --jobs 1 wall - merge() sum) / n"),
-        ("  in CPU time", f"{1000 * (cpus[1] - alone_cpu) / n:.1f} ms (batch --jobs 1 CPU - merge() CPU) / n"),
+        ("jobs 2 / cp -r", median_spread(to_cp) + "x  (target <= 10x)"),
+        ("jobs 1 / jobs 2", median_spread(speedup) + "x  (target >= 1.8x)"),
         (
-            "  of which in the item",
-            f"{1000 * (in_items - alone) / n:.1f} ms (report's per-item seconds - merge() sum) / n",
+            "warm, repeated architecture",
+            f"{warm_ms['seconds']:.1f} ms per deployment, CPU {warm_ms['cpu_seconds']:.1f} (median of {len(warm)}): "
+            + ", ".join(f"{step.split('_')[0]} {warm_ms[step]:.1f}" for step in STEPS)
+            + f"; cp {copy_ms:.1f} ms per deployment  (target <= 5 ms + cp)",
         ),
         ("verify", "on" if verify else "off"),
-        (
-            "machine",
-            f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at the end (other work skews all of this)",
-        ),
+        ("machine", f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at the end"),
+        ("command", shlex.join([*MERGE_BN, "batch", "FLEET", "--out", "OUT", "--jobs", "N", "--report", "R", "-q"])),
     ]
 
 
-def cpu_seconds() -> float:
-    """User + system CPU time of this process and its finished children."""
-    times = os.times()
-    return times.user + times.system + times.children_user + times.children_system
+STEPS = ("read_seconds", "plan_seconds", "write_seconds")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.count < 1:
-        raise SystemExit("--count must be at least 1")
+    if args.count < 1 or args.repeat < 1:
+        raise SystemExit("--count and --repeat must be at least 1")
     if args.keep is not None:
         args.keep.mkdir(parents=True, exist_ok=False)
-        rows = run(args.keep, args.count, args.seed, args.verify)
+        rows = run(args.keep, args.count, args.seed, args.repeat, args.verify)
     else:
         with tempfile.TemporaryDirectory(prefix="bench_batch_") as folder:
-            rows = run(Path(folder), args.count, args.seed, args.verify)
+            rows = run(Path(folder), args.count, args.seed, args.repeat, args.verify)
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")

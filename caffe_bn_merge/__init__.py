@@ -22,6 +22,7 @@ _PUBLIC = {
     "VerifyError": "errors",
     "MergeOptions": "pipeline",
     "MergeResult": "pipeline",
+    "NetCache": "pipeline",
     "merge": "pipeline",
     "build_report": "report",
     "decisions": "report",

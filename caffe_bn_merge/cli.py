@@ -261,6 +261,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 from .batch.command import main as batch_main
 
                 return batch_main(argv[1:])
+            if argv[:1] == ["batch-report"]:
+                from .batch.command import report_main
+
+                return report_main(argv[1:])
             return _main(argv)
         except Interrupted as signalled:
             clean_up_interrupted()

@@ -1,10 +1,11 @@
 """The whole job as one library call, `merge`: read (`io.read`) -> graph -> rules (`rules.passes`)
 -> emit (`io.emit`)."""
 
+import hashlib
 import logging
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .defaults import MAX_PROTOTXT_MB
@@ -71,6 +72,44 @@ class Writing:
     on_progress: Callable[[int, int], None] | None = None
 
 
+@dataclass
+class NetCache:
+    """Parsed prototxts (the NetText and its graph) by the hash of the prototxt's bytes and the
+    schema's path, for converting many caffemodels of a few architectures in one process: pass the
+    same NetCache to each `merge`. Nothing derived from weights is kept, and nothing kept is
+    changed by a merge (the rules rewrite a copy of the net). Holds at most `size` nets, the least
+    recently used dropped first."""
+
+    size: int = 64
+    hits: int = 0
+    misses: int = 0
+    _nets: OrderedDict[tuple[bytes, str], tuple[object, NetGraph]] = field(default_factory=OrderedDict, repr=False)
+
+    def parsed(self, model: Path, options: MergeOptions, schema: object) -> tuple[object, NetGraph]:
+        """The NetText of `model` and the graph of its net, parsed on a miss."""
+        raw = read.read_net_bytes(model, options.max_prototxt_mb)
+        schema_path = options.caffe_proto
+        key = (hashlib.blake2b(raw, digest_size=20).digest(), str(schema_path or ""))
+        if key in self._nets:
+            self.hits += 1
+            self._nets.move_to_end(key)
+            return self._nets[key]
+        self.misses += 1
+        net_text = read.parse_net_bytes(model, raw, schema)
+        self._nets[key] = entry = (net_text, build_graph(net_text.net))
+        if len(self._nets) > self.size:
+            self._nets.popitem(last=False)
+        return entry
+
+
+def _parsed(model: Path, options: MergeOptions, cache: NetCache | None) -> tuple[object, NetGraph]:
+    schema = compile_schema(options.caffe_proto) if options.caffe_proto else None
+    if cache is not None:
+        return cache.parsed(model, options, schema)
+    net_text = read.read_net_text(model, schema, options.max_prototxt_mb)
+    return net_text, build_graph(net_text.net)
+
+
 def default_outputs(
     model: Path, weights: Path, output_model: Path | None = None, output_weights: Path | None = None
 ) -> tuple[Path, Path]:
@@ -100,6 +139,7 @@ def merge(
     more_outputs: Sequence[outputs.Output] = (),
     on_step: Callable[[str], None] = lambda step: None,
     on_progress: Callable[[int, int], None] | None = None,
+    cache: NetCache | None = None,
 ) -> MergeResult:
     """Fold the BatchNorm/Scale layers of `model` + `weights`; write the merged pair unless `write`
     is False, replacing existing output files only when `overwrite`. With `stage`, the pair is left
@@ -107,26 +147,28 @@ def merge(
     written (the pair, and `more_outputs` the caller will write) is checked against every input
     (`more_inputs` too) and each other once the inputs are read. `on_step` hears the name of each
     step as it starts, `on_progress` (bytes done, total) the writing of the caffemodel (for progress
-    displays). The result lists the warnings logged on the way."""
+    displays). A `cache` shared by several merges parses each distinct prototxt once. The result
+    lists the warnings logged on the way."""
     how = Writing(write, overwrite, stage, tuple(more_inputs), tuple(more_outputs), on_step, on_progress)
     model, weights = Path(model), Path(weights)
     with collected() as warnings:
-        result = _merge(model, weights, default_outputs(model, weights, output_model, output_weights), options, how)
+        outputs_pair = default_outputs(model, weights, output_model, output_weights)
+        result = _merge(model, weights, outputs_pair, options, how, cache)
     return replace(result, warnings=tuple(warnings))
 
 
-def _merge(model: Path, weights: Path, pair: tuple[Path, Path], options: MergeOptions, how: Writing) -> MergeResult:
+def _merge(
+    model: Path, weights: Path, pair: tuple[Path, Path], options: MergeOptions, how: Writing, cache: NetCache | None
+) -> MergeResult:
     output_model, output_weights = pair
     on_step = how.on_step
     on_step("reading")
-    schema = compile_schema(options.caffe_proto) if options.caffe_proto else None
-    net_text = read.read_net_text(model, schema, options.max_prototxt_mb)
+    net_text, graph = _parsed(model, options, cache)
     net = net_text.net
     with read.read_weights(weights) as stored:  # the caffemodel stays as read until the block ends
         targets = [outputs.Output(output_weights, "--output-weights"), outputs.Output(output_model, "--output-model")]
         written = [*targets, *how.more_outputs] if how.write else list(how.more_outputs)
         outputs.check_outputs((model, weights, *how.more_inputs), written, how.overwrite)
-        graph = build_graph(net)
         _check_pairing(graph, stored, model, weights, options.conv_like)
         _log_input(net_text)
         on_step("folding")
@@ -137,26 +179,31 @@ def _merge(model: Path, weights: Path, pair: tuple[Path, Path], options: MergeOp
         _log_plan(plan, net, options.assume_global_stats)
         _warn_negative_variance(net, stored, plan, options.bn_flavour)
         staged = None
-        if how.write:
-            on_step("writing")
-            dropped = plan.removed & set(stored.layers)
-            staged = _write(net_text, rewrite, stored, dropped, pair, how.on_progress)
-            if not how.stage:
-                try:
-                    staged.publish(how.overwrite)
-                finally:
-                    staged.discard()
-                staged = None
-        return MergeResult(
-            plan,
-            Counter(layer.type for layer in net.layer),
-            Counter(layer.type for layer in rewrite.net.layer),
-            output_model if how.write else None,
-            output_weights if how.write else None,
-            hosts=folded_hosts(plan, rewrite, net, options.bn_flavour),
-            assume_global_stats=options.assume_global_stats,
-            staged=staged,
-        )
+        try:
+            if how.write:
+                on_step("writing")
+                dropped = plan.removed & set(stored.layers)
+                staged = _write(net_text, rewrite, stored, dropped, pair, how.on_progress)
+                if not how.stage:
+                    staged, published = None, staged
+                    try:
+                        published.publish(how.overwrite)
+                    finally:
+                        published.discard()
+            return MergeResult(
+                plan,
+                Counter(layer.type for layer in net.layer),
+                Counter(layer.type for layer in rewrite.net.layer),
+                output_model if how.write else None,
+                output_weights if how.write else None,
+                hosts=folded_hosts(plan, rewrite, net, options.bn_flavour),
+                assume_global_stats=options.assume_global_stats,
+                staged=staged,
+            )
+        except BaseException:  # e.g. the caffemodel changed while read: nothing staged is left behind
+            if staged is not None:
+                staged.discard()
+            raise
 
 
 def _log_plan(plan: FoldPlan, net: object, assume_global_stats: bool) -> None:

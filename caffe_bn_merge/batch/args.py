@@ -5,7 +5,7 @@ import os
 from pathlib import Path
 
 from ..defaults import BACKENDS, BENCHMARK_ROUNDS, DEFAULT_TOLERANCE
-from .worklist import parse_shard
+from .worklist import SHARD_COUNT_VARIABLE, parse_shard
 
 
 def _positive(text: str) -> int:
@@ -18,7 +18,9 @@ def _positive(text: str) -> int:
     return value
 
 
-def _shard_arg(text: str) -> tuple[int, int]:
+def _shard_arg(text: str) -> tuple[int, int] | str:
+    if text.strip() == "auto":
+        return "auto"
     try:
         return parse_shard(text)
     except ValueError as err:
@@ -35,9 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
         "guessed) and merged into OUTDIR/<its folder relative to SRC>/<caffemodel stem>.{prototxt,caffemodel} "
         "(with several SRCs, under OUTDIR/<SRC folder name>/...). Sources are never written; "
         "OUTDIR may lie inside a SRC (it is not searched).",
-        epilog="Exit status: 0 all converted or skipped, 1 some deployment failed, 2 usage error. "
+        epilog="Exit status: 0 all converted or skipped, 1 some deployment failed or some file or folder "
+        "could not be read (each listed on stderr and in the report's unread), 2 usage error. "
         "--shard i/n keeps the items at positions p (from 0) of the sorted work list with p % n == i-1, "
-        "so the n shards of a job array partition the fleet.",
+        "so the n shards of a job array partition the fleet; give each shard its own --report, and merge them "
+        "with `merge-bn batch-report`.",
     )
     parser.add_argument("sources", nargs="*", type=Path, metavar="SRC", help="folders to search (recursively)")
     parser.add_argument("--out", required=True, type=Path, metavar="OUTDIR", help="folder for the merged models")
@@ -86,7 +90,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace outputs that exist already (without it or --skip-existing, any existing output is a usage error)",
     )
     parser.add_argument(
-        "--shard", type=_shard_arg, metavar="i/n", help="process only shard i of n (1-based) of the sorted work list"
+        "--shard",
+        type=_shard_arg,
+        metavar="i/n|auto",
+        help="process only shard i of n (1-based) of the sorted work list; auto: this task's shard of a Slurm job "
+        "array (SLURM_ARRAY_TASK_ID, _MIN, _COUNT) or a Kubernetes Indexed Job (JOB_COMPLETION_INDEX, with "
+        f"--shard-count or {SHARD_COUNT_VARIABLE})",
+    )
+    parser.add_argument(
+        "--shard-count",
+        type=_positive,
+        metavar="N",
+        help="with --shard auto in a Kubernetes Indexed Job: the job's completions",
     )
     verbosity = parser.add_mutually_exclusive_group()
     verbosity.add_argument("-q", "--quiet", action="store_true", help="print nothing but failures")
@@ -111,3 +126,18 @@ def _add_readiness_flags(parser: argparse.ArgumentParser) -> None:
         "on OpenCV dnn (use --jobs 1 for figures that mean something)",
     )
     parser.add_argument("--threads", type=_positive, metavar="N", help="OpenCV threads for --benchmark")
+
+
+def build_report_parser() -> argparse.ArgumentParser:
+    """The argument parser of `merge-bn batch-report`."""
+    parser = argparse.ArgumentParser(
+        prog="merge-bn batch-report",
+        description="Merge the JSON reports of the shards of one `merge-bn batch --shard` job array into one "
+        "report: every deployment, counts over them all, the failures, and which shards are missing.",
+        epilog="Exit status: 0 every shard present and nothing failed, 1 shards missing or deployments failed "
+        "or files not read, 2 usage error (a report unreadable, or reports of different runs).",
+    )
+    parser.add_argument("reports", nargs="+", type=Path, metavar="REPORT", help="shard reports (--report of each)")
+    parser.add_argument("-o", "--output", required=True, type=Path, metavar="FILE", help="the merged report")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print nothing but problems")
+    return parser

@@ -31,12 +31,15 @@ class Console:
         warnings, named (none when quiet)."""
         return Progress(None if self.quiet else self.err, total)
 
-    def summary(self, results: Sequence[ItemResult], seconds: float, report: Path | None) -> None:
-        """The closing line: how many deployments became what, how long it took, where the report is."""
+    def summary(self, results: Sequence[ItemResult], seconds: float, report: Path | None, unread: int = 0) -> None:
+        """The closing line: how many deployments became what, how long it took, how many files or
+        folders could not be read, where the report is."""
         counts = Counter(str(r.status) for r in results)
         done = ", ".join(f"{counts[str(s)]} {s}" for s in Status)
         noun = "deployment" if len(results) == 1 else "deployments"
-        self.note(f"{len(results)} {noun}: {done} in {seconds:.1f} s" + (f"; report {report}" if report else ""))
+        not_read = f"; {unread} files or folders not read" if unread else ""
+        where = f"; report {report}" if report else ""
+        self.note(f"{len(results)} {noun}: {done} in {seconds:.1f} s{not_read}{where}")
 
     def table(self, results: Sequence[ItemResult], every: bool) -> None:
         """A table of the failed deployments (of all when `every`), then each failure's reason on a

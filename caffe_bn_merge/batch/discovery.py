@@ -5,14 +5,14 @@ import csv
 import json
 import os
 import re
-from collections.abc import Iterable, Sequence
+import stat
+from collections.abc import Container, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from typing import BinaryIO
 
-from ..defaults import MAX_PROTOTXT_MB
-from ..errors import InputError, UsageError
-from ..io.read import read_regular
+from ..errors import UsageError
 
 PROTOTXT_SUFFIX, CAFFEMODEL_SUFFIX = ".prototxt", ".caffemodel"
 
@@ -21,14 +21,19 @@ DATA_TYPES = frozenset(
     | {"DATA", "IMAGE_DATA", "HDF5_DATA", "WINDOW_DATA"}  # V1 (`layers { type: DATA }`) spellings
 )
 EVALUATION_TYPES = frozenset({"Accuracy", "DetectionEvaluate", "ACCURACY"})
+TELLING_TYPES = DATA_TYPES | EVALUATION_TYPES | {"Input", "INPUT"}  # layer types classification looks at
 SOLVER_FIELDS = ("base_lr", "net", "train_net", "test_net", "lr_policy")
-
-_COMMENT = re.compile(r"#[^\n]*")
-_TYPE = re.compile(r"\btype\s*:\s*\"?([A-Za-z0-9_]+)\"?")
-_SOLVER = re.compile(rf"^\s*({'|'.join(SOLVER_FIELDS)})\s*:", re.MULTILINE)
-_TRAIN_PHASE = re.compile(r"\binclude\s*\{[^}]*\bphase\s*:\s*TRAIN\b")
-_INPUT = re.compile(r"^\s*(input|input_shape|input_dim)\s*[:{]", re.MULTILINE)
+MAX_CLASSIFIED_BYTES = 16 << 20  # prototxts larger than this are not read by discovery
 MERGED_STEM = "_merged"  # what `merge-bn` adds to the stems of the inputs for its default outputs
+MAX_MANIFEST_BYTES = 256 << 20  # about a million deployments
+
+# Patterns start with a literal (no \\b or ^), which `re` finds fast; `_fields` checks what precedes.
+_COMMENT = re.compile(r"#[^\n]*")
+_TYPE = re.compile(r"type\s*:\s*\"?([A-Za-z0-9_]+)")
+_SOLVER = re.compile(r"(?:base_lr|lr_policy|net)\s*:")  # each of SOLVER_FIELDS ends with one of these
+_TRAIN_PHASE = re.compile(r"include\s*\{[^}]*\bphase\s*:\s*TRAIN\b")
+_INPUT = re.compile(r"(?:input|input_shape|input_dim)\s*[:{]")
+_WORD_CHARS = frozenset("_0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
 
 # --- discovery ----------------------------------------------------------------------------------
@@ -56,10 +61,11 @@ def classify_text(text: str) -> Classification:
     net has data, loss or evaluation layers, or layers included in phase TRAIN; a deploy net
     declares its input (Input layer, `input`, `input_shape`, `input_dim`) and has none of those."""
     text = _COMMENT.sub("", text)
-    solver = _SOLVER.search(text)
+    solver = _solver_field(text)
     if solver:
-        return Classification(Kind.SOLVER, f"solver ({solver.group(1)}: field)")
-    types = set(_TYPE.findall(text))
+        return Classification(Kind.SOLVER, f"solver ({solver}: field)")
+    telling = {t for t in set(_TYPE.findall(text)) if t in TELLING_TYPES or t.endswith(("Loss", "_LOSS"))}
+    types = {m.group(1) for m in _TYPE.finditer(text) if m.group(1) in telling and _starts_word(text, m.start())}
     for found, what in (
         (sorted(types & DATA_TYPES), "data layer"),
         (sorted(t for t in types if t.endswith(("Loss", "_LOSS"))), "loss layer"),
@@ -67,21 +73,63 @@ def classify_text(text: str) -> Classification:
     ):
         if found:
             return Classification(Kind.TRAIN_TEST, f"train/test net ({what} {found[0]})")
-    if _TRAIN_PHASE.search(text):
+    if any(_starts_word(text, m.start()) for m in _TRAIN_PHASE.finditer(text)):
         return Classification(Kind.TRAIN_TEST, "train/test net (include { phase: TRAIN })")
-    if "Input" in types or "INPUT" in types or _INPUT.search(text):
+    if "Input" in types or "INPUT" in types or any(_starts_line(text, m.start()) for m in _INPUT.finditer(text)):
         return Classification(Kind.DEPLOY, "deploy net (declares its input)")
     return Classification(Kind.UNKNOWN, "no input declared and no data layer")
 
 
+def _solver_field(text: str) -> str | None:
+    """The first of SOLVER_FIELDS found first on its line, if any."""
+    for match in _SOLVER.finditer(text):
+        start = match.start()
+        while start and text[start - 1] in _WORD_CHARS:
+            start -= 1
+        name = text[start : match.end()].split(":")[0].strip()
+        if name in SOLVER_FIELDS and _starts_line(text, start):
+            return name
+    return None
+
+
+def _starts_word(text: str, start: int) -> bool:
+    return start == 0 or text[start - 1] not in _WORD_CHARS
+
+
+def _starts_line(text: str, start: int) -> bool:
+    return not text[text.rfind("\n", 0, start) + 1 : start].strip()
+
+
 def classify_prototxt(path: Path) -> Classification:
-    """`classify_text` of the file; an unreadable file is UNKNOWN."""
+    """`classify_text` of the file; a file that cannot be read, or is larger than
+    MAX_CLASSIFIED_BYTES (not read at all), is UNKNOWN."""
     try:
-        limit = MAX_PROTOTXT_MB << 20
-        text = read_regular(Path(path), "prototxt", limit, "merge-bn --max-prototxt-mb").decode(errors="replace")
-    except InputError as err:
-        return Classification(Kind.UNKNOWN, str(err))
-    return classify_text(text)
+        head = _read_head(path)
+    except OSError as err:
+        return Classification(Kind.UNKNOWN, f"cannot read ({err.strerror})")
+    if head is None:
+        return Classification(Kind.UNKNOWN, "not a regular file")
+    if len(head) > MAX_CLASSIFIED_BYTES:
+        return Classification(
+            Kind.UNKNOWN,
+            f"larger than {MAX_CLASSIFIED_BYTES >> 20} MiB, not read (deploy prototxts are far smaller); "
+            "list it in a --manifest if it is one",
+        )
+    return classify_text(head.decode("utf-8", errors="replace"))
+
+
+def _read_head(path: Path) -> bytes | None:
+    """Up to MAX_CLASSIFIED_BYTES + 1 bytes of the regular file `path` (None when it is not one:
+    a FIFO is never waited on); raises OSError."""
+    with _open_regular(path) as handle:
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            return None
+        return handle.read(MAX_CLASSIFIED_BYTES + 1)
+
+
+def _open_regular(path: Path) -> BinaryIO:
+    """`path` opened for reading without blocking on a FIFO (the caller checks it is a regular file)."""
+    return open(path, "rb", opener=lambda name, flags: os.open(name, flags | os.O_NONBLOCK))
 
 
 @dataclass(frozen=True)
@@ -101,7 +149,7 @@ def pair_folder(prototxts: Sequence[Path], caffemodels: Sequence[Path]) -> tuple
     own, notes = own_outputs(prototxts, caffemodels)
     prototxts, caffemodels = [p for p in prototxts if p not in own], [c for c in caffemodels if c not in own]
     kinds = {p: classify_prototxt(p) for p in sorted(prototxts)}
-    notes += [f"skipped {p}: {c.why}" for p, c in kinds.items() if c.kind in (Kind.SOLVER, Kind.TRAIN_TEST)]
+    notes += [f"skipped {p}: {c.why}" for p, c in kinds.items() if c.kind is not Kind.DEPLOY]
     by_stem = {p.stem: p for p in kinds}
     deploys = [p for p, c in kinds.items() if c.kind is Kind.DEPLOY]
     pairings = []
@@ -133,6 +181,22 @@ def pair_folder(prototxts: Sequence[Path], caffemodels: Sequence[Path]) -> tuple
     return pairings, notes
 
 
+@dataclass
+class Discovery:
+    """What `walk` listed under one SRC folder (no file read), and what `pair` made of it."""
+
+    root: Path
+    folders: dict[Path, tuple[list[Path], list[Path]]] = field(default_factory=dict)  # prototxts, caffemodels
+    pairings: list[Pairing] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    files: set[Path] = field(default_factory=set)  # every file seen (resolved): never to be written over
+    unread: list[str] = field(default_factory=list)  # "<path>: <why>" of folders and inputs not read
+
+    @property
+    def caffemodels(self) -> list[Path]:
+        return [caffemodel for _, caffemodels in self.folders.values() for caffemodel in caffemodels]
+
+
 def own_outputs(prototxts: Sequence[Path], caffemodels: Sequence[Path]) -> tuple[set[Path], list[str]]:
     """The files of one folder that `merge-bn` wrote (`<stem>_merged.<suffix>` beside `<stem>.<suffix>`),
     and merged pairs (a `*_merged` caffemodel whose same-stem prototxt has no BatchNorm left), with
@@ -154,42 +218,83 @@ def own_outputs(prototxts: Sequence[Path], caffemodels: Sequence[Path]) -> tuple
 
 
 def _has_batchnorm(prototxt: Path) -> bool:
+    """Whether the prototxt names a BatchNorm-like layer type (when it cannot be read: True, so
+    that pairing reports it)."""
     try:
-        text = _COMMENT.sub("", prototxt.read_text(errors="replace"))
+        head = _read_head(prototxt)
     except OSError:
-        return True  # unreadable: left to pairing, which reports it
+        return True
+    if head is None or len(head) > MAX_CLASSIFIED_BYTES:
+        return True
+    text = _COMMENT.sub("", head.decode("utf-8", errors="replace"))
     return bool({"BatchNorm", "BN", "BATCHNORM"} & set(_TYPE.findall(text)))
 
 
-@dataclass
-class Discovery:
-    """What `discover` found under one SRC folder."""
-
-    root: Path
-    pairings: list[Pairing] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    files: set[Path] = field(default_factory=set)  # every file seen (resolved): never to be written over
-
-
 def discover(root: Path, ignore: Iterable[Path] = ()) -> Discovery:
-    """Walk `root` (recursively, not following folder links, skipping the folders in `ignore`, e.g.
-    OUTDIR) and pair the caffemodels of each folder with `pair_folder`."""
+    """`walk` `root`, then `pair` every folder."""
+    return pair(walk(root, ignore))
+
+
+def walk(root: Path, ignore: Iterable[Path] = ()) -> Discovery:
+    """List `root` (recursively, not following folder links, skipping the folders in `ignore`,
+    e.g. OUTDIR): the prototxts and caffemodels of each folder, reading no file. Never raises on
+    what it finds: a folder it cannot list, and a .prototxt / .caffemodel it cannot reach (symlink
+    loop, broken link), go to `unread`; one that is not a regular file (a FIFO...) to `notes`."""
     root = Path(root)
-    ignored = {Path(p).resolve() for p in ignore}
+    ignored = {_resolved(Path(p)) for p in ignore} - {None}
     found = Discovery(root)
-    for folder, subfolders, names in os.walk(root):
+
+    def folder_error(err: OSError) -> None:
+        found.unread.append(f"{err.filename}: cannot read the folder ({err.strerror})")
+
+    for folder, subfolders, names in os.walk(root, onerror=folder_error):
         here = Path(folder)
-        subfolders[:] = sorted(d for d in subfolders if (here / d).resolve() not in ignored)
-        files = [here / name for name in sorted(names)]
-        found.files.update(f.resolve() for f in files)
-        prototxts = [f for f in files if f.suffix.lower() == PROTOTXT_SUFFIX and f.is_file()]
-        caffemodels = [f for f in files if f.suffix.lower() == CAFFEMODEL_SUFFIX and f.is_file()]
-        if not prototxts and not caffemodels:
-            continue
-        pairings, notes = pair_folder(prototxts, caffemodels)
-        found.pairings += pairings
-        found.notes += notes
+        subfolders[:] = sorted(d for d in subfolders if _resolved(here / d) not in ignored)
+        inputs: dict[str, list[Path]] = {PROTOTXT_SUFFIX: [], CAFFEMODEL_SUFFIX: []}
+        for name in sorted(names):
+            path = here / name
+            resolved = _resolved(path)
+            if resolved is not None:
+                found.files.add(resolved)
+            if path.suffix.lower() in inputs:
+                usable = _input_file(path, resolved, found)
+                inputs[path.suffix.lower()] += [path] if usable else []
+        if inputs[PROTOTXT_SUFFIX] or inputs[CAFFEMODEL_SUFFIX]:
+            found.folders[here] = (inputs[PROTOTXT_SUFFIX], inputs[CAFFEMODEL_SUFFIX])
     return found
+
+
+def pair(found: Discovery, only: Container[Path] | None = None) -> Discovery:
+    """Pair the caffemodels of each folder of `found` with `pair_folder` (reading its prototxts),
+    or only of the folders holding a caffemodel in `only`; the pairings and notes go into `found`."""
+    for prototxts, caffemodels in found.folders.values():
+        if only is None or any(caffemodel in only for caffemodel in caffemodels):
+            pairings, notes = pair_folder(prototxts, caffemodels)
+            found.pairings += pairings
+            found.notes += notes
+    return found
+
+
+def _resolved(path: Path) -> Path | None:
+    """`path` resolved, or None when it cannot be (a symlink loop)."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # RuntimeError: pathlib's "Symlink loop"
+        return None
+
+
+def _input_file(path: Path, resolved: Path | None, found: Discovery) -> bool:
+    """Whether `path` (named like an input) is a regular file; otherwise say why in `found`."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as err:
+        why = "symlink loop" if resolved is None else "broken link" if path.is_symlink() else err.strerror
+        found.unread.append(f"{path}: cannot read ({why})")
+        return False
+    if not stat.S_ISREG(mode):
+        found.notes.append(f"skipped {path}: not a regular file")
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -205,17 +310,19 @@ def read_manifest(path: Path) -> list[ManifestEntry]:
     """Read a CSV (header `prototxt,caffemodel[,out]`) or JSON (a list of objects with those keys)
     manifest. Relative paths are relative to the manifest's folder. Raises UsageError."""
     path = Path(path)
+    text = _manifest_text(path)
     try:
-        text = read_regular(path, "--manifest").decode()
-    except InputError as err:
-        raise UsageError(str(err)) from None
-    rows = _json_rows(path, text) if path.suffix.lower() == ".json" else _csv_rows(path, text)
+        rows = _json_rows(path, text) if path.suffix.lower() == ".json" else _csv_rows(path, text)
+    except RecursionError:
+        raise UsageError(f"{path}: nested too deeply; a JSON manifest is a flat list of objects") from None
     base = path.parent
     entries = []
     for number, row in enumerate(rows, start=1):
         missing = [key for key in ("prototxt", "caffemodel") if not row.get(key)]
         if missing:
             raise UsageError(f"{path}: entry {number} has no {' or '.join(missing)}")
+        if any("\0" in (row.get(key) or "") for key in ("prototxt", "caffemodel", "out")):
+            raise UsageError(f"{path}: entry {number} has a NUL character in a path")
         out = row.get("out") or None
         entries.append(ManifestEntry(base / row["prototxt"], base / row["caffemodel"], out))
     if not entries:
@@ -223,12 +330,38 @@ def read_manifest(path: Path) -> list[ManifestEntry]:
     return entries
 
 
+def _manifest_text(path: Path) -> str:
+    """The manifest's text: a regular file of at most MAX_MANIFEST_BYTES of UTF-8 (a BOM allowed)
+    without NUL bytes; anything else is a UsageError."""
+    try:
+        with _open_regular(path) as handle:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                raise UsageError(f"{path}: the manifest is not a regular file")
+            raw = handle.read(MAX_MANIFEST_BYTES + 1)
+    except IsADirectoryError:
+        raise UsageError(f"{path}: the manifest is not a regular file (a folder)") from None
+    except OSError as err:
+        raise UsageError(f"{path}: cannot read the manifest ({err.strerror})") from None
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise UsageError(f"{path}: the manifest is larger than {MAX_MANIFEST_BYTES >> 20} MiB; split it")
+    nul = raw.find(0)
+    if nul >= 0:
+        raise UsageError(f"{path}: has a NUL byte at offset {nul}; a manifest is CSV or JSON text")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise UsageError(f"{path}: not UTF-8 text (byte {raw[err.start]:#04x} at offset {err.start})") from None
+
+
 def _csv_rows(path: Path, text: str) -> list[dict[str, str]]:
     reader = csv.DictReader(line for line in text.splitlines() if line.strip())
-    header = [name.strip() for name in reader.fieldnames or []]
-    if "prototxt" not in header or "caffemodel" not in header or set(header) - {"prototxt", "caffemodel", "out"}:
-        raise UsageError(f"{path}: the CSV header must be prototxt,caffemodel[,out], not {','.join(header)}")
-    return [{k.strip(): (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
+    try:
+        header = [name.strip() for name in reader.fieldnames or []]
+        if "prototxt" not in header or "caffemodel" not in header or set(header) - {"prototxt", "caffemodel", "out"}:
+            raise UsageError(f"{path}: the CSV header must be prototxt,caffemodel[,out], not {','.join(header)}")
+        return [{k.strip(): (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
+    except csv.Error as err:
+        raise UsageError(f"{path}: not a readable CSV manifest (line {reader.line_num}: {err})") from None
 
 
 def _json_rows(path: Path, text: str) -> list[dict[str, str]]:

@@ -9,14 +9,19 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..defaults import DEFAULT_TOLERANCE
 from ..errors import MergeError, VerifyError
 from ..io.outputs import TERMINATING, remove_temporaries
 from .worklist import WorkItem
+
+if TYPE_CHECKING:
+    from ..pipeline import NetCache
 
 # Workers start fresh ("spawn"): a forked child inherits the locks of threads it does not have
 # (OpenCV's and BLAS's thread pools in a process that verified before), and can hang on them.
@@ -49,6 +54,13 @@ class ItemResult:
     quant: dict | None = None  # int8 readiness summary (--quant)
     benchmark: dict | None = None  # merged / original forward time on OpenCV (--benchmark)
     warnings: list[str] = field(default_factory=list)  # each distinct warning of its merge
+    # Where `seconds` went (None when the step was not reached): reading the inputs (the prototxt
+    # parse, unless `net_cached`, and the caffemodel index), planning the folds, writing both outputs.
+    read_seconds: float | None = None
+    plan_seconds: float | None = None
+    write_seconds: float | None = None
+    net_cached: bool | None = None  # the prototxt was parsed by an earlier deployment of this process
+    cpu_seconds: float = 0.0  # CPU time of the process (all its threads) while converting it
 
     def to_json(self) -> dict:
         return {k: (str(v) if isinstance(v, Status) else v) for k, v in asdict(self).items()}
@@ -86,12 +98,13 @@ class Settings:
     readiness: Readiness = Readiness()
 
 
-def convert_item(item: WorkItem, settings: Settings = Settings()) -> ItemResult:
+def convert_item(item: WorkItem, settings: Settings = Settings(), cache: "NetCache | None" = None) -> ItemResult:
     """Merge one deployment into temporary files, verify them when asked, then publish the pair
     (replacing existing outputs only with `settings.overwrite`); never raises: any error becomes a
     failed result with a one-line reason. A deployment that fails or cannot run verification
-    publishes nothing, so that `--skip-existing` retries it."""
-    start = time.perf_counter()
+    publishes nothing, so that `--skip-existing` retries it. `cache` (a `pipeline.NetCache`) is
+    shared by the deployments of one process."""
+    start = time.perf_counter(), time.process_time()
     if item.problem is not None:
         return item_result(item, Status.FAILED, item.problem)
     details: dict[str, object] = {}
@@ -100,11 +113,15 @@ def convert_item(item: WorkItem, settings: Settings = Settings()) -> ItemResult:
         from ..pipeline import merge  # loaded here, so that --help needs no numpy
 
         item.out_prototxt.parent.mkdir(parents=True, exist_ok=True)
+        steps = StepTimer(details)
+        hits = cache.hits if cache is not None else 0
         result = merge(
             item.prototxt, item.caffemodel, item.out_prototxt, item.out_caffemodel,
-            overwrite=settings.overwrite, stage=True,
+            overwrite=settings.overwrite, stage=True, on_step=steps.step, cache=cache,
         )  # fmt: skip
+        steps.step(None)
         staged = result.staged
+        details["net_cached"] = cache is not None and cache.hits > hits
         details["layers_before"] = sum(result.layers_before.values())
         details["layers_after"] = sum(result.layers_after.values())
         details["folds"] = dict(sorted(Counter(str(a.rule) for a in result.plan.actions).items()))
@@ -129,8 +146,28 @@ def convert_item(item: WorkItem, settings: Settings = Settings()) -> ItemResult:
     return _finish(item, Status.CONVERTED, None, start, details)
 
 
-def _finish(item: WorkItem, status: Status, reason: str | None, start: float, details: dict) -> ItemResult:
-    return item_result(item, status, reason, seconds=round(time.perf_counter() - start, 4), **details)
+STEP_FIELDS = {"reading": "read_seconds", "folding": "plan_seconds", "writing": "write_seconds"}
+
+
+class StepTimer:
+    """Seconds of merge's steps ("reading", "folding", "writing"), into `details` as `<field>_seconds`."""
+
+    def __init__(self, details: dict[str, object]) -> None:
+        self.details, self.current, self.since = details, None, time.perf_counter()
+
+    def step(self, name: str | None) -> None:
+        """Close the running step (if any) and start `name` (None: only close)."""
+        now = time.perf_counter()
+        if self.current in STEP_FIELDS:
+            self.details[STEP_FIELDS[self.current]] = round(now - self.since, 4)
+        self.current, self.since = name, now
+
+
+def _finish(
+    item: WorkItem, status: Status, reason: str | None, start: tuple[float, float], details: dict
+) -> ItemResult:
+    wall, cpu = round(time.perf_counter() - start[0], 4), round(time.process_time() - start[1], 4)
+    return item_result(item, status, reason, seconds=wall, cpu_seconds=cpu, **details)
 
 
 def _readiness(item: WorkItem, result: object, wanted: Readiness) -> dict[str, dict]:
@@ -170,16 +207,28 @@ def max_verify_error(item: WorkItem, merged: tuple[Path, Path], backend: str = "
     return verify((item.prototxt, item.caffemodel), merged, backend).max_relative
 
 
+def new_cache() -> "NetCache":
+    """A `pipeline.NetCache` for the deployments converted in one process."""
+    from ..pipeline import NetCache
+
+    return NetCache()
+
+
+_worker_cache: "NetCache | None" = None  # this worker process's NetCache (set by `_init_worker`)
+
+
 def _init_worker(opencv: bool) -> None:
     """Worker processes: one BLAS / OpenMP / OpenCV thread each (unless set otherwise), so that N
-    workers use N cores, not N * cores. (The BLAS settings take effect when numpy was not loaded yet,
-    as in `merge-bn batch`, whose own process leaves it to the workers.) A termination signal
-    (SIGTERM to the process group, or from the parent) removes the worker's temporary files and
-    ends it at once with 128 + signal."""
+    workers use N cores, not N * cores; then the worker's NetCache, made once. (The BLAS settings
+    take effect when numpy was not loaded yet, as in `merge-bn batch`, whose own process leaves it
+    to the workers.) A termination signal (SIGTERM to the process group, or from the parent)
+    removes the worker's temporary files and ends it at once with 128 + signal."""
+    global _worker_cache
     for signum in TERMINATING:
         signal.signal(signum, _end_worker)
     for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(variable, "1")
+    _worker_cache = new_cache()
     if opencv:
         try:
             import cv2
@@ -194,15 +243,32 @@ def _end_worker(signum: int, frame: object) -> None:
     os._exit(128 + signum)
 
 
+def _convert_in_worker(item: WorkItem, settings: Settings) -> ItemResult:
+    return convert_item(item, settings, _worker_cache)
+
+
+def start_workers(jobs: int, settings: Settings) -> ProcessPoolExecutor:
+    """A pool of `jobs` worker processes, launched now: they load while this process goes on (e.g.
+    finding the deployments). The caller shuts it down (it is a context manager)."""
+    context = multiprocessing.get_context(START_METHOD)
+    _start_resource_tracker()
+    opencv = settings.verify or settings.readiness.benchmark > 0
+    pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker, initargs=(opencv,))
+    pool.submit(int)  # a pool that does not fork starts all its processes on the first task
+    return pool
+
+
 def run_items(
     items: Sequence[WorkItem],
     jobs: int = 1,
     settings: Settings = Settings(),
     on_result: Callable[[ItemResult], None] | None = None,
+    workers: ProcessPoolExecutor | None = None,
 ) -> list[ItemResult]:
-    """Convert `items` (in this process when `jobs` is 1, else in `jobs` worker processes); call
-    `on_result` as each finishes; return the results in the order of `items`. Items whose worker
-    process died (a crash in native code) are retried alone, each in a fresh process."""
+    """Convert `items` (in this process when `jobs` is 1, else in `jobs` worker processes: those of
+    `workers`, from `start_workers`, if given); call `on_result` as each finishes; return the
+    results in the order of `items`. Items whose worker process died (a crash in native code) are
+    retried alone, each in a fresh process."""
     results: dict[str, ItemResult] = {}
 
     def done(result: ItemResult) -> None:
@@ -211,10 +277,11 @@ def run_items(
             on_result(result)
 
     if jobs <= 1 or len(items) <= 1:
+        cache = new_cache()
         for item in items:
-            done(convert_item(item, settings))
+            done(convert_item(item, settings, cache))
     else:
-        crashed = _run_pool(items, min(jobs, len(items)), settings, done)
+        crashed = _run_pool(items, min(jobs, len(items)), settings, done, workers)
         for item in crashed:
             # its worker may have published it before the pool broke: the outputs are ours to replace
             again = _run_pool([item], 1, replace(settings, overwrite=True), done)
@@ -224,16 +291,18 @@ def run_items(
 
 
 def _run_pool(
-    items: Sequence[WorkItem], jobs: int, settings: Settings, done: Callable[[ItemResult], None]
+    items: Sequence[WorkItem],
+    jobs: int,
+    settings: Settings,
+    done: Callable[[ItemResult], None],
+    workers: ProcessPoolExecutor | None = None,
 ) -> list[WorkItem]:
-    """Run `items` on a pool of `jobs` processes; return those lost to a dead worker. Interrupted
-    (a signal), it ends the workers (each removes its temporary files) before passing it on."""
+    """Run `items` on `workers`, else on a pool of `jobs` processes of its own; return the items
+    lost to a dead worker. Interrupted (a signal), it ends the workers (each removes its temporary
+    files) before passing it on."""
     crashed = []
-    context = multiprocessing.get_context(START_METHOD)
-    _start_resource_tracker()
-    opencv = settings.verify or settings.readiness.benchmark > 0
-    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker, initargs=(opencv,)) as pool:
-        futures = {pool.submit(convert_item, item, settings): item for item in items}
+    with nullcontext(workers) if workers is not None else start_workers(jobs, settings) as pool:
+        futures = {pool.submit(_convert_in_worker, item, settings): item for item in items}
         try:
             for future in as_completed(futures):
                 item = futures[future]

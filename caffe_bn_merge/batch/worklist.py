@@ -1,13 +1,14 @@
 """The work list of a batch run: every deployment with its outputs and key, sorted; output checks; shards."""
 
+import dataclasses
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from ..errors import UsageError
 from ..io.outputs import file_key
-from .discovery import CAFFEMODEL_SUFFIX, PROTOTXT_SUFFIX, Discovery, ManifestEntry, discover, read_manifest
+from .discovery import CAFFEMODEL_SUFFIX, PROTOTXT_SUFFIX, Discovery, ManifestEntry, pair, read_manifest, walk
 
 
 @dataclass(frozen=True)
@@ -52,20 +53,36 @@ def source_prefixes(roots: Sequence[Path]) -> list[str]:
 
 
 def plan_discovered(discoveries: Sequence[Discovery], outdir: Path) -> list[WorkItem]:
-    """Work items for discovered pairings, mirroring each SRC tree under OUTDIR (prefixed by the SRC
-    folder's name when there are several): `<folder>/<caffemodel stem>.{prototxt,caffemodel}`.
-    A caffemodel found under several roots is kept once (first root). Sorted by key."""
+    """Work items for every caffemodel `walk` listed, mirroring each SRC tree under OUTDIR (prefixed
+    by the SRC folder's name when there are several): `<folder>/<caffemodel stem>.{prototxt,caffemodel}`.
+    A caffemodel found under several roots is kept once (first root). Sorted by key. Keys depend on
+    paths alone: no prototxt is paired yet (`with_pairings` does that for the items kept)."""
     items, seen = [], set()
     for found, prefix in zip(discoveries, source_prefixes([d.root for d in discoveries]), strict=True):
-        for pairing in found.pairings:
-            resolved = pairing.caffemodel.resolve()
+        for caffemodel in found.caffemodels:
+            resolved = caffemodel.resolve()
             if resolved in seen:
                 continue
             seen.add(resolved)
-            relative = pairing.caffemodel.relative_to(found.root).with_suffix("")
+            relative = caffemodel.relative_to(found.root).with_suffix("")
             key = PurePosixPath(prefix, *relative.parts) if prefix else PurePosixPath(*relative.parts)
-            items.append(_item(key, outdir, pairing.prototxt, pairing.caffemodel, pairing.problem))
+            items.append(_item(key, outdir, None, caffemodel, None))
     return sorted(items, key=lambda item: item.key)
+
+
+def with_pairings(items: Sequence[WorkItem], discoveries: Sequence[Discovery]) -> list[WorkItem]:
+    """`items` (of `plan_discovered`) with their deploy prototxts: only the folders holding one of
+    them are paired (their prototxts read), and only their notes kept. Items that pairing leaves
+    out (our own earlier outputs, already-merged pairs: each with a note) are dropped."""
+    wanted = {item.caffemodel for item in items}
+    pairings = {p.caffemodel: p for found in discoveries for p in pair(found, only=wanted).pairings}
+    return [
+        dataclasses.replace(
+            item, prototxt=pairings[item.caffemodel].prototxt, problem=pairings[item.caffemodel].problem
+        )
+        for item in items
+        if item.caffemodel in pairings
+    ]
 
 
 def plan_manifest(entries: Sequence[ManifestEntry], manifest: Path, outdir: Path) -> list[WorkItem]:
@@ -90,10 +107,11 @@ def plan_manifest(entries: Sequence[ManifestEntry], manifest: Path, outdir: Path
     return sorted(items, key=lambda item: item.key)
 
 
-def check_outputs(items: Sequence[WorkItem], protected: Iterable[Path] = ()) -> None:
+def check_outputs(items: Sequence[WorkItem], protected: Iterable[Path] = ()) -> set[Path]:
     """Refuse (UsageError) two items writing the same file, and any output that is an input of
     an item or one of the `protected` source files (the same file by device and inode when it
-    exists: hard links and bind mounts too), or that exists and is not a regular file."""
+    exists: hard links and bind mounts too), or that exists and is not a regular file; return the
+    outputs, resolved."""
     sources = {file_key(p) for p in protected}
     for item in items:
         sources.update(file_key(p) for p in (item.prototxt, item.caffemodel) if p is not None)
@@ -108,6 +126,7 @@ def check_outputs(items: Sequence[WorkItem], protected: Iterable[Path] = ()) -> 
             if key[0] == "file" and not out.is_file():
                 raise UsageError(f"{out}: exists and is not a regular file; refusing to replace it, even with --force")
             writers[key] = item.key
+    return {out.resolve() for item in items for out in (item.out_prototxt, item.out_caffemodel)}
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -119,6 +138,51 @@ def parse_shard(text: str) -> tuple[int, int]:
     if not 1 <= index <= count:
         raise ValueError(f"shard '{text}': need 1 <= i <= n")
     return index, count
+
+
+SHARD_COUNT_VARIABLE = "MERGE_BN_SHARD_COUNT"  # the shard count of a Kubernetes Indexed Job, if not --shard-count
+
+
+def auto_shard(env: Mapping[str, str], count: int | None = None) -> tuple[int, int]:
+    """(i, n) of this task of a job array, from the scheduler's environment: Slurm's
+    SLURM_ARRAY_TASK_ID / _MIN / _STEP / _COUNT, else a Kubernetes Indexed Job's JOB_COMPLETION_INDEX
+    (from 0) with `count` (--shard-count) or MERGE_BN_SHARD_COUNT. Raises UsageError."""
+    if "SLURM_ARRAY_TASK_ID" in env:
+        task, first = _whole(env, "SLURM_ARRAY_TASK_ID"), _whole(env, "SLURM_ARRAY_TASK_MIN")
+        step = _whole(env, "SLURM_ARRAY_TASK_STEP") if "SLURM_ARRAY_TASK_STEP" in env else 1
+        tasks = _whole(env, "SLURM_ARRAY_TASK_COUNT")
+        if count is not None and count != tasks:
+            raise UsageError(f"--shard-count {count} but the Slurm array has {tasks} tasks")
+        position, off_step = divmod(task - first, max(step, 1))
+        if off_step or not 0 <= position < tasks:
+            raise UsageError(
+                f"Slurm array task {task} is not one of {tasks} evenly spaced tasks from {first} (step {step}); "
+                "use an array like --array=0-N-1, or --shard i/n"
+            )
+        return position + 1, tasks
+    if "JOB_COMPLETION_INDEX" in env:
+        index = _whole(env, "JOB_COMPLETION_INDEX")
+        if count is None and SHARD_COUNT_VARIABLE in env:
+            count = _whole(env, SHARD_COUNT_VARIABLE)
+        if count is None:
+            raise UsageError(
+                f"--shard auto in a Kubernetes Indexed Job needs the job's completions as --shard-count "
+                f"or {SHARD_COUNT_VARIABLE}"
+            )
+        if not 0 <= index < count:
+            raise UsageError(f"JOB_COMPLETION_INDEX {index} is not below the shard count {count}")
+        return index + 1, count
+    raise UsageError("--shard auto: neither SLURM_ARRAY_TASK_ID (Slurm) nor JOB_COMPLETION_INDEX (Kubernetes) is set")
+
+
+def _whole(env: Mapping[str, str], name: str) -> int:
+    """The whole number in env[name]; UsageError when unset or not a number."""
+    if name not in env:
+        raise UsageError(f"--shard auto: {name} is not set")
+    try:
+        return int(env[name])
+    except ValueError:
+        raise UsageError(f"--shard auto: {name}={env[name]!r} is not a whole number") from None
 
 
 def shard(items: Sequence[WorkItem], index: int, count: int) -> list[WorkItem]:
@@ -139,27 +203,29 @@ def is_up_to_date(item: WorkItem) -> bool:
 
 @dataclass
 class WorkList:
-    """The full sorted work list and the notes made while building it."""
+    """The sorted work list (of one shard) and the notes made while building it."""
 
-    items: list[WorkItem]
+    items: list[WorkItem]  # this shard's (all when not sharded)
     notes: list[str]
     protected: set[Path] = field(default_factory=set)  # source files (resolved): never written
+    unread: list[str] = field(default_factory=list)  # folders and inputs discovery could not read
+    total: int = 0  # items in the whole work list, of all shards
+    outputs: set[Path] = field(default_factory=set)  # every output of the whole work list (resolved)
 
-    @property
-    def outputs(self) -> set[Path]:
-        return {p.resolve() for item in self.items for p in (item.out_prototxt, item.out_caffemodel)}
 
-
-def build_work_list(sources: Sequence[Path], outdir: Path, manifest: Path | None = None) -> WorkList:
-    """Discover (or read the manifest), plan outputs and check them; raises UsageError."""
+def build_work_list(
+    sources: Sequence[Path], outdir: Path, manifest: Path | None = None, part: tuple[int, int] | None = None
+) -> WorkList:
+    """Discover (or read the manifest), plan outputs and check them for the whole fleet; keep shard
+    `part` (i, n) of it, if given, pairing only its caffemodels with their prototxts. Raises UsageError."""
     outdir = Path(outdir)
     if manifest is not None:
         if sources:
             raise UsageError("give SRC folders or --manifest, not both")
-        items = plan_manifest(read_manifest(manifest), manifest, outdir)
-        protected = {Path(manifest).resolve()} | _inputs(items)
-        check_outputs(items, protected)
-        return WorkList(items, [], protected)
+        every = plan_manifest(read_manifest(manifest), manifest, outdir)
+        protected = {Path(manifest).resolve()} | _inputs(every)
+        outputs = check_outputs(every, protected)
+        return WorkList(shard(every, *part) if part else every, [], protected, [], len(every), outputs)
     if not sources:
         raise UsageError("no SRC folder given (or --manifest)")
     for source in sources:
@@ -168,13 +234,17 @@ def build_work_list(sources: Sequence[Path], outdir: Path, manifest: Path | None
         if Path(source).resolve() == outdir.resolve():
             raise UsageError(f"{source}: OUTDIR is a source folder; choose another --out")
     roots = list(dict.fromkeys(Path(s) for s in sources))
-    discoveries = [discover(root, ignore=[outdir]) for root in roots]
-    items = plan_discovered(discoveries, outdir)
-    if not items:
-        raise UsageError(f"found no caffemodel under {', '.join(map(str, roots))}")
-    protected = set().union(*(d.files for d in discoveries)) | _inputs(items)
-    check_outputs(items, protected)
-    return WorkList(items, [note for d in discoveries for note in d.notes], protected)
+    discoveries = [walk(root, ignore=[outdir]) for root in roots]
+    every = plan_discovered(discoveries, outdir)
+    unread = [line for d in discoveries for line in d.unread]
+    if not every:
+        also = f" ({len(unread)} not read, e.g. {unread[0]})" if unread else ""
+        raise UsageError(f"found no caffemodel under {', '.join(map(str, roots))}{also}")
+    protected = set().union(*(d.files for d in discoveries))
+    outputs = check_outputs(every, protected)
+    items = with_pairings(shard(every, *part) if part else every, discoveries)
+    notes = [note for d in discoveries for note in d.notes]
+    return WorkList(items, notes, protected, unread, len(every), outputs)
 
 
 def _inputs(items: Iterable[WorkItem]) -> set[Path]:

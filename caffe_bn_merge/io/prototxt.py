@@ -11,7 +11,7 @@ written on one line, else with its indent step, line ends and comments.
 
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from google.protobuf import text_format
 
@@ -165,6 +165,9 @@ class NetText:
     schema: "Schema"
     unknown_fields: bool = False  # the text holds fields the schema does not know
     upgraded: bool = False  # V1 `layers`: every block is printed anew in the `layer` form
+    # Changed layers as printed, by (serialized layer, block start): a NetText reused for many
+    # caffemodels (`pipeline.NetCache`) prints each distinct changed layer once.
+    rendered: dict[tuple[bytes, int], str] = field(default_factory=dict, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -256,8 +259,16 @@ def render_net_text(original: NetText, net: object, origin: Sequence[int]) -> st
         elif layer == original.net.layer[i] and not original.upgraded:
             replacements.append(None)
         else:
-            replacements.append(_rewritten(original, block, layer))
+            replacements.append(_render_once(original, block, layer))
     return splice(original.text, original.blocks, replacements)
+
+
+def _render_once(original: NetText, block: Block, layer: object) -> str:
+    """`_rewritten(original, block, layer)`, remembered in `original.rendered`."""
+    key = (layer.SerializeToString(deterministic=True), block.start)
+    if key not in original.rendered:
+        original.rendered[key] = _rewritten(original, block, layer)
+    return original.rendered[key]
 
 
 def _rewritten(original: NetText, block: Block, layer: object) -> str:

@@ -83,7 +83,18 @@ def read_net(path: Path, max_mb: int = MAX_PROTOTXT_MB) -> object:
 def read_net_text(path: Path, schema: prototxt.Schema | None = None, max_mb: int = MAX_PROTOTXT_MB) -> prototxt.NetText:
     """Parse a net prototxt of at most `max_mb` MB, keeping its text and which layers our schema
     cannot fully read."""
-    text = _read_text(path, "--model", max_mb)
+    return parse_net_bytes(path, read_net_bytes(path, max_mb), schema)
+
+
+def read_net_bytes(path: Path, max_mb: int = MAX_PROTOTXT_MB) -> bytes:
+    """The bytes of a net prototxt given as --model, at most `max_mb` MB (one clear InputError when
+    unreadable or larger)."""
+    return bytes(read_regular(path, "--model", max_mb << 20, "--max-prototxt-mb"))
+
+
+def parse_net_bytes(path: Path, raw: bytes, schema: prototxt.Schema | None = None) -> prototxt.NetText:
+    """`read_net_text` of the bytes `raw` read from `path` (named in errors)."""
+    text = _decode_text(path, raw)
     schema = schema or our_schema()
     try:
         parsed = prototxt.parse_net_text(text, schema)
@@ -121,10 +132,9 @@ def _not_a_net(text: str, err: text_format.ParseError | None) -> str:
     return f"not a Caffe net prototxt ({err}); check the --model file"
 
 
-def _read_text(path: Path, flag: str, max_mb: int) -> str:
+def _decode_text(path: Path, raw: bytes) -> str:
     """The file as UTF-8 text, without a byte order mark (Caffe's and OpenCV's parsers refuse one,
     so what we write never holds one)."""
-    raw = read_regular(path, flag, max_mb << 20, "--max-prototxt-mb")
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:

@@ -41,13 +41,16 @@ def test_verify_sample_nets(name: str, tmp_path, capsys) -> None:
 
 
 @pytest.mark.parametrize("name", REAL)
-@pytest.mark.parametrize("backend", ["opencv", "caffe"])
+@pytest.mark.parametrize("backend", ["opencv", "caffe", "reference"])
 def test_verify_real_nets(name: str, backend: str, real_nets, tmp_path, capsys, request) -> None:
     if backend == "caffe":
         request.getfixturevalue("pycaffe")
     model, weights = (real_nets / name / f for f in REAL[name])
-    assert main(_args(model, weights, tmp_path, "--verify", "--backend", backend)) == 0
+    report = tmp_path / "r.json"
+    assert main(_args(model, weights, tmp_path, "--verify", "--backend", backend, "--report", str(report))) == 0
     assert f"verify on {backend}: passed" in capsys.readouterr().out
+    if backend == "reference":  # float64 end to end: only our float32 rounding of folded weights is left
+        assert json.loads(report.read_text())["verify"]["max_relative_error"] < 1e-5
 
 
 def test_ssd_verify_reports_detection_output_as_information(tmp_path, capsys) -> None:

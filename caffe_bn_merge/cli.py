@@ -353,9 +353,8 @@ def _more_paths(args: argparse.Namespace) -> "tuple[list[Path], list[Output]]":
     if args.keep_failed and args.verify and not args.dry_run:
         if not args.keep_failed.is_dir():
             raise OutputError(f"{args.keep_failed}: --keep-failed needs an existing folder")
-        model, weights = default_outputs(args.model, args.weights)
-        names = (args.output_weights or weights).name, (args.output_model or model).name
-        wanted += [Output(args.keep_failed / name, "--keep-failed") for name in names]
+        pair = default_outputs(args.model, args.weights, args.output_model, args.output_weights)
+        wanted += [Output(args.keep_failed / path.name, "--keep-failed") for path in pair]
     return inputs, wanted
 
 

@@ -116,3 +116,27 @@ def test_batch_verify_takes_backend_and_tolerance(args, status, reason, tmp_path
     written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     pairs = [f"{stem}/net.{suffix}" for stem in "ab" for suffix in ("caffemodel", "prototxt")]
     assert written == (pairs if status == "converted" else [])
+
+
+@pytest.mark.parametrize(
+    ("given", "clash"),
+    [
+        (["--output-model", "out/w.prototxt"], "w.caffemodel"),  # the caffemodel beside it: w.caffemodel
+        (["--output-weights", "out/net.caffemodel"], "net.prototxt"),  # the prototxt beside it: net.prototxt
+        (["--output-model", "out/w.prototxt", "--output-weights", "out/w.caffemodel"], "w.caffemodel"),
+    ],
+    ids=["model given", "weights given", "both given"],
+)
+def test_keep_failed_never_replaces_an_input(given, clash, tmp_path, monkeypatch, capsys) -> None:
+    """--keep-failed DIR keeps the pair under the names it would have had: those names are the ones
+    checked against the inputs, also when one output is given and the other goes beside it."""
+    (tmp_path / "out").mkdir()
+    model, weights = copy_sample(tmp_path)
+    weights = weights.rename(tmp_path / "w.caffemodel")
+    monkeypatch.chdir(tmp_path)
+    before = _digests(tmp_path)
+    code = main(["--model", model.name, "--weights", weights.name, *given, "--verify", "--backend", "reference",
+                 "--tolerance", "0", "--keep-failed", ".", "-q"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and clash in err and "--keep-failed equals an input" in err, err
+    assert _digests(tmp_path) == before

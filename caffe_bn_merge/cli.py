@@ -277,6 +277,7 @@ def _run(args: argparse.Namespace) -> int:
     from .pipeline import MergeOptions, merge
     from .rules.hosts import DEFAULT_CONV_LIKE
 
+    _check_benchmark_backend(args)
     more_inputs, more_outputs = _more_paths(args)
     _load_plugins(args.layer_plugin)
     console, errors = None if args.quiet else make_console(), make_console(stderr=True)
@@ -325,6 +326,15 @@ def _run(args: argparse.Namespace) -> int:
     finally:
         staged.discard()
     return 0
+
+
+def _check_benchmark_backend(args: argparse.Namespace) -> None:
+    """--benchmark times on the engines of `BENCHMARKS` only (a usage error before any work)."""
+    from .errors import UsageError
+    from .verification.benchmark import BENCHMARKS
+
+    if args.benchmark and args.backend != "auto" and args.backend not in BENCHMARKS:
+        raise UsageError(f"--benchmark times on {' or '.join(sorted(BENCHMARKS))}, not on --backend {args.backend}")
 
 
 def _load_plugins(paths: Sequence[Path]) -> None:

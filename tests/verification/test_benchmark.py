@@ -10,6 +10,7 @@ import jsonschema
 import numpy as np
 import pytest
 from conftest import ROOT
+from harness import copy_sample
 
 from caffe_bn_merge.cli import main
 from caffe_bn_merge.report import report_schema
@@ -114,3 +115,15 @@ def test_benchmark_on_a_real_net(backend: str, real_nets: Path, tmp_path: Path, 
     argv = ["--model", str(model), "--weights", str(weights), *out, "--benchmark", "2", "--backend", backend]
     assert main(argv) == 0
     assert re.search(r"merged / original\s*│\s*\d\.\d{3}\s*│\s*\d\.\d{3} - \d\.\d{3}", capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("extra", [[], ["--verify"], ["--dry-run"]], ids=["alone", "with --verify", "dry run"])
+def test_benchmark_on_an_engine_that_cannot_time_is_a_usage_error(tmp_path: Path, capsys, extra) -> None:
+    """--backend reference verifies but does not time: one line, exit 2, nothing written (it was
+    an internal error, KeyError 'reference')."""
+    model, weights = copy_sample(tmp_path)
+    code = main(["--model", str(model), "--weights", str(weights), "--benchmark", "2", "--backend", "reference",
+                 *extra])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "--benchmark times on caffe or opencv, not on --backend reference" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net.caffemodel", "net.prototxt"]

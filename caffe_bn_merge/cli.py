@@ -9,7 +9,8 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -390,12 +391,29 @@ def _verify(args: argparse.Namespace, result: "MergeResult") -> "tuple[VerifyRes
     """Verify the staged pair: (the result, None), or (None, why no engine could run it)."""
     from .verification.compare import verify
 
-    original = (args.model, args.weights)
     merged = (result.staged.temporary(result.output_model), result.staged.temporary(result.output_weights))
-    try:
-        return verify(original, merged, args.backend, args.tolerance, args.input, args.seed), None
-    except VerifyError as err:
-        return None, err
+    with _original_as_folded(args.model, result.assume_global_stats) as model:
+        try:
+            return verify((model, args.weights), merged, args.backend, args.tolerance, args.input, args.seed), None
+        except VerifyError as err:
+            return None, err
+
+
+@contextmanager
+def _original_as_folded(model: Path, assume_global_stats: bool) -> Iterator[Path]:
+    """The original prototxt as --verify runs it: with --assume-global-stats, a temporary copy whose
+    BatchNorm layers set to batch statistics use their stored ones, the function the merge folded."""
+    if not assume_global_stats:
+        yield model
+        return
+    import re
+    import tempfile
+
+    text = re.sub(rb"\buse_global_stats\s*:\s*(?:false|False|f|0)\b", b"use_global_stats: true", model.read_bytes())
+    with tempfile.TemporaryDirectory(prefix="caffe-bn-merge-") as folder:
+        copy = Path(folder) / model.name
+        copy.write_bytes(text)
+        yield copy
 
 
 def _reject(

@@ -140,3 +140,19 @@ def test_keep_failed_never_replaces_an_input(given, clash, tmp_path, monkeypatch
     err = capsys.readouterr().err
     assert code == 2 and clash in err and "--keep-failed equals an input" in err, err
     assert _digests(tmp_path) == before
+
+
+@pytest.mark.parametrize("backend", ["reference", "opencv"])
+@pytest.mark.parametrize("spelling", ["use_global_stats: false", "use_global_stats:0", "use_global_stats :False"])
+def test_assume_global_stats_verifies_what_it_folded(backend, spelling, tmp_path, monkeypatch, capsys) -> None:
+    """--assume-global-stats folds the stored statistics; --verify checks that fold against the
+    original read the same way (it compared with batch statistics: exit 3 and 'please report it')."""
+    model, weights = copy_sample(tmp_path)
+    text = model.read_text().replace('type: "BatchNorm"', f'type: "BatchNorm"\n  batch_norm_param {{ {spelling} }}')
+    model.write_text(text)
+    before = model.read_bytes()
+    code = main(["--model", str(model), "--weights", str(weights), "--assume-global-stats", "--verify",
+                 "--backend", backend, "--report", str(tmp_path / "r.json"), "-q"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["verify"]["passed"] and report["assume_global_stats"] and model.read_bytes() == before

@@ -127,3 +127,29 @@ def test_benchmark_on_an_engine_that_cannot_time_is_a_usage_error(tmp_path: Path
     err = capsys.readouterr().err
     assert code == 2 and "--benchmark times on caffe or opencv, not on --backend reference" in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["net.caffemodel", "net.prototxt"]
+
+
+@pytest.mark.parametrize("verify", [[], ["--verify"]], ids=["alone", "with --verify"])
+def test_a_net_no_engine_can_time_is_still_written(tmp_path: Path, capsys, monkeypatch, verify) -> None:
+    """Only the reference engine runs this net (no pycaffe; OpenCV has no Upsample): --verify passes
+    on it, --benchmark times nothing and says so; the merged pair is written, exit 0 (it was exit 3,
+    nothing written)."""
+    from caffe_bn_merge.synthetic.synth import NetBuilder
+    from caffe_bn_merge.verification.pycaffe import ENV_PYTHON
+
+    monkeypatch.setenv(ENV_PYTHON, str(tmp_path / "no-such-python"))
+    b = NetBuilder("up", (1, 3, 8, 8), seed=3)
+    top = b.conv("data", 4, name="conv1")
+    b.bn(top, name="bn1")
+    b.scale(top, name="scale1")
+    model, weights, report = tmp_path / "net.prototxt", tmp_path / "net.caffemodel", tmp_path / "r.json"
+    b.save(model, weights)
+    upsample = 'layer { name: "up" type: "Upsample" bottom: "conv1" top: "up" upsample_param { scale: 2 } }\n'
+    model.write_text(model.read_text() + upsample)
+    code = main(["--model", str(model), "--weights", str(weights), "--benchmark", "2", "--report", str(report),
+                 "-q", *verify])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    data = json.loads(report.read_text())
+    assert data["benchmark"] is None and any(w.startswith("--benchmark: nothing timed") for w in data["warnings"])
+    assert (data["verify"] or {"backend": "reference"})["backend"] == "reference"
+    assert (tmp_path / "net_merged.prototxt").is_file() and (tmp_path / "net_merged.caffemodel").is_file()

@@ -7,6 +7,7 @@ further from the original than --tolerance.
 
 import argparse
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -431,7 +432,8 @@ def _reject(
     if failure is not None:
         reason = f"could not verify the merged model: {failure}"
     else:
-        worst = max((e for e in checked.errors if e.gating), key=lambda e: e.relative, default=None)
+        gating = [e for e in checked.errors if e.gating]
+        worst = max(gating, key=lambda e: math.inf if math.isnan(e.relative) else e.relative, default=None)
         blob = f"blob '{worst.blob}' relative error {worst.relative:.3g}" if worst else "no blob compared"
         reason = f"verification failed on {checked.backend}: {blob} > tolerance {checked.tolerance:g}"
     print(f"merge-bn: error: {reason}; no output written{kept}", file=sys.stderr)

@@ -55,7 +55,8 @@ class VerifyResult:
 
     @property
     def max_relative(self) -> float:
-        return max((e.relative for e in self.errors if e.gating), default=0.0)
+        """The largest gating error; NaN when any is NaN (Python's `max` would skip it)."""
+        return float(np.max([e.relative for e in self.errors if e.gating], initial=0.0))
 
     @property
     def passed(self) -> bool:

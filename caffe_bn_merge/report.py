@@ -103,13 +103,13 @@ def _verify_json(checked: VerifyResult) -> dict[str, Any]:
         "tolerance": checked.tolerance,
         "inputs": checked.inputs,
         "passed": checked.passed,
-        "max_relative_error": checked.max_relative,
+        "max_relative_error": _finite(checked.max_relative),
         "blobs": [
             {
                 "blob": e.blob,
-                "max_abs_error": e.max_abs,
-                "scale": e.scale,
-                "relative_error": e.relative,
+                "max_abs_error": _finite(e.max_abs),
+                "scale": _finite(e.scale),
+                "relative_error": _finite(e.relative),
                 "gating": e.gating,
             }
             for e in checked.errors
@@ -134,7 +134,7 @@ def _benchmark_json(bench: BenchmarkResult) -> dict[str, Any]:
 
 
 def _finite(value: float) -> float | None:
-    """JSON has no infinity: an exact (error-free) result is null."""
+    """JSON has no NaN or infinity: such a value (an exact SQNR, a non-finite verify error) is null."""
     return value if math.isfinite(value) else None
 
 

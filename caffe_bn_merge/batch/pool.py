@@ -1,6 +1,7 @@
 """Converting deployments: one in this process (`convert_item`, never raises) or many in warm worker
 processes (`run_items`), each result reported as it finishes."""
 
+import math
 import multiprocessing
 import os
 import signal
@@ -112,7 +113,7 @@ def convert_item(item: WorkItem, settings: Settings = Settings()) -> ItemResult:
         if settings.verify:
             merged = (staged.temporary(item.out_prototxt), staged.temporary(item.out_caffemodel))
             error = max_verify_error(item, merged, settings.backend)
-            details["max_verify_error"] = error
+            details["max_verify_error"] = error if math.isfinite(error) else None  # JSON has no NaN
             if not error <= settings.tolerance:
                 reason = f"verification failed: max relative error {error:.3g} > {settings.tolerance:g} (not written)"
                 return _finish(item, Status.FAILED, reason, start, details)

@@ -157,6 +157,11 @@ def test_a_nan_in_the_merged_outputs_is_exit_3_naming_its_blob(which: int, tmp_p
 
     monkeypatch.setitem(compare.BACKENDS, "reference", spoiled)
     model, weights = SAMPLES / "mobilenet_ssd.prototxt", SAMPLES / "mobilenet_ssd.caffemodel"
-    assert main(_args(model, weights, tmp_path, "--verify", "--backend", "reference", "-q")) == 3
+    report = tmp_path / "r.json"
+    args = _args(model, weights, tmp_path, "--verify", "--backend", "reference", "-q", "--report", str(report))
+    assert main(args) == 3
     err = capsys.readouterr().err
+    data = json.loads(report.read_text(), parse_constant=lambda name: pytest.fail(f"{name} in the JSON report"))
+    jsonschema.validate(data, report_schema())
+    assert data["verify"]["passed"] is False and data["verify"]["max_relative_error"] is None
     assert f"blob '{calls[1][1]}" in err and "relative error nan" in err, err

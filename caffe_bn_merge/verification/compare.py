@@ -29,6 +29,10 @@ RESHAPING_TYPES = ("Flatten", "Reshape", "Permute", "Squeeze", "Split")  # move 
 Runner = Callable[[Path, Path, dict[str, np.ndarray], list[tuple[str, str]]], list[np.ndarray]]
 
 
+class MergedRunError(VerifyError):
+    """An engine ran the original model but not the merged one."""
+
+
 @dataclass(frozen=True)
 class BlobError:
     """How far one blob of the merged model is from the original."""
@@ -218,7 +222,10 @@ def compare_models(
         raise VerifyError(f"{merged[0]}: no output blob in common with {original[0]}")
     run = BACKENDS[backend]
     reference = run(*original, inputs, [(want[label].layer, want[label].top) for label in labels])
-    result = run(*merged, inputs, [(have[label].layer, have[label].top) for label in labels])
+    try:
+        result = run(*merged, inputs, [(have[label].layer, have[label].top) for label in labels])
+    except VerifyError as err:
+        raise MergedRunError(f"{backend} runs the original model but not the merged one: {err}") from err
     return [
         BlobError(
             label,
@@ -239,7 +246,9 @@ def verify(
     seed: int = 0,
 ) -> VerifyResult:
     """Run both models on the same inputs and judge the merged one against `tolerance`. `auto`
-    takes the first engine of `BACKENDS` that runs both models, and says which it passed over."""
+    takes the first engine of `BACKENDS` that runs the original model, and says which it passed
+    over; an engine that runs the original but not the merged model fails verification
+    (`MergedRunError`)."""
     original, merged = _paths(original), _paths(merged)
     inputs = load_inputs(original[0], input_specs or [], seed)
     described = ", ".join(input_specs) if input_specs else f"random normal, seed {seed}"
@@ -247,6 +256,8 @@ def verify(
     for engine in BACKENDS if backend == "auto" else (backend,):
         try:
             errors = compare_models(original, merged, inputs, engine)
+        except MergedRunError:
+            raise  # a verdict on the merged model: another engine must not pass it
         except VerifyError as err:
             if backend != "auto":
                 raise

@@ -101,3 +101,37 @@ def test_a_broken_layer_plugin_is_bad_input(tmp_path, capsys) -> None:
     args = ["--model", str(model), "--weights", str(weights), "--verify", "--layer-plugin", str(plugin)]
     assert main(args) == 2
     assert "boom" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("refusing", ["caffe", "opencv"])
+@pytest.mark.parametrize("backend", ["auto", "refusing"])
+def test_an_engine_that_runs_the_original_but_not_the_merged_model_fails_it(
+    refusing, backend, tmp_path, monkeypatch, capsys
+) -> None:
+    """A merged model that an engine refuses while it runs the original (a Caffe user could not
+    load it) fails --verify on that engine: `auto` must not pass it on the next, more lenient one
+    (it did: exit 0 'passed on reference')."""
+    from caffe_bn_merge.errors import VerifyError
+    from caffe_bn_merge.verification import compare
+
+    def missing(*args: object) -> None:
+        raise VerifyError("not installed")
+
+    engines = ["caffe", "opencv", "reference"]
+    for engine in engines[: engines.index(refusing)]:
+        monkeypatch.setitem(compare.BACKENDS, engine, missing)
+    calls = []
+
+    def refuses_merged(model, weights, inputs, points):
+        calls.append(model)
+        if len(calls) == 2:
+            raise VerifyError(f"{refusing} cannot load {model}")
+        return compare.BACKENDS["reference"](model, weights, inputs, points)
+
+    monkeypatch.setitem(compare.BACKENDS, refusing, refuses_merged)
+    model, weights = _bias_net(tmp_path, 0)
+    code = main(["--model", str(model), "--weights", str(weights), "--verify", "--backend",
+                 refusing if backend == "refusing" else "auto", "-q"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 3 and f"{refusing} runs the original model but not the merged one" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["n.caffemodel", "n.prototxt"]

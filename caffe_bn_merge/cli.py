@@ -396,26 +396,30 @@ def _verify(args: argparse.Namespace, result: "MergeResult") -> "tuple[VerifyRes
     from .verification.compare import verify
 
     merged = (result.staged.temporary(result.output_model), result.staged.temporary(result.output_weights))
-    with _original_as_folded(args.model, result.assume_global_stats) as model:
+    assumed = result.assume_global_stats
+    with _global_stats(args.model, assumed) as model, _global_stats(merged[0], assumed) as merged_model:
         try:
-            return verify((model, args.weights), merged, args.backend, args.tolerance, args.input, args.seed), None
+            checked = verify((model, args.weights), (merged_model, merged[1]), args.backend, args.tolerance,
+                             args.input, args.seed)  # fmt: skip
+            return checked, None
         except VerifyError as err:
             return None, err
 
 
 @contextmanager
-def _original_as_folded(model: Path, assume_global_stats: bool) -> Iterator[Path]:
-    """The original prototxt as --verify runs it: with --assume-global-stats, a temporary copy whose
-    BatchNorm layers set to batch statistics use their stored ones, the function the merge folded."""
+def _global_stats(prototxt: Path, assume_global_stats: bool) -> Iterator[Path]:
+    """The prototxt as --verify runs it: with --assume-global-stats, a temporary copy whose BatchNorm
+    layers set to batch statistics use their stored ones (the function the merge folded; layers it
+    kept then compute the same on both sides)."""
     if not assume_global_stats:
-        yield model
+        yield prototxt
         return
     import re
     import tempfile
 
-    text = re.sub(rb"\buse_global_stats\s*:\s*(?:false|False|f|0)\b", b"use_global_stats: true", model.read_bytes())
+    text = re.sub(rb"\buse_global_stats\s*:\s*(?:false|False|f|0)\b", b"use_global_stats: true", prototxt.read_bytes())
     with tempfile.TemporaryDirectory(prefix="caffe-bn-merge-") as folder:
-        copy = Path(folder) / model.name
+        copy = Path(folder) / prototxt.name
         copy.write_bytes(text)
         yield copy
 

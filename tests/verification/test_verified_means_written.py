@@ -142,13 +142,17 @@ def test_keep_failed_never_replaces_an_input(given, clash, tmp_path, monkeypatch
     assert _digests(tmp_path) == before
 
 
+@pytest.mark.parametrize("kept", [False, True], ids=["all folded", "one kept as written"])
 @pytest.mark.parametrize("backend", ["reference", "opencv"])
 @pytest.mark.parametrize("spelling", ["use_global_stats: false", "use_global_stats:0", "use_global_stats :False"])
-def test_assume_global_stats_verifies_what_it_folded(backend, spelling, tmp_path, monkeypatch, capsys) -> None:
+def test_assume_global_stats_verifies_what_it_folded(backend, spelling, kept, tmp_path, monkeypatch, capsys) -> None:
     """--assume-global-stats folds the stored statistics; --verify checks that fold against the
-    original read the same way (it compared with batch statistics: exit 3 and 'please report it')."""
+    original read the same way (it compared with batch statistics: exit 3 and 'please report it'),
+    also when a BatchNorm is kept (a field we do not know) and still uses batch statistics."""
     model, weights = copy_sample(tmp_path)
     text = model.read_text().replace('type: "BatchNorm"', f'type: "BatchNorm"\n  batch_norm_param {{ {spelling} }}')
+    if kept:
+        text = text.replace('type: "BatchNorm"', 'type: "BatchNorm"\n  fork_field: 1', 1)
     model.write_text(text)
     before = model.read_bytes()
     code = main(["--model", str(model), "--weights", str(weights), "--assume-global-stats", "--verify",

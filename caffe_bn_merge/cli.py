@@ -217,6 +217,7 @@ def _readiness(
 def _print_readiness(
     console: object, bench: "BenchmarkResult | None", readiness: "list[HostReadiness] | None", everything: bool
 ) -> None:
+    from .display import message
     from .report import benchmark_table, readiness_notes, readiness_table
 
     if bench is not None:
@@ -228,7 +229,7 @@ def _print_readiness(
         else:
             console.print(table.title, markup=False, highlight=False)
         for line in readiness_notes(readiness, everything):
-            console.print(line, markup=False, highlight=False, width=80)
+            message(console, line)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -56,7 +56,7 @@ def test_verify_works_with_the_core_dependencies_alone(tmp_path) -> None:
     args = ["--model", f"{SAMPLE}.prototxt", "--weights", f"{SAMPLE}.caffemodel", "--verify",
             "--output-model", str(tmp_path / "m.prototxt"), "--output-weights", str(tmp_path / "m.caffemodel"),
             "--report", str(tmp_path / "r.json")]  # fmt: skip
-    env = {"CAFFE_BN_MERGE_PYCAFFE": NO_PYCAFFE, "PATH": "/usr/bin:/bin", "COLUMNS": "100"}
+    env = {"CAFFE_BN_MERGE_PYCAFFE": NO_PYCAFFE, "PATH": "/usr/bin:/bin", "COLUMNS": "100", "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     verified = json.loads((tmp_path / "r.json").read_text())["verify"]
@@ -135,3 +135,20 @@ def test_an_engine_that_runs_the_original_but_not_the_merged_model_fails_it(
     err = capsys.readouterr().err
     assert code == 3 and f"{refusing} runs the original model but not the merged one" in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["n.caffemodel", "n.prototxt"]
+
+
+@pytest.mark.parametrize(
+    "extra", [[], ["--threads", "1"], ["--backend", "opencv"], ["--verify"]], ids=["auto", "threads", "cv", "verify"]
+)
+def test_benchmark_with_the_core_dependencies_alone(extra, tmp_path) -> None:
+    """No OpenCV, no pycaffe: --benchmark times nothing and says why in a warning; the pair is still
+    written, exit 0 (it was an internal error: ModuleNotFoundError, exit 1)."""
+    code = "import sys; sys.modules['cv2'] = None; from caffe_bn_merge.cli import main; sys.exit(main(sys.argv[1:]))"
+    args = ["--model", f"{SAMPLE}.prototxt", "--weights", f"{SAMPLE}.caffemodel", "--benchmark", "2", "-q",
+            "--output-model", str(tmp_path / "m.prototxt"), "--report", str(tmp_path / "r.json"), *extra]  # fmt: skip
+    env = {"CAFFE_BN_MERGE_PYCAFFE": NO_PYCAFFE, "PATH": "/usr/bin:/bin", "COLUMNS": "100", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["benchmark"] is None and any("OpenCV is not installed" in w for w in report["warnings"])
+    assert (tmp_path / "m.prototxt").is_file() and (tmp_path / "m.caffemodel").is_file()

@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 _PUBLIC = {
     "InputError": "errors",
     "MergeError": "errors",
+    "MergedRunError": "errors",
     "MismatchError": "errors",
     "OutputError": "errors",
     "UsageError": "errors",

@@ -7,9 +7,11 @@ further from the original than --tolerance.
 
 import argparse
 import logging
+import math
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -226,13 +228,17 @@ def _readiness(
         temporary = result.staged.temporary
         merged = (temporary(result.output_model), temporary(result.output_weights))
         original = (args.model, args.weights)
-        bench = benchmark(original, merged, args.backend, args.benchmark, args.threads, args.input, args.seed)
+        try:
+            bench = benchmark(original, merged, args.backend, args.benchmark, args.threads, args.input, args.seed)
+        except VerifyError as err:  # the timing is extra: the merged model is still written
+            log.warning("--benchmark: nothing timed: %s", err)
     return bench, readiness
 
 
 def _print_readiness(
     console: object, bench: "BenchmarkResult | None", readiness: "list[HostReadiness] | None", everything: bool
 ) -> None:
+    from .display import message
     from .report import benchmark_table, readiness_notes, readiness_table
 
     if bench is not None:
@@ -244,7 +250,7 @@ def _print_readiness(
         else:
             console.print(table.title, markup=False, highlight=False)
         for line in readiness_notes(readiness, everything):
-            console.print(line, markup=False, highlight=False, width=80)
+            message(console, line)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -315,6 +321,7 @@ def _run(args: argparse.Namespace) -> int:
     from .pipeline import MergeOptions, merge
     from .rules.hosts import DEFAULT_CONV_LIKE
 
+    _check_benchmark_backend(args)
     more_inputs, more_outputs = _more_paths(args)
     _load_plugins(args.layer_plugin)
     console, errors = None if args.quiet else make_console(), make_console(stderr=True)
@@ -366,6 +373,15 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_benchmark_backend(args: argparse.Namespace) -> None:
+    """--benchmark times on the engines of `BENCHMARKS` only (a usage error before any work)."""
+    from .errors import UsageError
+    from .verification.benchmark import BENCHMARKS
+
+    if args.benchmark and args.backend != "auto" and args.backend not in BENCHMARKS:
+        raise UsageError(f"--benchmark times on {' or '.join(sorted(BENCHMARKS))}, not on --backend {args.backend}")
+
+
 def _load_plugins(paths: Sequence[Path]) -> None:
     """Register the reference engine's plug-in layer types; a broken plug-in is bad input."""
     if not paths:
@@ -392,9 +408,8 @@ def _more_paths(args: argparse.Namespace) -> "tuple[list[Path], list[Output]]":
     if args.keep_failed and args.verify and not args.dry_run:
         if not args.keep_failed.is_dir():
             raise OutputError(f"{args.keep_failed}: --keep-failed needs an existing folder")
-        model, weights = default_outputs(args.model, args.weights)
-        names = (args.output_weights or weights).name, (args.output_model or model).name
-        wanted += [Output(args.keep_failed / name, "--keep-failed") for name in names]
+        pair = default_outputs(args.model, args.weights, args.output_model, args.output_weights)
+        wanted += [Output(args.keep_failed / path.name, "--keep-failed") for path in pair]
     return inputs, wanted
 
 
@@ -420,13 +435,34 @@ def _verify(args: argparse.Namespace, result: "MergeResult") -> "tuple[VerifyRes
     """Verify the staged pair: (the result, None), or (None, why no engine could run it)."""
     from .verification.compare import InputLimits, verify
 
-    original = (args.model, args.weights)
     merged = (result.staged.temporary(result.output_model), result.staged.temporary(result.output_weights))
     limits = InputLimits(args.max_prototxt_mb, args.max_input_elements)
-    try:
-        return verify(original, merged, args.backend, args.tolerance, args.input, args.seed, limits), None
-    except VerifyError as err:
-        return None, err
+    assumed = result.assume_global_stats
+    with _global_stats(args.model, assumed) as model, _global_stats(merged[0], assumed) as merged_model:
+        try:
+            checked = verify((model, args.weights), (merged_model, merged[1]), args.backend, args.tolerance,
+                             args.input, args.seed, limits)  # fmt: skip
+            return checked, None
+        except VerifyError as err:
+            return None, err
+
+
+@contextmanager
+def _global_stats(prototxt: Path, assume_global_stats: bool) -> Iterator[Path]:
+    """The prototxt as --verify runs it: with --assume-global-stats, a temporary copy whose BatchNorm
+    layers set to batch statistics use their stored ones (the function the merge folded; layers it
+    kept then compute the same on both sides)."""
+    if not assume_global_stats:
+        yield prototxt
+        return
+    import re
+    import tempfile
+
+    text = re.sub(rb"\buse_global_stats\s*:\s*(?:false|False|f|0)\b", b"use_global_stats: true", prototxt.read_bytes())
+    with tempfile.TemporaryDirectory(prefix="caffe-bn-merge-") as folder:
+        copy = Path(folder) / prototxt.name
+        copy.write_bytes(text)
+        yield copy
 
 
 def _reject(
@@ -441,7 +477,8 @@ def _reject(
     if failure is not None:
         reason = f"could not verify the merged model: {failure}"
     else:
-        worst = max((e for e in checked.errors if e.gating), key=lambda e: e.relative, default=None)
+        gating = [e for e in checked.errors if e.gating]
+        worst = max(gating, key=lambda e: math.inf if math.isnan(e.relative) else e.relative, default=None)
         blob = f"blob '{worst.blob}' relative error {worst.relative:.3g}" if worst else "no blob compared"
         reason = f"verification failed on {checked.backend}: {blob} > tolerance {checked.tolerance:g}"
     print(one_line(f"merge-bn: error: {reason}; no output written{kept}"), file=sys.stderr)

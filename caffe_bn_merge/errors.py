@@ -31,6 +31,10 @@ class VerifyError(MergeError):
     exit_code = 3
 
 
+class MergedRunError(VerifyError):
+    """An engine ran the original model but not the merged one: a verdict on the merged model."""
+
+
 class UsageError(MergeError):
     """The command cannot start as asked: bad manifest, colliding or unsafe outputs, ..."""
 

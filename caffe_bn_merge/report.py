@@ -103,13 +103,13 @@ def _verify_json(checked: VerifyResult) -> dict[str, Any]:
         "tolerance": checked.tolerance,
         "inputs": checked.inputs,
         "passed": checked.passed,
-        "max_relative_error": checked.max_relative,
+        "max_relative_error": _finite(checked.max_relative),
         "blobs": [
             {
                 "blob": e.blob,
-                "max_abs_error": e.max_abs,
-                "scale": e.scale,
-                "relative_error": e.relative,
+                "max_abs_error": _finite(e.max_abs),
+                "scale": _finite(e.scale),
+                "relative_error": _finite(e.relative),
                 "gating": e.gating,
             }
             for e in checked.errors
@@ -134,7 +134,7 @@ def _benchmark_json(bench: BenchmarkResult) -> dict[str, Any]:
 
 
 def _finite(value: float) -> float | None:
-    """JSON has no infinity: an exact (error-free) result is null."""
+    """JSON has no NaN or infinity: such a value (an exact SQNR, a non-finite verify error) is null."""
     return value if math.isfinite(value) else None
 
 
@@ -237,6 +237,7 @@ def verify_table(checked: VerifyResult, width: int = TABLE_WIDTH) -> "Table":  #
 
 
 READINESS_WIDTH = 80  # the benchmark and readiness tables fit a classic terminal
+READINESS_NAMES = 22  # the width layer names are folded to in the readiness table
 
 
 def benchmark_table(bench: BenchmarkResult) -> "Table":  # noqa: F821
@@ -271,14 +272,14 @@ def readiness_table(readiness: list[HostReadiness], everything: bool) -> "Table"
         f"(per-tensor SQNR drop > {quant.SQNR_DROP_DB:g} dB)"
     )
     table = Table(title=title, title_justify="left", width=READINESS_WIDTH)
-    table.add_column("layer", max_width=22, overflow="fold")
+    table.add_column("layer", no_wrap=True)  # names folded after separators, as in the other tables
     for column in ("range ratio", "tensor dB", "channel dB"):
         table.add_column(column, justify="right", no_wrap=True)
     table.add_column("note", max_width=22, overflow="fold")
     for h in readiness:
         if everything or h.flagged or h.constant_channels or h.tiny_variance_channels:
             table.add_row(
-                h.host,
+                fold_name(h.host, READINESS_NAMES),
                 f"{h.ratio_before:.3g} -> {h.ratio_after:.3g}",
                 f"{_db(h.tensor_before)} -> {_db(h.tensor_after)}",
                 _db(h.channel_after),

@@ -251,3 +251,26 @@ def test_progress_bar_on_a_terminal_only(monkeypatch) -> None:
     assert progress._shown
     shown = console.export_text()
     assert "writing ..." in shown and "5/10 MB" in shown
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("columns", ["80", "120"])
+def test_quant_output_never_splits_a_name(seed: int, columns: str, tmp_path, capsys, monkeypatch) -> None:
+    """--quant piped: its table fits and folds layer names only after separators, and its notes
+    keep names whole (the table cut names mid-word; the notes were wrapped at 80 columns)."""
+    from caffe_bn_merge.synthetic.synth import NetBuilder
+
+    monkeypatch.setenv("COLUMNS", columns)
+    words = list(_long_names(seed).values())
+    host, norm = words[0], f"{words[1]}/bn"
+    b = NetBuilder("q", (1, 3, 8, 8), seed=seed)
+    top = b.conv("data", 8, name=host)
+    b.bn(top, name=norm)
+    b.blobs[norm][1][seed] = 0.0  # a tiny variance: flagged, with notes naming both layers
+    model, weights = tmp_path / "net.prototxt", tmp_path / "net.caffemodel"
+    b.save(model, weights)
+    assert main(["--model", str(model), "--weights", str(weights), "--quant", "-v", "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    notes = [line for line in lines if line.startswith(f"{host}:")]
+    assert notes and all(norm in line for line in notes), notes
+    _check_fits("\n".join(line for line in lines if line not in notes), int(columns), [host])

@@ -1,6 +1,7 @@
 """Converting deployments: one in this process (`convert_item`, never raises) or many in warm worker
 processes (`run_items`), each result reported as it finishes."""
 
+import math
 import multiprocessing
 import os
 import signal
@@ -129,7 +130,7 @@ def convert_item(item: WorkItem, settings: Settings = Settings(), cache: "NetCac
         if settings.verify:
             merged = (staged.temporary(item.out_prototxt), staged.temporary(item.out_caffemodel))
             error = max_verify_error(item, merged, settings.backend)
-            details["max_verify_error"] = error
+            details["max_verify_error"] = error if math.isfinite(error) else None  # JSON has no NaN
             if not error <= settings.tolerance:
                 reason = f"verification failed: max relative error {error:.3g} > {settings.tolerance:g} (not written)"
                 return _finish(item, Status.FAILED, reason, start, details)
@@ -187,7 +188,11 @@ def _readiness(item: WorkItem, result: object, wanted: Readiness) -> dict[str, d
         from ..verification.benchmark import benchmark
 
         pairs = (item.prototxt, item.caffemodel), (item.out_prototxt, item.out_caffemodel)
-        timed = benchmark(*pairs, "opencv", wanted.benchmark, wanted.threads)
+        try:
+            timed = benchmark(*pairs, "opencv", wanted.benchmark, wanted.threads)
+        except VerifyError as err:  # the pair is published already: a note, not a failure
+            details["warnings"] = [*result.warnings, _one_line(f"--benchmark: nothing timed: {err}")]
+            return details
         ratio = timed.ratio
         details["benchmark"] = {
             "rounds": timed.rounds,

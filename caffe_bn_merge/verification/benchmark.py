@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import VerifyError
-from .compare import BACKENDS, load_inputs, opencv_net
+from .compare import BACKENDS, _import_cv2, load_inputs, opencv_net
 from .pycaffe import time_caffe
 
 Forward = Callable[[], object]
@@ -92,7 +92,7 @@ def interleave(forwards: tuple[Forward, Forward], rounds: int, warmup: int) -> t
 
 def _load_opencv(model: Path, weights: Path, inputs: dict[str, np.ndarray]) -> Forward:
     """One OpenCV dnn forward pass of all the net's outputs (fusion off, inputs set once)."""
-    import cv2
+    cv2 = _import_cv2()
 
     try:
         net = opencv_net(model, weights)
@@ -111,7 +111,7 @@ def _opencv_threads(threads: int | None) -> Iterator[None]:
     if threads is None:
         yield
         return
-    import cv2
+    cv2 = _import_cv2()
 
     before = cv2.getNumThreads()
     cv2.setNumThreads(threads)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..defaults import DEFAULT_TOLERANCE, MAX_INPUT_ELEMENTS, MAX_PROTOTXT_MB
-from ..errors import InputError, VerifyError
+from ..errors import InputError, MergedRunError, VerifyError
 from ..graph import LayerNode, NetGraph, build_graph, input_shapes
 from ..io.read import read_net, read_regular
 
@@ -292,7 +292,10 @@ def compare_models(
         raise VerifyError(f"{merged[0]}: no output blob in common with {original[0]}")
     run = BACKENDS[backend]
     reference = run(*original, inputs, [(want[label].layer, want[label].top) for label in labels])
-    result = run(*merged, inputs, [(have[label].layer, have[label].top) for label in labels])
+    try:
+        result = run(*merged, inputs, [(have[label].layer, have[label].top) for label in labels])
+    except VerifyError as err:
+        raise MergedRunError(f"{backend} runs the original model but not the merged one: {err}") from err
     return [
         blob_error(label, ref, out, want[label].gating)
         for label, ref, out in zip(labels, reference, result, strict=True)
@@ -319,8 +322,9 @@ def verify(
     limits: InputLimits = InputLimits(),
 ) -> VerifyResult:
     """Run both models on the same inputs (within `limits`) and judge the merged one against
-    `tolerance`. `auto` takes the first engine of `BACKENDS` that runs both models, and says which
-    it passed over."""
+    `tolerance`. `auto` takes the first engine of `BACKENDS` that runs the original model, and says
+    which it passed over; an engine that runs the original but not the merged model fails
+    verification (`MergedRunError`)."""
     original, merged = _paths(original), _paths(merged)
     inputs = load_inputs(original[0], input_specs or [], seed, limits)
     described = ", ".join(input_specs) if input_specs else f"random normal, seed {seed}"
@@ -328,6 +332,8 @@ def verify(
     for engine in BACKENDS if backend == "auto" else (backend,):
         try:
             errors = compare_models(original, merged, inputs, engine, limits)
+        except MergedRunError:
+            raise  # a verdict on the merged model: another engine must not pass it
         except VerifyError as err:
             if backend != "auto":
                 raise

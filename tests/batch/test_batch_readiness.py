@@ -53,3 +53,19 @@ def test_without_the_flags_nothing_is_measured(tmp_path: Path) -> None:
     data = json.loads(report.read_text())
     assert data["totals"] == {"quant": None, "benchmark": None}
     assert data["deployments"][0]["quant"] is None and data["deployments"][0]["benchmark"] is None
+
+
+@pytest.mark.parametrize("extra", [[], ["--quant"]], ids=["benchmark", "benchmark and quant"])
+def test_a_net_opencv_cannot_time_is_converted_with_a_note(tmp_path: Path, extra: list[str]) -> None:
+    """--benchmark runs after the pair is published: a net OpenCV cannot load is converted, with a
+    warning saying nothing was timed, not reported failed (nor 'not written') with its outputs there."""
+    _deployment(tmp_path / "src" / "a", 0, False)
+    model = tmp_path / "src" / "a" / "deploy.prototxt"
+    model.write_text(model.read_text() + 'layer { name: "up" type: "Upsample" bottom: "conv2" top: "up" }\n')
+    report, out = tmp_path / "batch.json", tmp_path / "out"
+    argv = [str(tmp_path / "src"), "--out", str(out), "--jobs", "1", "--report", str(report), "-q"]
+    assert command.main([*argv, "--benchmark", "2", *extra]) == 0
+    row = json.loads(report.read_text())["deployments"][0]
+    assert row["status"] == "converted" and row["benchmark"] is None
+    assert any(w.startswith("--benchmark: nothing timed") and "Upsample" in w for w in row["warnings"])
+    assert sorted(p.name for p in (out / "a").iterdir()) == ["deploy.caffemodel", "deploy.prototxt"]

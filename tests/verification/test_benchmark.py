@@ -10,6 +10,7 @@ import jsonschema
 import numpy as np
 import pytest
 from conftest import ROOT
+from harness import copy_sample
 
 from caffe_bn_merge.cli import main
 from caffe_bn_merge.report import report_schema
@@ -114,3 +115,41 @@ def test_benchmark_on_a_real_net(backend: str, real_nets: Path, tmp_path: Path, 
     argv = ["--model", str(model), "--weights", str(weights), *out, "--benchmark", "2", "--backend", backend]
     assert main(argv) == 0
     assert re.search(r"merged / original\s*│\s*\d\.\d{3}\s*│\s*\d\.\d{3} - \d\.\d{3}", capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("extra", [[], ["--verify"], ["--dry-run"]], ids=["alone", "with --verify", "dry run"])
+def test_benchmark_on_an_engine_that_cannot_time_is_a_usage_error(tmp_path: Path, capsys, extra) -> None:
+    """--backend reference verifies but does not time: one line, exit 2, nothing written (it was
+    an internal error, KeyError 'reference')."""
+    model, weights = copy_sample(tmp_path)
+    code = main(["--model", str(model), "--weights", str(weights), "--benchmark", "2", "--backend", "reference",
+                 *extra])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "--benchmark times on caffe or opencv, not on --backend reference" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net.caffemodel", "net.prototxt"]
+
+
+@pytest.mark.parametrize("verify", [[], ["--verify"]], ids=["alone", "with --verify"])
+def test_a_net_no_engine_can_time_is_still_written(tmp_path: Path, capsys, monkeypatch, verify) -> None:
+    """Only the reference engine runs this net (no pycaffe; OpenCV has no Upsample): --verify passes
+    on it, --benchmark times nothing and says so; the merged pair is written, exit 0 (it was exit 3,
+    nothing written)."""
+    from caffe_bn_merge.synthetic.synth import NetBuilder
+    from caffe_bn_merge.verification.pycaffe import ENV_PYTHON
+
+    monkeypatch.setenv(ENV_PYTHON, str(tmp_path / "no-such-python"))
+    b = NetBuilder("up", (1, 3, 8, 8), seed=3)
+    top = b.conv("data", 4, name="conv1")
+    b.bn(top, name="bn1")
+    b.scale(top, name="scale1")
+    model, weights, report = tmp_path / "net.prototxt", tmp_path / "net.caffemodel", tmp_path / "r.json"
+    b.save(model, weights)
+    upsample = 'layer { name: "up" type: "Upsample" bottom: "conv1" top: "up" upsample_param { scale: 2 } }\n'
+    model.write_text(model.read_text() + upsample)
+    code = main(["--model", str(model), "--weights", str(weights), "--benchmark", "2", "--report", str(report),
+                 "-q", *verify])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    data = json.loads(report.read_text())
+    assert data["benchmark"] is None and any(w.startswith("--benchmark: nothing timed") for w in data["warnings"])
+    assert (data["verify"] or {"backend": "reference"})["backend"] == "reference"
+    assert (tmp_path / "net_merged.prototxt").is_file() and (tmp_path / "net_merged.caffemodel").is_file()

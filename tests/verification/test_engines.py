@@ -56,7 +56,7 @@ def test_verify_works_with_the_core_dependencies_alone(tmp_path) -> None:
     args = ["--model", f"{SAMPLE}.prototxt", "--weights", f"{SAMPLE}.caffemodel", "--verify",
             "--output-model", str(tmp_path / "m.prototxt"), "--output-weights", str(tmp_path / "m.caffemodel"),
             "--report", str(tmp_path / "r.json")]  # fmt: skip
-    env = {"CAFFE_BN_MERGE_PYCAFFE": NO_PYCAFFE, "PATH": "/usr/bin:/bin", "COLUMNS": "100"}
+    env = {"CAFFE_BN_MERGE_PYCAFFE": NO_PYCAFFE, "PATH": "/usr/bin:/bin", "COLUMNS": "100", "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     verified = json.loads((tmp_path / "r.json").read_text())["verify"]
@@ -101,3 +101,54 @@ def test_a_broken_layer_plugin_is_bad_input(tmp_path, capsys) -> None:
     args = ["--model", str(model), "--weights", str(weights), "--verify", "--layer-plugin", str(plugin)]
     assert main(args) == 2
     assert "boom" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("refusing", ["caffe", "opencv"])
+@pytest.mark.parametrize("backend", ["auto", "refusing"])
+def test_an_engine_that_runs_the_original_but_not_the_merged_model_fails_it(
+    refusing, backend, tmp_path, monkeypatch, capsys
+) -> None:
+    """A merged model that an engine refuses while it runs the original (a Caffe user could not
+    load it) fails --verify on that engine: `auto` must not pass it on the next, more lenient one
+    (it did: exit 0 'passed on reference')."""
+    from caffe_bn_merge.errors import VerifyError
+    from caffe_bn_merge.verification import compare
+
+    def missing(*args: object) -> None:
+        raise VerifyError("not installed")
+
+    engines = ["caffe", "opencv", "reference"]
+    for engine in engines[: engines.index(refusing)]:
+        monkeypatch.setitem(compare.BACKENDS, engine, missing)
+    calls = []
+
+    def refuses_merged(model, weights, inputs, points):
+        calls.append(model)
+        if len(calls) == 2:
+            raise VerifyError(f"{refusing} cannot load {model}")
+        return compare.BACKENDS["reference"](model, weights, inputs, points)
+
+    monkeypatch.setitem(compare.BACKENDS, refusing, refuses_merged)
+    model, weights = _bias_net(tmp_path, 0)
+    code = main(["--model", str(model), "--weights", str(weights), "--verify", "--backend",
+                 refusing if backend == "refusing" else "auto", "-q"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 3 and f"{refusing} runs the original model but not the merged one" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["n.caffemodel", "n.prototxt"]
+
+
+@pytest.mark.parametrize(
+    "extra", [[], ["--threads", "1"], ["--backend", "opencv"], ["--verify"]], ids=["auto", "threads", "cv", "verify"]
+)
+def test_benchmark_with_the_core_dependencies_alone(extra, tmp_path) -> None:
+    """No OpenCV, no pycaffe: --benchmark times nothing and says why in a warning; the pair is still
+    written, exit 0 (it was an internal error: ModuleNotFoundError, exit 1)."""
+    code = "import sys; sys.modules['cv2'] = None; from caffe_bn_merge.cli import main; sys.exit(main(sys.argv[1:]))"
+    args = ["--model", f"{SAMPLE}.prototxt", "--weights", f"{SAMPLE}.caffemodel", "--benchmark", "2", "-q",
+            "--output-model", str(tmp_path / "m.prototxt"), "--report", str(tmp_path / "r.json"), *extra]  # fmt: skip
+    env = {"CAFFE_BN_MERGE_PYCAFFE": NO_PYCAFFE, "PATH": "/usr/bin:/bin", "COLUMNS": "100", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["benchmark"] is None and any("OpenCV is not installed" in w for w in report["warnings"])
+    assert (tmp_path / "m.prototxt").is_file() and (tmp_path / "m.caffemodel").is_file()

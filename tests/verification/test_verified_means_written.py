@@ -116,3 +116,47 @@ def test_batch_verify_takes_backend_and_tolerance(args, status, reason, tmp_path
     written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     pairs = [f"{stem}/net.{suffix}" for stem in "ab" for suffix in ("caffemodel", "prototxt")]
     assert written == (pairs if status == "converted" else [])
+
+
+@pytest.mark.parametrize(
+    ("given", "clash"),
+    [
+        (["--output-model", "out/w.prototxt"], "w.caffemodel"),  # the caffemodel beside it: w.caffemodel
+        (["--output-weights", "out/net.caffemodel"], "net.prototxt"),  # the prototxt beside it: net.prototxt
+        (["--output-model", "out/w.prototxt", "--output-weights", "out/w.caffemodel"], "w.caffemodel"),
+    ],
+    ids=["model given", "weights given", "both given"],
+)
+def test_keep_failed_never_replaces_an_input(given, clash, tmp_path, monkeypatch, capsys) -> None:
+    """--keep-failed DIR keeps the pair under the names it would have had: those names are the ones
+    checked against the inputs, also when one output is given and the other goes beside it."""
+    (tmp_path / "out").mkdir()
+    model, weights = copy_sample(tmp_path)
+    weights = weights.rename(tmp_path / "w.caffemodel")
+    monkeypatch.chdir(tmp_path)
+    before = _digests(tmp_path)
+    code = main(["--model", model.name, "--weights", weights.name, *given, "--verify", "--backend", "reference",
+                 "--tolerance", "0", "--keep-failed", ".", "-q"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and clash in err and "--keep-failed equals an input" in err, err
+    assert _digests(tmp_path) == before
+
+
+@pytest.mark.parametrize("kept", [False, True], ids=["all folded", "one kept as written"])
+@pytest.mark.parametrize("backend", ["reference", "opencv"])
+@pytest.mark.parametrize("spelling", ["use_global_stats: false", "use_global_stats:0", "use_global_stats :False"])
+def test_assume_global_stats_verifies_what_it_folded(backend, spelling, kept, tmp_path, monkeypatch, capsys) -> None:
+    """--assume-global-stats folds the stored statistics; --verify checks that fold against the
+    original read the same way (it compared with batch statistics: exit 3 and 'please report it'),
+    also when a BatchNorm is kept (a field we do not know) and still uses batch statistics."""
+    model, weights = copy_sample(tmp_path)
+    text = model.read_text().replace('type: "BatchNorm"', f'type: "BatchNorm"\n  batch_norm_param {{ {spelling} }}')
+    if kept:
+        text = text.replace('type: "BatchNorm"', 'type: "BatchNorm"\n  fork_field: 1', 1)
+    model.write_text(text)
+    before = model.read_bytes()
+    code = main(["--model", str(model), "--weights", str(weights), "--assume-global-stats", "--verify",
+                 "--backend", backend, "--report", str(tmp_path / "r.json"), "-q"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["verify"]["passed"] and report["assume_global_stats"] and model.read_bytes() == before

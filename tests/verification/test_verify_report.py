@@ -1,6 +1,7 @@
 """--verify, the decision log, the JSON report and --dry-run, through the command line."""
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -8,10 +9,14 @@ import jsonschema
 import numpy as np
 import pytest
 from conftest import ROOT
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from caffe_bn_merge.cli import main
 from caffe_bn_merge.report import report_schema
 from caffe_bn_merge.rules import rewrite
+from caffe_bn_merge.verification import compare
+from caffe_bn_merge.verification.compare import BlobError, VerifyResult
 
 SAMPLES = ROOT / "sample_nets"
 REAL = {
@@ -127,3 +132,39 @@ def test_readme_library_example_runs_twice(tmp_path, monkeypatch) -> None:
     for _ in range(2):
         exec(compile(code, "README.md", "exec"), {})
         assert (tmp_path / "deploy_merged.prototxt").is_file() and (tmp_path / "classic.caffemodel").is_file()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(0, 1e-5), min_size=1, max_size=6), st.data())
+def test_a_nan_in_any_gating_blob_fails_verification(errors: list[float], data) -> None:
+    """Any non-finite difference fails, wherever its blob comes (Python's max skipped a NaN that was
+    not first)."""
+    at = data.draw(st.integers(0, len(errors)))
+    values = [*errors[:at], float("nan"), *errors[at:]]
+    result = VerifyResult("reference", 1e-4, "", tuple(BlobError(f"b{i}", v, 1.0) for i, v in enumerate(values)))
+    assert not result.passed and math.isnan(result.max_relative)
+
+
+@pytest.mark.parametrize("which", [0, 1, 2])
+def test_a_nan_in_the_merged_outputs_is_exit_3_naming_its_blob(which: int, tmp_path, capsys, monkeypatch) -> None:
+    """End to end: any of the SSD's three gating blobs turned NaN in the merged model is rejected,
+    and the one line names that blob (a NaN not first passed with exit 0)."""
+    run, calls = compare.BACKENDS["reference"], []
+
+    def spoiled(model, weights, inputs, points):
+        outputs = run(model, weights, inputs, points)
+        calls.append(points[which])
+        if len(calls) == 2:  # the merged model
+            outputs[which] = np.full_like(outputs[which], np.nan)
+        return outputs
+
+    monkeypatch.setitem(compare.BACKENDS, "reference", spoiled)
+    model, weights = SAMPLES / "mobilenet_ssd.prototxt", SAMPLES / "mobilenet_ssd.caffemodel"
+    report = tmp_path / "r.json"
+    args = _args(model, weights, tmp_path, "--verify", "--backend", "reference", "-q", "--report", str(report))
+    assert main(args) == 3
+    err = capsys.readouterr().err
+    data = json.loads(report.read_text(), parse_constant=lambda name: pytest.fail(f"{name} in the JSON report"))
+    jsonschema.validate(data, report_schema())
+    assert data["verify"]["passed"] is False and data["verify"]["max_relative_error"] is None
+    assert f"blob '{calls[1][1]}" in err and "relative error nan" in err, err

@@ -232,8 +232,8 @@ def _log_input(net_text: object) -> None:
     if net_text.frozen:
         names = ", ".join(sorted(net_text.frozen)[:3])
         log.warning(
-            "%d layer(s) use fields our schema does not know (%s ...): kept exactly as written; "
-            "--caffe-proto with the fork's caffe.proto lets them fold",
+            "%d layer(s) use fields our schema does not know (%s ...): kept exactly as written, "
+            "since what those fields do is unknown",
             len(net_text.frozen),
             names,
         )

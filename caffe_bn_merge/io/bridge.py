@@ -4,7 +4,9 @@ A fork's caffe.proto (`--caffe-proto`) may number a field differently from our s
 `bn_param` is 137, ours 1137): copying through the binary form alone would drop or misread it.
 Here every set field is matched by name (enum values by name, messages recursively). A field the
 target does not name travels as an unknown field under its own number, when that number is free
-in the target; otherwise it is reported as lost, never guessed."""
+in the target, so nothing is dropped; but its meaning is unknown to the target, so reading a
+fork's layer (`unnamed_is_lost`) reports it like a field that cannot be carried: such a layer is
+kept exactly as written, never folded or removed."""
 
 from google.protobuf.descriptor import FieldDescriptor
 
@@ -18,13 +20,30 @@ def _repeated(field: FieldDescriptor) -> bool:
     return field.label == FieldDescriptor.LABEL_REPEATED
 
 
-def convert(message: object, target_class: type) -> tuple[object, list[str]]:
+def convert(message: object, target_class: type, unnamed_is_lost: bool = False) -> tuple[object, list[str]]:
     """`message` as an instance of `target_class`, and the dotted paths of the fields (or enum
-    values) that the target schema has no place for: empty when nothing was lost."""
+    values) that the target schema has no place for, and with `unnamed_is_lost` those it does not
+    name either: empty when nothing was lost."""
     target = target_class()
     lost: list[str] = []
     _copy(message, target, "", lost)
+    if unnamed_is_lost:
+        lost += _unnamed(message, target_class.DESCRIPTOR, "")
     return target, lost
+
+
+def _unnamed(message: object, target: object, path: str) -> list[str]:
+    """The set fields of `message` (recursively) that the `target` descriptor does not name."""
+    found = []
+    for field, value in message.ListFields():
+        other = target.fields_by_name.get(field.name)
+        if other is None:
+            found.append(f"{path}{field.name}")
+        elif field.type == MESSAGE and other.type == MESSAGE:
+            items = value if _repeated(field) else [value]
+            for item in items:
+                found += _unnamed(item, other.message_type, f"{path}{field.name}.")
+    return found
 
 
 def _copy(source: object, target: object, path: str, lost: list[str]) -> None:

@@ -188,7 +188,7 @@ class Schema:
         if self.net_class is proto.NetParameter:
             return net, set()
         layer_classes = ((net.layer, proto.LayerParameter), (net.layers, proto.V1LayerParameter))
-        lossy = {layer.name for layers, ours in layer_classes for layer in layers if convert(layer, ours)[1]}
+        lossy = {layer.name for layers, ours in layer_classes for layer in layers if convert(layer, ours, True)[1]}
         return convert(net, proto.NetParameter)[0], lossy
 
     def render(self, layer: object, indent: str, style: Style = Style()) -> str:

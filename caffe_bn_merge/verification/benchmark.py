@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import VerifyError
-from .compare import BACKENDS, _import_cv2, load_inputs, opencv_net
+from .compare import BACKENDS, _import_cv2, first_engine, load_inputs, opencv_net
 from .pycaffe import time_caffe
 
 Forward = Callable[[], object]
@@ -162,14 +162,10 @@ def benchmark(
     engine, in `verify`'s order, that runs both models."""
     original, merged = (Path(original[0]), Path(original[1])), (Path(merged[0]), Path(merged[1]))
     inputs = load_inputs(original[0], input_specs or [], seed)
-    reasons: list[str] = []
-    for engine in [e for e in BACKENDS if e in BENCHMARKS] if backend == "auto" else [backend]:
-        try:
-            before, after = BENCHMARKS[engine](original, merged, inputs, rounds, warmup, threads)
-        except VerifyError as err:
-            if backend != "auto":
-                raise
-            reasons.append(f"{engine}: {err}")
-            continue
-        return BenchmarkResult(engine, threads, warmup, tuple(before), tuple(after))
-    raise VerifyError(f"no engine can time {original[0]}: {'; '.join(reasons)}")
+    engines = tuple(e for e in BACKENDS if e in BENCHMARKS)
+
+    def time_on(engine: str) -> tuple[list[float], list[float]]:
+        return BENCHMARKS[engine](original, merged, inputs, rounds, warmup, threads)
+
+    engine, (before, after), _ = first_engine(backend, engines, time_on, "time")
+    return BenchmarkResult(engine, threads, warmup, tuple(before), tuple(after))

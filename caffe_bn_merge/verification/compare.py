@@ -14,9 +14,10 @@ The library returns numbers; it never prints.
 import io
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -25,6 +26,7 @@ from ..errors import InputError, MergedRunError, VerifyError
 from ..graph import LayerNode, NetGraph, build_graph, input_shapes
 from ..io.read import read_net, read_regular
 
+T = TypeVar("T")
 HIDING_TYPES = ("Softmax", "DetectionOutput", "ArgMax")  # their inputs are compared as well
 DISCONTINUOUS_TYPES = ("DetectionOutput", "ArgMax")  # their outputs are informational
 RESHAPING_TYPES = ("Flatten", "Reshape", "Permute", "Squeeze", "Split")  # move values, compute nothing
@@ -328,20 +330,30 @@ def verify(
     original, merged = _paths(original), _paths(merged)
     inputs = load_inputs(original[0], input_specs or [], seed, limits)
     described = ", ".join(input_specs) if input_specs else f"random normal, seed {seed}"
+    engine, errors, passed_over = first_engine(
+        backend, tuple(BACKENDS), lambda name: compare_models(original, merged, inputs, name, limits), "run"
+    )
+    return VerifyResult(engine, tolerance, described, tuple(errors), tuple(passed_over))
+
+
+def first_engine(
+    backend: str, engines: Sequence[str], attempt: Callable[[str], T], what: str
+) -> tuple[str, T, list[str]]:
+    """`attempt(backend)`; with `auto`, `attempt` on each of `engines` in turn until one does not
+    raise VerifyError: its name, its result, and why each engine before it could not. A
+    `MergedRunError` is a verdict on the merged model, never passed over."""
     passed_over: list[str] = []
-    for engine in BACKENDS if backend == "auto" else (backend,):
+    for engine in engines if backend == "auto" else (backend,):
         try:
-            errors = compare_models(original, merged, inputs, engine, limits)
+            return engine, attempt(engine), passed_over
         except MergedRunError:
-            raise  # a verdict on the merged model: another engine must not pass it
+            raise
         except VerifyError as err:
             if backend != "auto":
                 raise
             passed_over.append(f"{engine}: {err}")
-            continue
-        return VerifyResult(engine, tolerance, described, tuple(errors), tuple(passed_over))
-    last, *others = reversed(passed_over)  # the reference engine's reason first: it is always there
-    raise VerifyError(f"no engine can run {original[0].name}: {last}; {'; '.join(reversed(others))}")
+    reasons = "; ".join(reversed(passed_over))  # the last engine first: the reference engine, always there
+    raise VerifyError(f"no engine can {what} the models: {reasons}")
 
 
 def _paths(pair: tuple[Path | str, Path | str]) -> tuple[Path, Path]:

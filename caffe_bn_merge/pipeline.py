@@ -165,7 +165,7 @@ def _merge(
     on_step("reading")
     net_text, graph = _parsed(model, options, cache)
     net = net_text.net
-    with read.read_weights(weights) as stored:  # the caffemodel stays as read until the block ends
+    with read.read_weights(weights, hold=True) as stored:  # the caffemodel stays as read until the block ends
         targets = [outputs.Output(output_weights, "--output-weights"), outputs.Output(output_model, "--output-model")]
         written = [*targets, *how.more_outputs] if how.write else list(how.more_outputs)
         outputs.check_outputs((model, weights, *how.more_inputs), written, how.overwrite)

@@ -17,7 +17,6 @@ import re
 import signal
 import stat
 import threading
-import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -205,22 +204,26 @@ def _reading(path: Path, flag: str) -> Iterator[None]:
         raise InputError(f"{path}: cannot read ({err.strerror}), given as {flag}") from err
 
 
-def read_weights(path: Path) -> Weights:
-    """Memory-map a caffemodel and index its layers' blobs without copying them, while holding a
-    lease on it (`_Lease`); where no lease can be had, read it into private memory instead: a
-    memory map of a file truncated by another process would kill us with SIGBUS."""
-    buffer, mapping, identity, lease = _open_weights(path)
-    _refuse_other_formats(path, bytes(buffer[:4096]))
+def read_weights(path: Path, hold: bool = False) -> Weights:
+    """Index a caffemodel's layers and their blobs. With `hold` (use the result as a context
+    manager: the lease ends with the block), memory-map it and take views of its bytes, holding a
+    lease on the file (`_Lease`) so that a writer waits and we stop with one clear error; without
+    `hold`, or where no lease can be had, read it into private memory: a memory map of a file
+    truncated by another process would kill us with SIGBUS."""
+    buffer, mapping, identity, lease = _open_weights(path, hold)
     try:
+        _refuse_other_formats(path, bytes(buffer[:4096]))
         weights = Weights(path, buffer, _top_records(buffer), mapping, identity, lease=lease)
-        if lease is not None:
-            weakref.finalize(weights, lease.release)  # also when not used as a context manager
         for record in weights.records:
             weights.record_names.append(_index_layer(weights, record))
-    except wire.WireError as err:
-        raise InputError(f"{path}: not a readable caffemodel ({err}); is the file complete?") from err
-    if not weights.layers:
-        raise InputError(f"{path}: holds no layers; is it a caffemodel?")
+        if not weights.layers:
+            raise InputError(f"{path}: holds no layers; is it a caffemodel?")
+    except BaseException as err:
+        if lease is not None:
+            lease.release()
+        if isinstance(err, wire.WireError):
+            raise InputError(f"{path}: not a readable caffemodel ({err}); is the file complete?") from err
+        raise
     return weights
 
 
@@ -256,14 +259,14 @@ def _top_records(buffer: memoryview) -> list[wire.Field]:
     return records
 
 
-def _open_weights(path: Path) -> tuple[memoryview, mmap.mmap | None, tuple[int, ...], "_Lease | None"]:
+def _open_weights(path: Path, hold: bool) -> tuple[memoryview, mmap.mmap | None, tuple[int, ...], "_Lease | None"]:
     """The caffemodel's bytes, the file's memory map behind them (None for a private copy), what
     identifies the file (`file_identity`) and the lease that keeps it as it is while we map it."""
     with _reading(path, "--weights"), open(open_regular(path, "--weights"), "rb") as handle:
         fd = handle.fileno()
         if os.fstat(fd).st_size == 0:
             raise InputError(f"{path}: the file is empty (given as --weights)")
-        lease = _Lease.take(fd, path)
+        lease = _Lease.take(fd, path) if hold else None
         identity = file_identity(fd)
         if lease is None:
             return memoryview(_read_exactly(fd, identity[2], path, CHANGED_WEIGHTS)), None, identity, None

@@ -76,8 +76,10 @@ def test_failed_write_leaves_nothing(tmp_path) -> None:
 def test_blob_views_are_zero_copy(tmp_path) -> None:
     b = _conv_bn_net()
     b.save(tmp_path / "t.prototxt", tmp_path / "t.caffemodel")
-    blob = caffe_io.read_weights(tmp_path / "t.caffemodel").layers["c"].blobs[0]
-    assert not blob.flags.writeable and not blob.flags.owndata
+    with caffe_io.read_weights(tmp_path / "t.caffemodel", hold=True) as stored:
+        blob = stored.layers["c"].blobs[0]
+        assert stored.mapping is not None  # a memory map under a lease, not a private copy
+        assert not blob.flags.writeable and not blob.flags.owndata
 
 
 def test_ordered_writer_keeps_order_and_runs_actions_after_earlier_writes(tmp_path, monkeypatch) -> None:

@@ -16,7 +16,7 @@ from ..graph import build_graph
 from ..io import proto
 from ..io.emit import write_new_weights
 from ..io.read import read_net
-from .shapes import canonical_axis, conv_geometry, infer_shapes
+from ..shapes import canonical_axis, conv_geometry, infer_shapes
 
 Shape = tuple[int, ...]
 

@@ -16,7 +16,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from ..errors import VerifyError
 from ..rules import bn_variants
 from ..rules.reasons import Refusal
-from ..synthetic.shapes import canonical_axis, conv_geometry, prior_aspect_ratios
+from ..shapes import canonical_axis, conv_geometry, prior_aspect_ratios
 
 Forward = Callable[[object, list[np.ndarray], list[np.ndarray]], list[np.ndarray]]
 SEGNET_VAR_EPS = 1e-9  # caffe-segnet's BN layer: fixed in LayerSetUp

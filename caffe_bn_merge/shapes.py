@@ -10,8 +10,8 @@ that would start in the padding.
 import math
 from collections.abc import Callable, Sequence
 
-from ..errors import InputError
-from ..graph import build_graph, input_shapes
+from .errors import InputError
+from .graph import build_graph, input_shapes
 
 Shape = tuple[int, ...]
 ShapeRule = Callable[[object, list[Shape]], list[Shape]]

@@ -21,7 +21,7 @@ from caffe_bn_merge import InputError, merge, verify
 from caffe_bn_merge.graph import build_graph, input_shapes
 from caffe_bn_merge.io import proto
 from caffe_bn_merge.io import read as caffe_io
-from caffe_bn_merge.synthetic.shapes import infer_shapes, num_priors
+from caffe_bn_merge.shapes import infer_shapes, num_priors
 from caffe_bn_merge.synthetic.synth import NetBuilder, save_weights_for, weights_for
 
 Shape = tuple[int, ...]

@@ -178,18 +178,15 @@ def _merge(
         )  # fmt: skip
         _log_plan(plan, net, options.assume_global_stats)
         _warn_negative_variance(net, stored, plan, options.bn_flavour)
-        staged = None
+        staged = outputs.Staged() if how.write else None
         try:
-            if how.write:
+            if staged is not None:
                 on_step("writing")
-                dropped = plan.removed & set(stored.layers)
-                staged = _write(net_text, rewrite, stored, dropped, pair, how.on_progress)
+                _write(staged, net_text, rewrite, stored, plan.removed & set(stored.layers), pair, how.on_progress)
                 if not how.stage:
-                    staged, published = None, staged
-                    try:
-                        published.publish(how.overwrite)
-                    finally:
-                        published.discard()
+                    staged.publish(how.overwrite)
+                    staged.discard()
+                    staged = None
             return MergeResult(
                 plan,
                 Counter(layer.type for layer in net.layer),
@@ -200,7 +197,7 @@ def _merge(
                 assume_global_stats=options.assume_global_stats,
                 staged=staged,
             )
-        except BaseException:  # e.g. the caffemodel changed while read: nothing staged is left behind
+        except BaseException:  # a failed write, or the caffemodel changed while read: nothing staged is left
             if staged is not None:
                 staged.discard()
             raise
@@ -293,20 +290,16 @@ def _undecoded(stored: read.Weights) -> str:
 
 
 def _write(
+    staged: outputs.Staged,
     net_text: object,
     rewrite: Rewrite,
     stored: read.Weights,
     removed: set[str],
     pair: tuple[Path, Path],
     on_progress: Callable[[int, int], None] | None = None,
-) -> outputs.Staged:
-    """Write the caffemodel and the prototxt under temporary names, to be published together."""
+) -> None:
+    """Write the caffemodel and the prototxt under temporary names in `staged`, to be published
+    together (the caller discards `staged` on failure)."""
     model, weights = pair
-    staged = outputs.Staged()
-    try:
-        emit.write_weights(stored, rewrite.edits, removed, staged.stage(weights), on_progress)
-        emit.write_net_text(net_text, rewrite.net, rewrite.origin, staged.stage(model))
-    except BaseException:
-        staged.discard()
-        raise
-    return staged
+    emit.write_weights(stored, rewrite.edits, removed, staged.stage(weights), on_progress)
+    emit.write_net_text(net_text, rewrite.net, rewrite.origin, staged.stage(model))

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import __version__
+from .argtypes import positive_int
 from .defaults import (
     BACKENDS,
     BENCHMARK_ROUNDS,
@@ -181,25 +182,19 @@ def _add_verify_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number, not '{text}'")
-    return int(text)
-
-
 def _add_readiness_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("speed and int8 readiness")
     group.add_argument(
         "--benchmark",
         nargs="?",
         const=BENCHMARK_ROUNDS,
-        type=_positive,
+        type=positive_int,
         metavar="N",
         help=f"time N interleaved forward passes (default {BENCHMARK_ROUNDS}) of the original and the merged "
         "model on --backend after a warm-up; print median times and their ratio",
     )
     group.add_argument(
-        "--threads", type=_positive, metavar="N", help="threads --benchmark runs with (default: the engine's)"
+        "--threads", type=positive_int, metavar="N", help="threads --benchmark runs with (default: the engine's)"
     )
     group.add_argument(
         "--quant",

@@ -4,18 +4,9 @@ import argparse
 import os
 from pathlib import Path
 
+from ..argtypes import positive_int
 from ..defaults import BACKENDS, BENCHMARK_ROUNDS, DEFAULT_TOLERANCE
 from .worklist import SHARD_COUNT_VARIABLE, parse_shard
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number, not '{text}'")
-    return value
 
 
 def _shard_arg(text: str) -> tuple[int, int] | str:
@@ -47,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, type=Path, metavar="OUTDIR", help="folder for the merged models")
     parser.add_argument(
         "--jobs",
-        type=_positive,
+        type=positive_int,
         default=os.cpu_count() or 1,
         metavar="N",
         help="worker processes (default: the number of cores); 1 converts in this process",
@@ -99,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--shard-count",
-        type=_positive,
+        type=positive_int,
         metavar="N",
         help="with --shard auto in a Kubernetes Indexed Job: the job's completions",
     )
@@ -120,12 +111,12 @@ def _add_readiness_flags(parser: argparse.ArgumentParser) -> None:
         nargs="?",
         const=BENCHMARK_ROUNDS,
         default=0,
-        type=_positive,
+        type=positive_int,
         metavar="N",
         help=f"time N (default {BENCHMARK_ROUNDS}) interleaved forward passes of each original and merged model "
         "on OpenCV dnn (use --jobs 1 for figures that mean something)",
     )
-    parser.add_argument("--threads", type=_positive, metavar="N", help="OpenCV threads for --benchmark")
+    parser.add_argument("--threads", type=positive_int, metavar="N", help="OpenCV threads for --benchmark")
 
 
 def build_report_parser() -> argparse.ArgumentParser:

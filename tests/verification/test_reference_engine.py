@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from google.protobuf import text_format
+from harness import REAL_NETS as REAL
 
 from caffe_bn_merge.errors import VerifyError
 from caffe_bn_merge.graph import build_graph
@@ -461,21 +462,12 @@ def test_floor_pooling_matches_opencv(tmp_path) -> None:
 
 # --- (b) real nets ---------------------------------------------------------------------------------
 
-REAL = {
-    "mobilenet_ssd_0.5": ("mobilenet_ssd_0.5_hx/MobileNetSSD_deploy_bn.DERIVED.prototxt", "mobilenet_0.5.caffemodel"),
-    "cifar10_resnet20": ("cifar10_resnet20/res20_deploy.DERIVED.prototxt", "cifar10_res20_iter_64000.caffemodel"),
-    "emotion_mini_xception": ("emotion_mini_xception/deploy.prototxt", "weights.caffemodel"),
-    "yoloface50k": ("yoloface50k/yoloface-50k.prototxt", "yoloface-50k.caffemodel"),
-    "landmark106_mbv2": ("landmark106_mbv2/landmark106.prototxt", "landmark106.caffemodel"),
-    "ultraface_rfb320_nobn": ("ultraface_rfb320_nobn/RFB-320.prototxt", "RFB-320.caffemodel"),
-}
-
 
 def _real(real_nets: Path, name: str) -> tuple[Path, Path, dict[str, np.ndarray], list[tuple[str, str]]]:
-    prototxt, caffemodel = REAL[name]
+    prototxt, caffemodel, _ = REAL[name]
     model = real_nets / prototxt
     points = [p for p in compare_points(build_graph(read_net(model))).values() if p.gating]
-    return model, model.parent / caffemodel, random_inputs(model), [(p.layer, p.top) for p in points]
+    return model, real_nets / caffemodel, random_inputs(model), [(p.layer, p.top) for p in points]
 
 
 @pytest.mark.parametrize("name", REAL)

@@ -10,9 +10,9 @@ from collections.abc import Container, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import BinaryIO
 
-from ..errors import UsageError
+from ..errors import InputError, UsageError
+from ..io.files import open_regular
 
 PROTOTXT_SUFFIX, CAFFEMODEL_SUFFIX = ".prototxt", ".caffemodel"
 
@@ -121,15 +121,12 @@ def classify_prototxt(path: Path) -> Classification:
 def _read_head(path: Path) -> bytes | None:
     """Up to MAX_CLASSIFIED_BYTES + 1 bytes of the regular file `path` (None when it is not one:
     a FIFO is never waited on); raises OSError."""
-    with _open_regular(path) as handle:
-        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
-            return None
+    try:
+        fd = open_regular(path, "prototxt")
+    except InputError:
+        return None
+    with open(fd, "rb") as handle:
         return handle.read(MAX_CLASSIFIED_BYTES + 1)
-
-
-def _open_regular(path: Path) -> BinaryIO:
-    """`path` opened for reading without blocking on a FIFO (the caller checks it is a regular file)."""
-    return open(path, "rb", opener=lambda name, flags: os.open(name, flags | os.O_NONBLOCK))
 
 
 @dataclass(frozen=True)
@@ -334,12 +331,10 @@ def _manifest_text(path: Path) -> str:
     """The manifest's text: a regular file of at most MAX_MANIFEST_BYTES of UTF-8 (a BOM allowed)
     without NUL bytes; anything else is a UsageError."""
     try:
-        with _open_regular(path) as handle:
-            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
-                raise UsageError(f"{path}: the manifest is not a regular file")
+        with open(open_regular(path, "--manifest"), "rb") as handle:
             raw = handle.read(MAX_MANIFEST_BYTES + 1)
-    except IsADirectoryError:
-        raise UsageError(f"{path}: the manifest is not a regular file (a folder)") from None
+    except InputError as err:
+        raise UsageError(str(err)) from None
     except OSError as err:
         raise UsageError(f"{path}: cannot read the manifest ({err.strerror})") from None
     if len(raw) > MAX_MANIFEST_BYTES:

@@ -15,7 +15,6 @@ import mmap
 import os
 import re
 import signal
-import stat
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,6 +29,7 @@ from ..defaults import MAX_PROTOTXT_MB
 from ..errors import InputError
 from ..net import WeightLayer
 from . import proto, prototxt, wire
+from .files import open_regular
 
 CHANGED = "the file changed while it was being read; run again once it is complete"
 CHANGED_WEIGHTS = "the caffemodel changed while it was being read; run again once it is complete"
@@ -174,23 +174,6 @@ def _read_exactly(fd: int, size: int, path: Path, changed: str = CHANGED) -> byt
             raise InputError(f"{path}: {changed}")
         done += got
     return data
-
-
-_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))  # fmt: skip
-
-
-def open_regular(path: Path, flag: str) -> int:
-    """A read-only descriptor of `path`, refused at once (InputError) unless it is a regular file:
-    a FIFO is opened without waiting for a writer, a device is never read."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        kind = next((name for test, name in _KINDS if test(mode)), "not a file")
-        raise InputError(f"{path}: not a regular file ({kind}), given as {flag}; pass the file itself")
-    os.set_blocking(fd, True)
-    return fd
 
 
 @contextmanager

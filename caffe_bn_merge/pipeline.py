@@ -2,16 +2,19 @@
 -> emit (`io.emit`)."""
 
 import hashlib
+import io
 import logging
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 
 from .defaults import MAX_PROTOTXT_MB
 from .errors import MismatchError
 from .graph import NetGraph, build_graph, included, inference_state
 from .io import emit, outputs, read
+from .io.layout import Layout, Recipe
 from .io.user_schema import compile_schema
 from .logs import collected
 from .net import FoldedHost
@@ -19,6 +22,7 @@ from .rules.hosts import DEFAULT_CONV_LIKE, is_host_type, read_host
 from .rules.norms import NORM_TYPES, negative_variance, uses_batch_stats
 from .rules.passes import folded_hosts, run_rules
 from .rules.plan import FoldPlan, Rule
+from .rules.replay import Recording, Round, replay
 from .rules.rewrite import Rewrite
 
 log = logging.getLogger(__name__)
@@ -52,10 +56,16 @@ class MergeResult:
     layers_after: Counter[str]
     output_model: Path | None
     output_weights: Path | None
-    hosts: tuple[FoldedHost, ...] = ()  # every host that took a fold (`maths.quant` reads them)
+    find_hosts: Callable[[], tuple[FoldedHost, ...]] = field(default=tuple, repr=False, compare=False)
     warnings: tuple[str, ...] = ()  # each distinct warning logged while merging
     assume_global_stats: bool = False  # BatchNorm set to batch statistics was folded with stored ones
     staged: outputs.Staged | None = None  # with `merge(..., stage=True)`: the pair, not yet published
+    replayed: bool = False  # planned and written from an earlier merge of this layout (`NetCache`)
+
+    @cached_property
+    def hosts(self) -> tuple[FoldedHost, ...]:
+        """Every host that took a fold (`maths.quant` reads them), found when first asked for."""
+        return self.find_hosts()
 
 
 @dataclass(frozen=True)
@@ -72,42 +82,109 @@ class Writing:
     on_progress: Callable[[int, int], None] | None = None
 
 
+@dataclass(frozen=True)
+class RecordedMerge:
+    """A merge of one caffemodel, to replay for other weights of its layout: the layout of the
+    caffemodel read, the rules' run (`rules.replay`), how the caffemodel was written and the
+    prototxt written."""
+
+    weights: Layout
+    rules: Recording
+    recipe: Recipe
+    prototxt: bytes
+
+
+@dataclass(frozen=True)
+class Written:
+    """The temporary paths of a merged pair, written and not yet published."""
+
+    model: Path
+    weights: Path
+
+
+@dataclass
+class Parsed:
+    """A parsed prototxt: its NetText, the graph of its net, what follows from them alone, and
+    (in a `NetCache`) the merges recorded with it."""
+
+    net_text: object
+    graph: NetGraph
+    merges: dict[MergeOptions, list[RecordedMerge]] = field(default_factory=dict)
+
+    @cached_property
+    def outside_test(self) -> int:
+        """How many layers the TEST phase leaves out."""
+        net = self.net_text.net
+        state = inference_state(net)
+        return sum(1 for layer in net.layer if not included(layer, state))
+
+    @cached_property
+    def layer_types(self) -> Counter[str]:
+        return Counter(layer.type for layer in self.net_text.net.layer)
+
+
 @dataclass
 class NetCache:
-    """Parsed prototxts (the NetText and its graph) by the hash of the prototxt's bytes and the
-    schema's path, for converting many caffemodels of a few architectures in one process: pass the
-    same NetCache to each `merge`. Nothing derived from weights is kept, and nothing kept is
-    changed by a merge (the rules rewrite a copy of the net). Holds at most `size` nets, the least
-    recently used dropped first."""
+    """What converting many caffemodels of a few architectures in one process does once: pass the
+    same NetCache to each `merge`. Per prototxt (by the hash of its bytes and the schema's path),
+    its NetText and graph; per options, the merges it ran (`RecordedMerge`), each replayed for
+    other weights of its caffemodel layout (`io.layout`) when the rules ask those weights the same
+    questions and get the same answers (else the rules run, and that merge is kept too). No weight
+    values are kept, and nothing kept is changed by a merge. Holds at most `size` prototxts and
+    `merges` merges of each per options, the least recently used dropped first."""
 
     size: int = 64
+    merges: int = 4
     hits: int = 0
     misses: int = 0
-    _nets: OrderedDict[tuple[bytes, str], tuple[object, NetGraph]] = field(default_factory=OrderedDict, repr=False)
+    _nets: OrderedDict[tuple[bytes, str], Parsed] = field(default_factory=OrderedDict, repr=False)
 
-    def parsed(self, model: Path, options: MergeOptions, schema: object) -> tuple[object, NetGraph]:
-        """The NetText of `model` and the graph of its net, parsed on a miss."""
+    def parsed(self, model: Path, options: MergeOptions, schema: object) -> Parsed:
+        """`model` parsed, on a miss."""
         raw = read.read_net_bytes(model, options.max_prototxt_mb)
         schema_path = options.caffe_proto
         key = (hashlib.blake2b(raw, digest_size=20).digest(), str(schema_path or ""))
         if key in self._nets:
             self.hits += 1
             self._nets.move_to_end(key)
-            return self._nets[key]
-        self.misses += 1
-        net_text = read.parse_net_bytes(model, raw, schema)
-        self._nets[key] = entry = (net_text, build_graph(net_text.net))
-        if len(self._nets) > self.size:
-            self._nets.popitem(last=False)
+            entry = self._nets[key]
+        else:
+            self.misses += 1
+            net_text = read.parse_net_bytes(model, raw, schema)
+            self._nets[key] = entry = Parsed(net_text, build_graph(net_text.net))
+            if len(self._nets) > self.size:
+                self._nets.popitem(last=False)
         return entry
 
+    def replayed(
+        self, entry: Parsed, options: MergeOptions, weights: read.Weights
+    ) -> tuple[RecordedMerge, Rewrite, FoldPlan] | None:
+        """The first recorded merge of `weights`' layout that replays for them, with the rewrite
+        and plan it gives; None when there is none. A known layout indexes `weights` (`Layout.index`)."""
+        found = entry.merges.get(options, [])
+        for i, recorded in enumerate(found):
+            if not recorded.weights.matches(weights.buffer):
+                continue
+            if not weights.layers:
+                recorded.weights.index(weights)
+            again = replay(recorded.rules, weights.layers)
+            if again is not None:
+                found.insert(0, found.pop(i))
+                return recorded, *again
+        return None
 
-def _parsed(model: Path, options: MergeOptions, cache: NetCache | None) -> tuple[object, NetGraph]:
+    def keep(self, entry: Parsed, options: MergeOptions, recorded: RecordedMerge) -> None:
+        found = entry.merges.setdefault(options, [])
+        found.insert(0, recorded)
+        del found[self.merges :]
+
+
+def _parsed(model: Path, options: MergeOptions, cache: NetCache | None) -> Parsed:
     schema = compile_schema(options.caffe_proto) if options.caffe_proto else None
     if cache is not None:
         return cache.parsed(model, options, schema)
     net_text = read.read_net_text(model, schema, options.max_prototxt_mb)
-    return net_text, build_graph(net_text.net)
+    return Parsed(net_text, build_graph(net_text.net))
 
 
 def default_outputs(
@@ -163,39 +240,53 @@ def _merge(
     output_model, output_weights = pair
     on_step = how.on_step
     on_step("reading")
-    net_text, graph = _parsed(model, options, cache)
+    entry = _parsed(model, options, cache)
+    net_text, graph = entry.net_text, entry.graph
     net = net_text.net
-    with read.read_weights(weights, hold=True) as stored:  # the caffemodel stays as read until the block ends
+    with read.open_weights(weights, hold=True) as stored:  # the caffemodel stays as read until the block ends
+        replayed = cache.replayed(entry, options, stored) if cache is not None else None
+        known = bool(stored.layers)  # a caffemodel of this layout was paired with this net before
+        if not known:
+            read.index_weights(stored)
         targets = [outputs.Output(output_weights, "--output-weights"), outputs.Output(output_model, "--output-model")]
         written = [*targets, *how.more_outputs] if how.write else list(how.more_outputs)
         outputs.check_outputs((model, weights, *how.more_inputs), written, how.overwrite)
-        _check_pairing(graph, stored, model, weights, options.conv_like)
-        _log_input(net_text)
+        if not known:
+            _check_pairing(graph, stored, model, weights, options.conv_like)
+        _log_input(entry)
         on_step("folding")
-        rewrite, plan = run_rules(
+        rounds: list[Round] | None = [] if cache is not None and how.write and replayed is None else None
+        recorded, rewrite, plan = replayed or (None, *run_rules(
             net, graph, stored, options.rules(), options.bn_flavour, frozenset(options.conv_like), net_text.frozen,
-            options.assume_global_stats,
-        )  # fmt: skip
+            options.assume_global_stats, rounds,
+        ))  # fmt: skip
         _log_plan(plan, net, options.assume_global_stats)
         _warn_negative_variance(net, stored, plan, options.bn_flavour)
         staged = outputs.Staged() if how.write else None
         try:
             if staged is not None:
                 on_step("writing")
-                _write(staged, net_text, rewrite, stored, plan.removed & set(stored.layers), pair, how.on_progress)
+                if replayed is not None:
+                    _write_recorded(staged, recorded, rewrite, stored, pair)
+                else:
+                    _write(staged, net_text, rewrite, stored, plan.removed & set(stored.layers), pair, how.on_progress)
+                if rounds is not None:
+                    rules = Recording(tuple(rounds), plan, rewrite.net, tuple(rewrite.origin))
+                    _record(cache, entry, options, stored, rules, Written(*map(staged.temporary, pair)))
                 if not how.stage:
                     staged.publish(how.overwrite)
                     staged.discard()
                     staged = None
             return MergeResult(
                 plan,
-                Counter(layer.type for layer in net.layer),
+                Counter(entry.layer_types),
                 Counter(layer.type for layer in rewrite.net.layer),
                 output_model if how.write else None,
                 output_weights if how.write else None,
-                hosts=folded_hosts(plan, rewrite, net, options.bn_flavour),
+                find_hosts=lambda: folded_hosts(plan, rewrite, net, options.bn_flavour),
                 assume_global_stats=options.assume_global_stats,
                 staged=staged,
+                replayed=replayed is not None,
             )
         except BaseException:  # a failed write, or the caffemodel changed while read: nothing staged is left
             if staged is not None:
@@ -223,7 +314,8 @@ def _log_plan(plan: FoldPlan, net: object, assume_global_stats: bool) -> None:
         )
 
 
-def _log_input(net_text: object) -> None:
+def _log_input(entry: Parsed) -> None:
+    net_text = entry.net_text
     if net_text.blocks is None:
         log.warning("the prototxt is written anew (V1 `layers` upgraded, or its layout was not followed)")
     if net_text.frozen:
@@ -234,8 +326,7 @@ def _log_input(net_text: object) -> None:
             len(net_text.frozen),
             names,
         )
-    state = inference_state(net_text.net)
-    other = sum(1 for layer in net_text.net.layer if not included(layer, state))
+    other = entry.outside_test
     if other:
         log.warning("%d layer(s) outside the TEST phase kept as they are; folding follows the TEST phase", other)
 
@@ -303,3 +394,41 @@ def _write(
     model, weights = pair
     emit.write_weights(stored, rewrite.edits, removed, staged.stage(weights), on_progress)
     emit.write_net_text(net_text, rewrite.net, rewrite.origin, staged.stage(model))
+
+
+def _write_recorded(
+    staged: outputs.Staged, recorded: RecordedMerge, rewrite: Rewrite, stored: read.Weights, pair: tuple[Path, Path]
+) -> None:
+    """`_write` for a replayed merge: the caffemodel in the recorded layout, the recorded prototxt."""
+    model, weights = pair
+    with emit.atomic_output(staged.stage(weights)) as handle:
+        recorded.recipe.write(stored, _blobs(rewrite, stored), handle)
+    with emit.atomic_output(staged.stage(model)) as handle:
+        handle.write(recorded.prototxt)
+
+
+def _record(
+    cache: NetCache, entry: Parsed, options: MergeOptions, stored: read.Weights, rules: Recording, staged: Written
+) -> None:
+    """Keep this merge for other weights of its layout (`RecordedMerge`), if the caffemodels read
+    and written both have a layout and replaying the rules on these weights writes the same bytes."""
+    layout = Layout.of(stored)
+    written = read.read_weights(staged.weights) if layout is not None else None
+    merged = Layout.of(written) if written is not None else None
+    rules = replace(rules, plan=replace(rules.plan, actions=()))
+    again = replay(rules, stored.layers) if merged is not None else None
+    if again is None:
+        return
+    rewrite = again[0]
+    recipe = Recipe.of(layout, merged, set(rewrite.edits))
+    copy = io.BytesIO()
+    recipe.write(stored, _blobs(rewrite, stored), copy)
+    if copy.getvalue() != bytes(written.buffer):
+        log.debug("not recorded: replaying the merge of %s wrote other bytes", stored.path)
+        return
+    cache.keep(entry, options, RecordedMerge(layout, rules, recipe, staged.model.read_bytes()))
+
+
+def _blobs(rewrite: Rewrite, stored: read.Weights) -> Callable[[str], Sequence[object]]:
+    """A layer's blobs after `rewrite`: folded ones as made (`ScaledRows` not computed yet)."""
+    return lambda name: rewrite.edits[name].blobs if name in rewrite.edits else stored.layers[name].blobs

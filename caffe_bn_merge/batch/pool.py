@@ -1,6 +1,7 @@
 """Converting deployments: one in this process (`convert_item`, never raises) or many in warm worker
 processes (`run_items`), each result reported as it finishes."""
 
+import hashlib
 import math
 import multiprocessing
 import os
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from ..defaults import DEFAULT_TOLERANCE
 from ..errors import MergeError, VerifyError
+from ..io.files import open_regular
 from ..io.outputs import TERMINATING, remove_temporaries
 from .worklist import WorkItem
 
@@ -248,8 +250,33 @@ def _end_worker(signum: int, frame: object) -> None:
     os._exit(128 + signum)
 
 
-def _convert_in_worker(item: WorkItem, settings: Settings) -> ItemResult:
-    return convert_item(item, settings, _worker_cache)
+def _convert_in_worker(items: list[WorkItem], settings: Settings) -> list[ItemResult]:
+    return [convert_item(item, settings, _worker_cache) for item in items]
+
+
+CHUNK = 16  # deployments of one net sent to a worker at once, at most
+NET_KEY_BYTES = 16 << 20
+
+
+def chunks(items: Sequence[WorkItem], size: int = CHUNK) -> list[list[WorkItem]]:
+    """`items` in runs of at most `size` with the same prototxt bytes (the same net), largest
+    first: each worker parses and plans a net once for many deployments (its `NetCache`), not
+    every worker for every net."""
+    nets: dict[object, list[WorkItem]] = {}
+    for item in items:
+        nets.setdefault(_net_key(item), []).append(item)
+    runs = [same[i : i + size] for same in nets.values() for i in range(0, len(same), size)]
+    return sorted(runs, key=len, reverse=True)
+
+
+def _net_key(item: WorkItem) -> object:
+    """What tells the nets of two deployments apart, to group them: the hash of the prototxt's
+    first `NET_KEY_BYTES` (its path when it cannot be read: converting it says why)."""
+    try:
+        with open(open_regular(item.prototxt, "--model"), "rb") as handle:
+            return hashlib.blake2b(handle.read(NET_KEY_BYTES)).digest()
+    except (MergeError, OSError, TypeError):
+        return item.prototxt
 
 
 def start_workers(jobs: int, settings: Settings) -> ProcessPoolExecutor:
@@ -307,18 +334,20 @@ def _run_pool(
     files) before passing it on."""
     crashed = []
     with nullcontext(workers) if workers is not None else start_workers(jobs, settings) as pool:
-        futures = {pool.submit(_convert_in_worker, item, settings): item for item in items}
+        futures = {pool.submit(_convert_in_worker, run, settings): run for run in chunks(items)}
         try:
             for future in as_completed(futures):
-                item = futures[future]
+                run = futures[future]
                 try:
-                    result = future.result()
+                    results = future.result()
                 except BrokenProcessPool:
-                    crashed.append(item)
+                    crashed += run
                     continue
                 except Exception as err:  # e.g. a result that cannot be sent back
-                    result = item_result(item, Status.FAILED, _one_line(f"internal error: {type(err).__name__}: {err}"))
-                done(result)
+                    reason = _one_line(f"internal error: {type(err).__name__}: {err}")
+                    results = [item_result(item, Status.FAILED, reason) for item in run]
+                for result in results:
+                    done(result)
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             _end_workers()

@@ -193,21 +193,39 @@ def read_weights(path: Path, hold: bool = False) -> Weights:
     lease on the file (`_Lease`) so that a writer waits and we stop with one clear error; without
     `hold`, or where no lease can be had, read it into private memory: a memory map of a file
     truncated by another process would kill us with SIGBUS."""
+    weights = open_weights(path, hold)
+    try:
+        index_weights(weights)
+    except BaseException:
+        weights.__exit__()
+        raise
+    return weights
+
+
+def open_weights(path: Path, hold: bool = False) -> Weights:
+    """`read_weights` without the index: the caller fills it in (`index_weights`, or
+    `layout.Layout.index` for a caffemodel of a known layout)."""
     buffer, mapping, identity, lease = _open_weights(path, hold)
     try:
         _refuse_other_formats(path, bytes(buffer[:4096]))
-        weights = Weights(path, buffer, _top_records(buffer), mapping, identity, lease=lease)
-        for record in weights.records:
-            weights.record_names.append(_index_layer(weights, record))
-        if not weights.layers:
-            raise InputError(f"{path}: holds no layers; is it a caffemodel?")
-    except BaseException as err:
+    except BaseException:
         if lease is not None:
             lease.release()
-        if isinstance(err, wire.WireError):
-            raise InputError(f"{path}: not a readable caffemodel ({err}); is the file complete?") from err
         raise
-    return weights
+    return Weights(path, buffer, [], mapping, identity, lease=lease)
+
+
+def index_weights(weights: Weights) -> None:
+    """Walk the caffemodel's records once: its layers by name, each blob a view of its bytes."""
+    path = weights.path
+    try:
+        weights.records = _top_records(weights.buffer)
+        for record in weights.records:
+            weights.record_names.append(_index_layer(weights, record))
+    except wire.WireError as err:
+        raise InputError(f"{path}: not a readable caffemodel ({err}); is the file complete?") from err
+    if not weights.layers:
+        raise InputError(f"{path}: holds no layers; is it a caffemodel?")
 
 
 _OTHER_FORMATS = (

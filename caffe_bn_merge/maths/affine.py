@@ -19,7 +19,7 @@ class ChannelAffine:
 
     def is_identity(self) -> bool:
         """True when the map changes no value (scale exactly 1, shift exactly 0)."""
-        return bool(np.all(self.scale == 1.0) and np.all(self.shift == 0.0))
+        return bool((self.scale == 1.0).all() and (self.shift == 0.0).all())
 
 
 def batchnorm_affine(mean_sum: np.ndarray, var_sum: np.ndarray, factor: float, eps: float) -> ChannelAffine:
@@ -38,13 +38,14 @@ def batchnorm_affine(mean_sum: np.ndarray, var_sum: np.ndarray, factor: float, e
 
 def scale_affine(gamma: np.ndarray, beta: np.ndarray | None, channels: int) -> ChannelAffine:
     """Scale (gamma, optional beta) broadcast to `channels`; gamma of size 1 is one scalar."""
-    scale = np.broadcast_to(np.asarray(gamma, np.float64).ravel(), (channels,)).copy()
-    shift = (
-        np.zeros(channels)
-        if beta is None
-        else np.broadcast_to(np.asarray(beta, np.float64).ravel(), (channels,)).copy()
-    )
-    return ChannelAffine(scale, shift)
+    shift = np.zeros(channels) if beta is None else _per_channel(beta, channels)
+    return ChannelAffine(_per_channel(gamma, channels), shift)
+
+
+def _per_channel(values: np.ndarray, channels: int) -> np.ndarray:
+    """`values` (one per channel, or one for all) as a new float64 vector over `channels`."""
+    values = np.array(values, np.float64).reshape(-1)  # a copy
+    return values if values.size == channels else np.broadcast_to(values, (channels,)).copy()
 
 
 def bias_affine(beta: np.ndarray, channels: int) -> ChannelAffine:

@@ -73,9 +73,19 @@ def read_affine(
     return affine if isinstance(affine, Refusal) else _finite(layer, affine)
 
 
+def reads_rank(layer: object) -> bool:
+    """Whether `read_affine`'s answer for `layer` depends on the rank of its input (a Scale or Bias
+    whose axis counts from the last one)."""
+    if layer.type == "Scale":
+        return layer.scale_param.axis < 0
+    return layer.type == "Bias" and layer.bias_param.axis < 0
+
+
 def _finite(layer: object, affine: ChannelAffine) -> ChannelAffine | Refusal:
     """Refuse a map that is not finite everywhere: folding it would spread NaN or infinity into
     weights that other channels share (Caffe keeps it per channel)."""
+    if np.isfinite(affine.scale).all() and np.isfinite(affine.shift).all():
+        return affine
     bad = ~(np.isfinite(affine.scale) & np.isfinite(affine.shift))
     if bad.any():
         return Refusal(Reason.BAD_STATISTICS, f"{int(bad.sum())} channel(s)")
@@ -106,8 +116,7 @@ def negative_variance(layer: object, stored: WeightLayer | None, flavour: str) -
     variant = bn_variants.detect(layer, stored.blobs, flavour)
     if isinstance(variant, Refusal) or variant == bn_variants.SEGNET:  # SegNet's BN stores no variance
         return 0
-    with np.errstate(invalid="ignore"):
-        return int(np.sum(np.asarray(bn_variants.statistics(variant, stored.blobs)[1], np.float64) < 0))
+    return int(np.count_nonzero(bn_variants.statistics(variant, stored.blobs)[1] < 0))  # NaN is not < 0
 
 
 def _scale(layer: object, stored: WeightLayer, channels: int, rank: int | None) -> ChannelAffine | Refusal:

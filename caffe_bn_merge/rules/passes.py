@@ -12,6 +12,7 @@ from . import bn_variants
 from .norms import NORM_TYPES
 from .plan import IDENTITY_TYPES, RULES, Action, Context, FoldPlan, Kept, Rule
 from .reasons import Refusal
+from .replay import Round, record_round
 from .rewrite import Rewrite
 
 
@@ -24,16 +25,21 @@ def run_rules(
     conv_like: frozenset[str],
     frozen: frozenset[str],
     assume_global_stats: bool = False,
+    rounds: list[Round] | None = None,
 ) -> tuple[Rewrite, FoldPlan]:
     """Each rule plans on the net as the rules before it left it (`graph` is the input net's);
-    identity repeats until done. `assume_global_stats`: see `Context`."""
+    identity repeats until done. `assume_global_stats`: see `Context`. Given a list, `rounds`
+    receives each round's questions and actions (for a `replay.Recording`)."""
     rewrite = Rewrite(net, dict(stored.layers))
     actions: list[Action] = []
     refusals: dict[str, list[Refusal]] = {}
     for rule in rules:
         while True:
-            ctx = Context(rewrite.layers, flavour, conv_like, frozen, graph.duplicated, assume_global_stats)
+            asked = {} if rounds is not None else None
+            ctx = Context(rewrite.layers, flavour, conv_like, frozen, graph.duplicated, assume_global_stats, asked)
             result = RULES[rule](graph, ctx)
+            if rounds is not None:
+                rounds.append(record_round(rule, ctx, result.actions, graph.layers))
             for name, refusal in result.refusals.items():
                 refusals.setdefault(name, []).append(refusal)
             graph = rewrite.apply(graph, result.actions)

@@ -38,11 +38,18 @@ from ..maths.fold_math import HOST_LAYOUTS
 from ..net import WeightLayer
 from . import bn_variants
 from .hosts import Host, is_host_type, read_host
-from .norms import NORM_TYPES, channels_of, own_refusal, read_affine
+from .norms import NORM_TYPES, channels_of, own_refusal, read_affine, reads_rank
 from .reasons import Reason, Refusal
 
 Layers = Mapping[str, WeightLayer]
 IDENTITY_TYPES = ("Dropout", "Split")
+Read = tuple[str, int, int | None]  # an affine layer read through `Context.affine`: (name, channels, rank)
+
+
+def read_of(node: LayerNode, channels: int, rank: int | None) -> Read:
+    """The question `Context.affine` answers for `node`: the rank only where the answer depends
+    on it, so that one layer reached by two rules is one question."""
+    return node.name, channels, rank if reads_rank(node.param) else None
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,7 @@ class Context:
     frozen: frozenset[str] = frozenset()
     duplicated: frozenset[str] = frozenset()  # names several layers share: Caffe's weights go by name
     assume_global_stats: bool = False  # fold BatchNorm set to batch statistics with its stored ones
+    asked: dict[Read, tuple[LayerNode, "ChannelAffine | Refusal"]] | None = None  # when given, every `affine` answer
 
     def is_host(self, node: LayerNode) -> bool:
         return is_host_type(node.type, self.conv_like)
@@ -77,10 +85,14 @@ class Context:
 
     def affine(self, node: LayerNode, channels: int, rank: int | None) -> ChannelAffine | Refusal:
         """The map an affine-type layer computes, or why it is not a fixed one."""
+        question = read_of(node, channels, rank)
         stored = self.layers.get(node.name)
-        return self.fixed(node) or read_affine(
-            node.param, stored, channels, rank, self.bn_flavour, self.assume_global_stats
+        answer = self.fixed(node) or read_affine(
+            node.param, stored, channels, question[2], self.bn_flavour, self.assume_global_stats
         )
+        if self.asked is not None:
+            self.asked[question] = (node, answer)
+        return answer
 
     def channels(self, node: LayerNode) -> int | None:
         return channels_of(node.param, self.layers.get(node.name))
@@ -113,6 +125,7 @@ class Action:
     affine: ChannelAffine | None = None
     bottoms: tuple[Rewire, ...] = ()
     tops: tuple[Rewire, ...] = ()
+    reads: tuple[Read, ...] = ()  # the maps `affine` composes, in order (`replay` reads them again)
 
     @property
     def removed(self) -> tuple[str, ...]:
@@ -141,18 +154,34 @@ def _walk(graph: NetGraph, version: BlobVersion, first: LayerNode | None = None)
     return nodes
 
 
+@dataclass(frozen=True)
+class Chain:
+    """The longest prefix of a walk that reads as affine maps: its layers, their composition, and
+    how each was read."""
+
+    nodes: list[LayerNode]
+    affine: ChannelAffine | None
+    reads: tuple[Read, ...]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(node.name for node in self.nodes)
+
+
 def _read_chain(
     nodes: list[LayerNode], ctx: Context, channels: int, rank: int | None, refusals: dict[str, Refusal]
-) -> tuple[list[LayerNode], ChannelAffine | None]:
-    """The longest prefix of `nodes` that reads as affine maps, and their composition."""
+) -> Chain:
+    """The longest prefix of `nodes` that reads as affine maps (`Chain`); the refusal that ends it
+    goes into `refusals`."""
     affine: ChannelAffine | None = None
     for i, node in enumerate(nodes):
         step = ctx.affine(node, channels, rank)
         if isinstance(step, Refusal):
             refusals[node.name] = step
-            return nodes[:i], affine
+            nodes = nodes[:i]
+            break
         affine = step if affine is None else affine.then(step)
-    return nodes, affine
+    return Chain(nodes, affine, tuple(read_of(node, channels, rank) for node in nodes))
 
 
 def _chain_channels(nodes: list[LayerNode], ctx: Context) -> int | None:
@@ -275,10 +304,10 @@ def plan_forward(graph: NetGraph, ctx: Context) -> RuleResult:
         if isinstance(host, Refusal):
             result.refusals[first.name] = host
             continue
-        chain, affine = _read_chain(_walk(graph, node.tops[0]), ctx, host.c_out, host.rank, result.refusals)
-        if chain:
-            top = Rewire(node.index, 0, chain[-1].tops[0].name)
-            result.actions.append(Action(Rule.FORWARD, _names(chain), node.name, host, affine, tops=(top,)))
+        chain = _read_chain(_walk(graph, node.tops[0]), ctx, host.c_out, host.rank, result.refusals)
+        if chain.nodes:
+            top = Rewire(node.index, 0, chain.nodes[-1].tops[0].name)
+            result.actions.append(_action(Rule.FORWARD, chain, node.name, host, tops=(top,)))
     folded = {name for action in result.actions for name in action.layers}
     for node in graph.layers:
         if node.type in NORM_TYPES and node.name not in folded and node.name not in result.refusals:
@@ -337,15 +366,15 @@ def plan_backward(graph: NetGraph, ctx: Context) -> RuleResult:
             result.refusals[nodes[-1].name] = host
             continue
         channels = _chain_channels(nodes, ctx) or _input_channels(host)
-        chain, affine = _read_chain(nodes, ctx, channels, None, result.refusals)
-        if len(chain) != len(nodes):
+        chain = _read_chain(nodes, ctx, channels, None, result.refusals)
+        if len(chain.nodes) != len(nodes):
             continue
         if not _takes_channels(host, channels):
             detail = f"'{host.name}' takes {_input_channels(host)} input values, the chain has {channels} channels"
             result.refusals[nodes[-1].name] = Refusal(Reason.CONSUMER_UNSUITABLE, detail)
             continue
         bottom = Rewire(consumer.index, 0, start.bottoms[0].name)
-        result.actions.append(Action(Rule.BACKWARD, _names(chain), host.name, host, affine, bottoms=(bottom,)))
+        result.actions.append(_action(Rule.BACKWARD, chain, host.name, host, bottoms=(bottom,)))
     return result
 
 
@@ -391,11 +420,12 @@ def plan_standalone(graph: NetGraph, ctx: Context) -> RuleResult:
         if channels is None:
             result.refusals[start.name] = Refusal(Reason.UNKNOWN_CHANNELS)
             continue
-        chain, affine = _read_chain(nodes, ctx, channels, None, result.refusals)
-        if len(chain) < 2 and not (chain and _normalises(chain[0], ctx)):
+        chain = _read_chain(nodes, ctx, channels, None, result.refusals)
+        first = chain.nodes[0] if chain.nodes else None
+        if len(chain.nodes) < 2 and not (first and _normalises(first, ctx)):
             continue
-        top = Rewire(chain[0].index, 0, chain[-1].tops[0].name)
-        result.actions.append(Action(Rule.STANDALONE, _names(chain), chain[0].name, affine=affine, tops=(top,)))
+        top = Rewire(first.index, 0, chain.nodes[-1].tops[0].name)
+        result.actions.append(_action(Rule.STANDALONE, chain, first.name, tops=(top,)))
     return result
 
 
@@ -407,8 +437,8 @@ def _normalises(node: LayerNode, ctx: Context) -> bool:
     return bn_variants.detect(node.param, ctx.layers[node.name].blobs, ctx.bn_flavour) != bn_variants.SEGNET
 
 
-def _names(nodes: list[LayerNode]) -> tuple[str, ...]:
-    return tuple(node.name for node in nodes)
+def _action(rule: Rule, chain: Chain, target: str, host: Host | None = None, **rewires: tuple[Rewire, ...]) -> Action:
+    return Action(rule, chain.names, target, host, chain.affine, reads=chain.reads, **rewires)
 
 
 RULES: dict[Rule, Callable[[NetGraph, Context], RuleResult]] = {

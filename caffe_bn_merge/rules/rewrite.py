@@ -32,11 +32,13 @@ class Rewrite:
         the new net, which also checks that it is well formed."""
         if not actions:
             return graph
+        self.edit_weights(actions)
         net = proto.NetParameter()
         net.CopyFrom(self.net)
         index_of = {node.name: node.index for node in graph.layers}
         for action in actions:
-            _APPLY[action.rule](self, net, index_of, action)
+            if action.rule in _PARAM_EDITS:
+                _PARAM_EDITS[action.rule](net.layer[index_of[action.target]])
             for rewire in action.bottoms:
                 net.layer[rewire.layer].bottom[rewire.slot] = rewire.blob
             for rewire in action.tops:
@@ -49,6 +51,13 @@ class Rewrite:
         new_graph = build_graph(net)  # every stage must leave a well-formed net
         self.net = net
         return new_graph
+
+    def edit_weights(self, actions: list[Action]) -> None:
+        """Record the new blobs of `actions` (planned on the layers as they are now), in order: the
+        caffemodel's half of `apply`, all a replayed plan needs (`replay`)."""
+        for action in actions:
+            if action.rule in _WEIGHT_EDITS:
+                _WEIGHT_EDITS[action.rule](self, action)
 
     def edit(
         self, name: str, make_blobs: Callable[[], tuple[np.ndarray, ...]], update: Callable[[object], None]
@@ -72,7 +81,7 @@ def _compose(first: Callable[[object], None], second: Callable[[object], None]) 
     return both
 
 
-def _apply_host_fold(rewrite: Rewrite, net: object, index_of: dict[str, int], action: Action) -> None:
+def _fold_host(rewrite: Rewrite, action: Action) -> None:
     host, affine = action.host, action.affine
 
     def fold() -> tuple[np.ndarray | ScaledRows, np.ndarray]:
@@ -81,7 +90,6 @@ def _apply_host_fold(rewrite: Rewrite, net: object, index_of: dict[str, int], ac
             return _cast(host, *fold_forward_lazy(*args, _dtype(host)))
         return _cast(host, *fold_backward(*args, host.c_out))
 
-    _take_bias(net.layer[index_of[host.name]])
     rewrite.edit(host.name, fold, _take_bias)
 
 
@@ -108,12 +116,11 @@ def _take_bias(layer: object) -> None:
         spec.ClearField("name")
 
 
-def _apply_standalone(rewrite: Rewrite, net: object, index_of: dict[str, int], action: Action) -> None:
+def _make_scale(rewrite: Rewrite, action: Action) -> None:
     first = action.layers[0]
     stored = [b for name in action.layers if name in rewrite.layers for b in rewrite.layers[name].blobs]
     dtype = stored[0].dtype if stored and stored[0].dtype != np.float16 else np.dtype(np.float32)
     blobs = (action.affine.scale.astype(dtype), action.affine.shift.astype(dtype))
-    _become_scale(net.layer[index_of[first]])
     rewrite.edit(first, lambda: blobs, _become_scale)
 
 
@@ -126,13 +133,7 @@ def _become_scale(layer: object) -> None:
     del layer.param[:]
 
 
-def _apply_identity(rewrite: Rewrite, net: object, index_of: dict[str, int], action: Action) -> None:
-    """Nothing beyond the rewires and the removal."""
-
-
-_APPLY = {
-    Rule.FORWARD: _apply_host_fold,
-    Rule.BACKWARD: _apply_host_fold,
-    Rule.STANDALONE: _apply_standalone,
-    Rule.IDENTITY: _apply_identity,
-}
+# What each rule changes in the caffemodel (the blobs, and the layer parameters of its copy of the
+# layer) and in the net (the same parameter change); identity removals only rewire and remove.
+_WEIGHT_EDITS = {Rule.FORWARD: _fold_host, Rule.BACKWARD: _fold_host, Rule.STANDALONE: _make_scale}
+_PARAM_EDITS = {Rule.FORWARD: _take_bias, Rule.BACKWARD: _take_bias, Rule.STANDALONE: _become_scale}

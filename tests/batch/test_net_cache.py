@@ -48,8 +48,9 @@ def test_a_shared_cache_gives_the_bytes_of_fresh_processes(pairs, tmp_path, seed
     texts = {prototxt.read_bytes() for prototxt, _ in pairs}
     assert (cache.misses, cache.hits) == (len(texts), len(pairs) - len(texts))
     assert cache.hits >= 2
-    for net_text, _ in cache._nets.values():  # nothing a merge did changed what is kept
-        assert net_text.net == type(net_text.net).FromString(net_text.net.SerializeToString())
+    for entry in cache._nets.values():  # nothing a merge did changed what is kept
+        net = entry.net_text.net
+        assert net == type(net).FromString(net.SerializeToString())
     for i, (prototxt, caffemodel) in enumerate(random.Random(seed).sample(pairs, 3)):
         assert cached[(prototxt, caffemodel)] == _fresh(prototxt, caffemodel, tmp_path / f"fresh_{i}")
 
@@ -59,7 +60,8 @@ def test_cached_nets_are_not_changed_by_merges(pairs, tmp_path) -> None:
     cache = NetCache()
     first = pairs[0][0]
     merge(*pairs[0], write=False, cache=cache)
-    ((net_text, _),) = cache._nets.values()
+    (entry,) = cache._nets.values()
+    net_text = entry.net_text
     before = net_text.net.SerializeToString()
     for prototxt, caffemodel in pairs:
         if prototxt.read_bytes() == first.read_bytes():

@@ -1,0 +1,117 @@
+"""Planning again for other weights of the same net, without walking the graph: the rules' run on
+one caffemodel is recorded (`Recording`: per round, every question the rules asked of the weights
+with its answer, and the actions planned), then replayed on another caffemodel of the same layout.
+
+The rules read weights only through `Context`: the hosts' and layers' blob counts and shapes (the
+same for two caffemodels of one layout) and the maps of affine layers (`Context.affine`), whose
+values decide only whether a map is refused (non-finite statistics) and whether it is the identity.
+So when every recorded question gets the same answer from the new weights, the rules would plan
+the same actions: `replay` then gives them the new maps and hosts, and returns None otherwise (the
+caller runs the rules). A question a later round asks again of blobs no rule has changed since is
+answered once (the identity rule and the forward rule both read every BatchNorm and Scale).
+
+Anything new the rules learn to read from weights must be read through `Context` (and compared
+here), or replaying would miss a decision: tests/test_replay.py compares replayed and fresh merges
+of many nets and weights byte for byte."""
+
+from dataclasses import dataclass, replace
+
+from ..graph import LayerNode
+from ..maths.affine import ChannelAffine
+from ..net import WeightLayer
+from .plan import Action, Context, FoldPlan, Layers, Read, Rule
+from .reasons import Refusal
+from .rewrite import Rewrite
+
+Answer = Refusal | bool  # a refusal, or whether the map was the identity
+
+
+@dataclass(frozen=True)
+class Question:
+    """One `Context.affine` call of a round and what it answered."""
+
+    node: LayerNode
+    channels: int
+    rank: int | None
+    answer: Answer
+
+
+@dataclass(frozen=True)
+class Round:
+    """One rule's planning: the questions it asked, the actions it planned (without their maps and
+    hosts, which are the weights'), and the nodes of the hosts they fold into (as that round's net
+    had them)."""
+
+    rule: Rule
+    context: Context  # the round's, without its layers
+    questions: tuple[Question, ...]
+    actions: tuple[Action, ...]
+    hosts: dict[str, LayerNode]
+
+
+Asked = dict[Read, tuple[LayerNode, ChannelAffine | Refusal]]  # what `Context.asked` collects
+
+
+def record_round(rule: Rule, context: Context, actions: list[Action], nodes: list[LayerNode]) -> Round:
+    """A `Round` of `rule` from the answers `context.asked` collected and the actions planned on
+    the graph whose layers are `nodes`."""
+    asked: Asked = context.asked
+    questions = tuple(Question(node, ch, rank, _answer(got)) for (_, ch, rank), (node, got) in asked.items())
+    targets = {action.target for action in actions if action.host is not None}
+    bare = tuple(replace(action, host=None, affine=None) for action in actions)  # no views of these weights kept
+    hosts = {node.name: node for node in nodes if node.name in targets}
+    return Round(rule, replace(context, layers={}, asked=None), questions, bare, hosts)
+
+
+def _answer(got: ChannelAffine | Refusal) -> Answer:
+    return got if isinstance(got, Refusal) else got.is_identity()
+
+
+@dataclass(frozen=True)
+class Recording:
+    """The rules' run on one caffemodel: its rounds, the plan they made and the net they left."""
+
+    rounds: tuple[Round, ...]
+    plan: FoldPlan  # without its actions (the rounds have them)
+    net: object  # the rewritten NetParameter (shared, never changed)
+    origin: tuple[int, ...]
+
+
+def replay(recording: Recording, layers: Layers) -> tuple[Rewrite, FoldPlan] | None:
+    """The rewrite and plan the rules make for `layers` (a caffemodel of the recording's layout),
+    or None when a question has another answer."""
+    rewrite = Rewrite(recording.net, dict(layers), origin=list(recording.origin))
+    actions: list[Action] = []
+    earlier: dict[Read, tuple[WeightLayer | None, ChannelAffine | Refusal, Answer]] = {}  # and of which blobs
+    for round_ in recording.rounds:
+        ctx = replace(round_.context, layers=rewrite.layers)
+        answers = {}
+        for question in round_.questions:
+            read = (question.node.name, question.channels, question.rank)
+            stored = rewrite.layers.get(read[0])
+            known = earlier.get(read)
+            if known is None or known[0] is not stored:  # asked in an earlier round of the same blobs
+                got = ctx.affine(question.node, *read[1:])
+                known = earlier[read] = (stored, got, _answer(got))
+            if known[2] != question.answer:
+                return None
+            answers[read] = known[1]
+        planned = [_again(action, answers, ctx, round_.hosts) for action in round_.actions]
+        if any(action is None for action in planned):
+            return None
+        rewrite.edit_weights(planned)
+        actions += planned
+    return rewrite, replace(recording.plan, actions=tuple(actions))
+
+
+def _again(
+    action: Action, answers: dict[Read, ChannelAffine], ctx: Context, hosts: dict[str, LayerNode]
+) -> Action | None:
+    """`action` with its map composed from this caffemodel's answers and its host read from it."""
+    affine = None
+    for read in action.reads:
+        affine = answers[read] if affine is None else affine.then(answers[read])
+    if action.target not in hosts:
+        return replace(action, affine=affine)
+    host = ctx.host(hosts[action.target])
+    return None if isinstance(host, Refusal) else replace(action, affine=affine, host=host)

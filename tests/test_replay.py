@@ -1,0 +1,213 @@
+"""Replayed merges (`pipeline.NetCache`, `rules.replay`, `io.layout`): for many nets and many weights
+of each, a merge replayed from an earlier merge of the same caffemodel layout writes the very bytes,
+plan and warnings that a fresh merge writes; weights whose answers to the rules' questions differ
+(an identity Scale, non-finite statistics) are merged afresh, and a caffemodel of another layout
+is never taken for a known one."""
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from caffe_bn_merge.errors import MergeError
+from caffe_bn_merge.io import read
+from caffe_bn_merge.io.emit import write_new_weights
+from caffe_bn_merge.io.layout import Layout
+from caffe_bn_merge.pipeline import MergeOptions, NetCache, merge
+from caffe_bn_merge.synthetic.samples import SAMPLES
+from caffe_bn_merge.synthetic.synth import NetBuilder, weights_for
+
+
+def every_rule() -> NetBuilder:
+    """A net where every rule acts and every affine layer type is read: forward folds into a
+    Convolution, Deconvolution and InnerProduct, a backward fold into an unpadded Convolution, a
+    standalone chain, Bias and Power layers, an axis -3 Scale, a Dropout, an in-place Scale that
+    may be the identity."""
+    b = NetBuilder("every_rule", (1, 3, 12, 12), seed=1)
+    x = b.relu(b.scale(b.bn(b.conv("data", 8, name="c1"))))
+    y = b.scale(b.bn(x, top="pre", name="pre_bn"), name="pre_scale")
+    y = b.relu(b.bias(b.conv(y, 8, kernel=1, pad=0, name="c2"), name="c2_bias"))
+    power = b.unary("Power", y, name="power")
+    power.power_param.scale, power.power_param.shift = 0.5, 0.25
+    b.unary("Dropout", y, name="drop")
+    d = b.scale(b.bn(b.conv(y, 4, kernel=2, stride=2, pad=0, deconv=True, name="up")), axis=-3, name="up_scale")
+    p = b.pool(b.relu(d), global_pool=True, name="gpool")
+    s = b.scale(b.bn(p, top="alone", name="alone_bn"), name="alone_scale")
+    b.scale(b.relu(b.scale(b.bn(b.ip(s, 6, name="fc"), name="fc_bn"), name="fc_scale")), name="maybe_identity")
+    return b
+
+
+NETS = {**{name: make for name, make in SAMPLES.items()}, "every_rule": every_rule}
+
+
+def _layers(net: object, types: tuple[str, ...]) -> list[str]:
+    return [layer.name for layer in net.layer if layer.type in types]
+
+
+def _identity(blobs: list[np.ndarray], rng: random.Random) -> None:
+    blobs[0][...] = 1
+    if len(blobs) > 1:
+        blobs[1][...] = 0
+
+
+def _nan_mean(blobs: list[np.ndarray], rng: random.Random) -> None:
+    blobs[0].flat[rng.randrange(blobs[0].size)] = np.nan
+
+
+def _small_negative_variance(blobs: list[np.ndarray], rng: random.Random) -> None:
+    blobs[1].flat[rng.randrange(blobs[1].size)] = -1e-7 * blobs[2].flat[0]  # still var + eps > 0
+
+
+def _large_negative_variance(blobs: list[np.ndarray], rng: random.Random) -> None:
+    blobs[1].flat[0] = -10 * blobs[2].flat[0]  # 1/sqrt of a negative number: not finite
+
+
+def _zero_factor(blobs: list[np.ndarray], rng: random.Random) -> None:
+    blobs[2][...] = 0  # Caffe reads mean = var = 0
+
+
+def _infinite_weight(blobs: list[np.ndarray], rng: random.Random) -> None:
+    blobs[0].flat[rng.randrange(blobs[0].size)] = np.inf
+
+
+# perturbation -> (layer types it applies to, whether the rules' answers stay the same)
+PERTURBATIONS = {
+    _identity: (("Scale",), False),
+    _nan_mean: (("BatchNorm",), False),
+    _large_negative_variance: (("BatchNorm",), False),
+    _small_negative_variance: (("BatchNorm",), True),
+    _zero_factor: (("BatchNorm",), True),
+    _infinite_weight: (("Convolution", "InnerProduct", "Deconvolution"), True),
+}
+
+
+def _write_variant(net: object, folder: Path, seed: int, changes: list) -> Path:
+    """A caffemodel of `net`'s layout with weights of seed `seed`, `changes` applied to the blobs."""
+    rng = random.Random(seed)
+    blobs = {name: [np.array(b) for b in layer] for name, layer in weights_for(net, seed).items()}
+    for change in changes:
+        types, _ = PERTURBATIONS[change]
+        change(blobs[rng.choice(_layers(net, types))], rng)
+    types = {layer.name: layer.type for layer in net.layer}
+    path = folder / f"w{seed}.caffemodel"
+    write_new_weights([(name, types[name], layer) for name, layer in blobs.items()], path)
+    return path
+
+
+def _outcome(prototxt: Path, caffemodel: Path, out: Path, cache: NetCache | None) -> tuple:
+    pair = (out.with_suffix(".prototxt"), out.with_suffix(".caffemodel"))
+    result = merge(prototxt, caffemodel, *pair, cache=cache)
+    plan = result.plan
+    actions = [(a.rule, a.layers, a.target, a.bottoms, a.tops, a.reads) for a in plan.actions]
+    maps = [(a.affine.scale.tobytes(), a.affine.shift.tobytes()) for a in plan.actions if a.affine is not None]
+    described = (actions, maps, plan.kept, plan.reasons, result.layers_before, result.layers_after, result.warnings)
+    hosts = [(h.name, [c.scale.tobytes() for c in h.chains], [np.asarray(b).tobytes() for b in h.folded.blobs])
+             for h in result.hosts]  # fmt: skip
+    return result.replayed, pair[0].read_bytes(), pair[1].read_bytes(), described, hosts
+
+
+@pytest.mark.parametrize("name", sorted(NETS))
+def test_replayed_merges_write_what_fresh_merges_write(name, tmp_path) -> None:
+    """Twelve weights of one net through one NetCache, each against a fresh merge: same bytes,
+    plan, maps, warnings and folded hosts. The first weights are recorded; every later one whose
+    changes keep the rules' answers is replayed, others only when earlier weights got their plan."""
+    builder = NETS[name]()
+    prototxt = tmp_path / "net.prototxt"
+    builder.save(prototxt, tmp_path / "first.caffemodel")
+    net = read.read_net(prototxt)
+    rng = random.Random(name)
+    cache = NetCache()
+    replayed, plans = 0, []
+    for seed in range(12):
+        eligible = [c for c, (types, _) in PERTURBATIONS.items() if _layers(net, types)]
+        changes = rng.sample(eligible, min(len(eligible), rng.choice((0, 1, 1, 2)))) if seed else []
+        caffemodel = _write_variant(net, tmp_path, seed, changes)
+        cached = _outcome(prototxt, caffemodel, tmp_path / f"cached{seed}", cache)
+        fresh = _outcome(prototxt, caffemodel, tmp_path / f"fresh{seed}", None)
+        assert cached[1:] == fresh[1:], (seed, [c.__name__ for c in changes])
+        same_answers = all(PERTURBATIONS[c][1] for c in changes)
+        if seed and same_answers:
+            assert cached[0], f"weights {seed} ({[c.__name__ for c in changes]}) were not replayed"
+        plan = (fresh[3][0], *fresh[3][2:4])  # actions, kept, reasons
+        if cached[0]:  # replayed: only ever a plan made for earlier weights
+            assert plan in plans, (seed, [c.__name__ for c in changes])
+        plans.append(plan)
+        replayed += cached[0]
+    assert replayed >= 3
+
+
+def test_options_and_layouts_are_told_apart(tmp_path) -> None:
+    """The same weights merged with other options, and stored in float64 (another layout): each
+    is recorded on its own and replayed only for its own kind."""
+    builder = every_rule()
+    prototxt = tmp_path / "net.prototxt"
+    builder.save(prototxt, tmp_path / "f32.caffemodel")
+    builder.save(prototxt, tmp_path / "f64.caffemodel", dtype=np.float64)
+    cache, seen = NetCache(), set()
+    cached, fresh = ([tmp_path / f"{name}.{suffix}" for suffix in ("prototxt", "caffemodel")] for name in "ab")
+    for options in (MergeOptions(), MergeOptions(backward=False, standalone=False)):
+        for kind in ("f32", "f64", "f32", "f64"):
+            weights = tmp_path / f"{kind}.caffemodel"
+            result = merge(prototxt, weights, *cached, options, overwrite=True, cache=cache)
+            merge(prototxt, weights, *fresh, options, overwrite=True)
+            assert [p.read_bytes() for p in cached] == [p.read_bytes() for p in fresh]
+            assert result.replayed == ((options, kind) in seen)
+            seen.add((options, kind))
+
+
+def test_a_caffemodel_of_another_layout_is_refused_as_a_fresh_merge_refuses_it(tmp_path) -> None:
+    """A caffemodel whose layer was renamed (same size, one byte differs outside the values) is
+    not taken for the known layout: merged afresh, it fails as a fresh merge fails."""
+    builder = every_rule()
+    prototxt, caffemodel = tmp_path / "net.prototxt", tmp_path / "net.caffemodel"
+    builder.save(prototxt, caffemodel)
+    cache = NetCache()
+    merge(prototxt, caffemodel, tmp_path / "a.prototxt", tmp_path / "a.caffemodel", cache=cache)
+    renamed = tmp_path / "renamed.caffemodel"
+    renamed.write_bytes(caffemodel.read_bytes().replace(b"fc_bn", b"fc_bm"))
+    errors = []
+    for cache_or_none in (cache, None):
+        with pytest.raises(MergeError) as caught:
+            merge(prototxt, renamed, tmp_path / "b.prototxt", tmp_path / "b.caffemodel", cache=cache_or_none)
+        errors.append(str(caught.value))
+    assert errors[0] == errors[1]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_layout_matches_exactly_the_caffemodels_that_differ_only_in_values(tmp_path, seed) -> None:
+    """Any one byte changed outside the values (names, shapes, lengths, tags), or a byte more or
+    less, and the layout no longer matches; any values changed, and it still does, and indexes
+    them as the caffemodel's own walk does."""
+    builder = NETS[sorted(NETS)[seed]]()
+    path = tmp_path / "net.caffemodel"
+    builder.save(tmp_path / "net.prototxt", path)
+    stored = read.read_weights(path)
+    layout = Layout.of(stored)
+    raw = bytearray(stored.buffer)
+    rng = np.random.default_rng(seed)
+    inside = np.zeros(len(raw), bool)
+    for slot in layout.slots:
+        inside[slot.start : slot.end] = True
+    for position in rng.choice(np.flatnonzero(~inside), 200):
+        changed = bytearray(raw)
+        changed[position] ^= 1 + int(rng.integers(255))
+        assert not layout.matches(memoryview(changed))
+    assert not layout.matches(memoryview(raw + b"\0")) and not layout.matches(memoryview(raw[:-1]))
+    values = bytearray(raw)
+    chosen = rng.choice(np.flatnonzero(inside), 500)
+    for position in chosen:
+        values[position] = int(rng.integers(256))
+    assert layout.matches(memoryview(values))
+    (tmp_path / "values.caffemodel").write_bytes(values)
+    walked = read.read_weights(tmp_path / "values.caffemodel")
+    indexed = read.Weights(walked.path, walked.buffer, [])
+    layout.index(indexed)
+    assert indexed.records == walked.records and indexed.record_names == walked.record_names
+    assert list(indexed.layers) == list(walked.layers)
+    for name, layer in walked.layers.items():
+        mine = indexed.layers[name]
+        assert mine.legacy_shape == layer.legacy_shape
+        assert [(b.dtype, b.shape, b.tobytes()) for b in mine.blobs] == [
+            (b.dtype, b.shape, b.tobytes()) for b in layer.blobs
+        ]

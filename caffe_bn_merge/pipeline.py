@@ -156,25 +156,19 @@ class NetCache:
                 self._nets.popitem(last=False)
         return entry
 
-    def replayed(
-        self, entry: Parsed, options: MergeOptions, weights: read.Weights
-    ) -> tuple[RecordedMerge, Rewrite, FoldPlan] | None:
-        """The first recorded merge of `weights`' layout that replays for them, with the rewrite
-        and plan it gives; None when there is none. A known layout indexes `weights` (`Layout.index`)."""
-        found = entry.merges.get(options, [])
-        for i, recorded in enumerate(found):
-            if not recorded.weights.matches(weights.buffer):
-                continue
-            if not weights.layers:
-                recorded.weights.index(weights)
-            again = replay(recorded.rules, weights.layers)
-            if again is not None:
-                found.insert(0, found.pop(i))
-                return recorded, *again
-        return None
+    def recorded(self, entry: Parsed, options: MergeOptions, weights: read.Weights) -> list[RecordedMerge]:
+        """The merges recorded for caffemodels of `weights`' layout, the most recently used first;
+        when there are any, they index `weights` (`Layout.index`)."""
+        found = [recorded for recorded in entry.merges.get(options, []) if recorded.weights.matches(weights.buffer)]
+        if found:
+            found[0].weights.index(weights)
+        return found
 
     def keep(self, entry: Parsed, options: MergeOptions, recorded: RecordedMerge) -> None:
+        """Keep `recorded` (or mark it used) as the most recently used merge of `entry`."""
         found = entry.merges.setdefault(options, [])
+        if recorded in found:
+            found.remove(recorded)
         found.insert(0, recorded)
         del found[self.merges :]
 
@@ -244,17 +238,19 @@ def _merge(
     net_text, graph = entry.net_text, entry.graph
     net = net_text.net
     with read.open_weights(weights, hold=True) as stored:  # the caffemodel stays as read until the block ends
-        replayed = cache.replayed(entry, options, stored) if cache is not None else None
-        known = bool(stored.layers)  # a caffemodel of this layout was paired with this net before
-        if not known:
+        candidates = cache.recorded(entry, options, stored) if cache is not None else []
+        if not candidates:
             read.index_weights(stored)
         targets = [outputs.Output(output_weights, "--output-weights"), outputs.Output(output_model, "--output-model")]
         written = [*targets, *how.more_outputs] if how.write else list(how.more_outputs)
         outputs.check_outputs((model, weights, *how.more_inputs), written, how.overwrite)
-        if not known:
+        if not candidates:  # else a caffemodel of this layout was paired with this net before
             _check_pairing(graph, stored, model, weights, options.conv_like)
         _log_input(entry)
         on_step("folding")
+        replayed = _replay(candidates, stored)
+        if replayed is not None:
+            cache.keep(entry, options, replayed[0])
         rounds: list[Round] | None = [] if cache is not None and how.write and replayed is None else None
         recorded, rewrite, plan = replayed or (None, *run_rules(
             net, graph, stored, options.rules(), options.bn_flavour, frozenset(options.conv_like), net_text.frozen,
@@ -394,6 +390,15 @@ def _write(
     model, weights = pair
     emit.write_weights(stored, rewrite.edits, removed, staged.stage(weights), on_progress)
     emit.write_net_text(net_text, rewrite.net, rewrite.origin, staged.stage(model))
+
+
+def _replay(candidates: list[RecordedMerge], stored: read.Weights) -> tuple[RecordedMerge, Rewrite, FoldPlan] | None:
+    """The first of the `candidates` that replays for `stored`, with its rewrite and plan."""
+    for recorded in candidates:
+        again = replay(recorded.rules, stored.layers)
+        if again is not None:
+            return recorded, *again
+    return None
 
 
 def _write_recorded(

@@ -2,6 +2,7 @@
 caffemodels go with it, and explicit CSV / JSON manifests instead of discovery."""
 
 import csv
+import hashlib
 import json
 import os
 import re
@@ -115,7 +116,22 @@ def classify_prototxt(path: Path) -> Classification:
             f"larger than {MAX_CLASSIFIED_BYTES >> 20} MiB, not read (deploy prototxts are far smaller); "
             "list it in a --manifest if it is one",
         )
-    return classify_text(head.decode("utf-8", errors="replace"))
+    return _classify_bytes(head)
+
+
+_CLASSIFIED: dict[bytes, "Classification"] = {}  # by the hash of the bytes: fleets repeat a few nets
+_CLASSIFIED_KEPT = 4096
+
+
+def _classify_bytes(head: bytes) -> Classification:
+    """`classify_text` of the bytes, once per distinct content."""
+    key = hashlib.blake2b(head, digest_size=20).digest()
+    found = _CLASSIFIED.get(key)
+    if found is None:
+        found = classify_text(head.decode("utf-8", errors="replace"))
+        if len(_CLASSIFIED) < _CLASSIFIED_KEPT:
+            _CLASSIFIED[key] = found
+    return found
 
 
 def _read_head(path: Path) -> bytes | None:

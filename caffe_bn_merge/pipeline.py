@@ -82,7 +82,7 @@ class Writing:
     on_progress: Callable[[int, int], None] | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class RecordedMerge:
     """A merge of one caffemodel, to replay for other weights of its layout: the layout of the
     caffemodel read, the rules' run (`rules.replay`), how the caffemodel was written and the

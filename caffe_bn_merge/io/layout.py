@@ -39,7 +39,7 @@ class Slot:
         return self.start + self.dtype.itemsize * math.prod(self.shape)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Layout:
     """The values' slots in file order, the bytes between them, and the index of the caffemodel
     they came from (records, names, how blobs were stored, undecoded layers)."""
@@ -116,7 +116,7 @@ class Layout:
         return [(name, views[name], legacy) for name, legacy in self.legacy.items()]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Recipe:
     """How a merge writes its caffemodel for any caffemodel of the layout it read: every byte
     outside the values as written once (`Layout.of` the merged file), values of layers kept as

@@ -292,14 +292,18 @@ def _merge(
 
 def _log_plan(plan: FoldPlan, net: object, assume_global_stats: bool) -> None:
     """Log each action and each kept layer in net order; warn when batch statistics were assumed away."""
-    order = {name: i for i, name in enumerate(plan.types)}
-    for action in sorted(plan.actions, key=lambda a: order.get(a.layers[0], len(order))):
-        log.info("%s: %s%s", action.rule, " + ".join(action.layers), f" -> {action.target}" if action.target else "")
-    for kept in plan.kept:
-        log.info("kept %s '%s': %s", kept.type, kept.layer, kept)
+    if log.isEnabledFor(logging.INFO):
+        order = {name: i for i, name in enumerate(plan.types)}
+        for action in sorted(plan.actions, key=lambda a: order.get(a.layers[0], len(order))):
+            target = f" -> {action.target}" if action.target else ""
+            log.info("%s: %s%s", action.rule, " + ".join(action.layers), target)
+        for kept in plan.kept:
+            log.info("kept %s '%s': %s", kept.type, kept.layer, kept)
+    if not assume_global_stats:
+        return
     kept = {k.layer for k in plan.kept}
     assumed = [layer.name for layer in net.layer if uses_batch_stats(layer) and layer.name not in kept]
-    if assume_global_stats and assumed:
+    if assumed:
         log.warning(
             "--assume-global-stats: %d BatchNorm layer(s) set to use batch statistics (use_global_stats: false; "
             "'%s'%s) were folded with their stored moving averages; this changes what Caffe computes for this "

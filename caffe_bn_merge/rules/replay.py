@@ -16,9 +16,12 @@ of many nets and weights byte for byte."""
 
 from dataclasses import dataclass, replace
 
+import numpy as np
+
 from ..graph import LayerNode
 from ..maths.affine import ChannelAffine
 from ..net import WeightLayer
+from .hosts import Host
 from .plan import Action, Context, FoldPlan, Layers, Read, Rule
 from .reasons import Refusal
 from .rewrite import Rewrite
@@ -39,14 +42,13 @@ class Question:
 @dataclass(frozen=True)
 class Round:
     """One rule's planning: the questions it asked, the actions it planned (without their maps and
-    hosts, which are the weights'), and the nodes of the hosts they fold into (as that round's net
-    had them)."""
+    hosts, which are the weights'), and the hosts they fold into without their arrays."""
 
     rule: Rule
     context: Context  # the round's, without its layers
     questions: tuple[Question, ...]
     actions: tuple[Action, ...]
-    hosts: dict[str, LayerNode]
+    hosts: dict[str, Host]
 
 
 Asked = dict[Read, tuple[LayerNode, ChannelAffine | Refusal]]  # what `Context.asked` collects
@@ -57,10 +59,14 @@ def record_round(rule: Rule, context: Context, actions: list[Action], nodes: lis
     the graph whose layers are `nodes`."""
     asked: Asked = context.asked
     questions = tuple(Question(node, ch, rank, _answer(got)) for (_, ch, rank), (node, got) in asked.items())
-    targets = {action.target for action in actions if action.host is not None}
     bare = tuple(replace(action, host=None, affine=None) for action in actions)  # no views of these weights kept
-    hosts = {node.name: node for node in nodes if node.name in targets}
+    hosts = {action.target: _bare_host(action.host) for action in actions if action.host is not None}
     return Round(rule, replace(context, layers={}, asked=None), questions, bare, hosts)
+
+
+def _bare_host(host: Host) -> Host:
+    """`host` without its arrays: a zero-size bias stands for one."""
+    return replace(host, weights=None, bias=None if host.bias is None else np.zeros(0))
 
 
 def _answer(got: ChannelAffine | Refusal) -> Answer:
@@ -96,22 +102,21 @@ def replay(recording: Recording, layers: Layers) -> tuple[Rewrite, FoldPlan] | N
             if known[2] != question.answer:
                 return None
             answers[read] = known[1]
-        planned = [_again(action, answers, ctx, round_.hosts) for action in round_.actions]
-        if any(action is None for action in planned):
-            return None
+        planned = [_again(action, answers, rewrite.layers, round_.hosts) for action in round_.actions]
         rewrite.edit_weights(planned)
         actions += planned
     return rewrite, replace(recording.plan, actions=tuple(actions))
 
 
-def _again(
-    action: Action, answers: dict[Read, ChannelAffine], ctx: Context, hosts: dict[str, LayerNode]
-) -> Action | None:
-    """`action` with its map composed from this caffemodel's answers and its host read from it."""
+def _again(action: Action, answers: dict[Read, ChannelAffine], layers: Layers, hosts: dict[str, Host]) -> Action:
+    """`action` with its map composed from this caffemodel's answers, and its host's arrays (as
+    the caffemodel and the rounds before left them: the same shapes as recorded)."""
     affine = None
     for read in action.reads:
         affine = answers[read] if affine is None else affine.then(answers[read])
-    if action.target not in hosts:
-        return replace(action, affine=affine)
-    host = ctx.host(hosts[action.target])
-    return None if isinstance(host, Refusal) else replace(action, affine=affine, host=host)
+    bare = hosts.get(action.target)
+    host = None
+    if bare is not None:
+        blobs = layers[action.target].blobs
+        host = replace(bare, weights=blobs[0], bias=None if bare.bias is None else blobs[1])
+    return replace(action, affine=affine, host=host)

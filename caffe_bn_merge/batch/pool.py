@@ -64,6 +64,7 @@ class ItemResult:
     plan_seconds: float | None = None
     write_seconds: float | None = None
     net_cached: bool | None = None  # the prototxt was parsed by an earlier deployment of this process
+    replayed: bool | None = None  # planned and written from an earlier merge of this net and caffemodel layout
     cpu_seconds: float = 0.0  # CPU time of the process (all its threads) while converting it
 
     def to_json(self) -> dict:
@@ -126,6 +127,7 @@ def convert_item(item: WorkItem, settings: Settings = Settings(), cache: "NetCac
         steps.step(None)
         staged = result.staged
         details["net_cached"] = cache is not None and cache.hits > hits
+        details["replayed"] = result.replayed
         details["layers_before"] = sum(result.layers_before.values())
         details["layers_after"] = sum(result.layers_after.values())
         details["folds"] = dict(sorted(Counter(str(a.rule) for a in result.plan.actions).items()))

@@ -108,3 +108,38 @@ def test_warm_workers_reuse_their_parsed_nets(pairs, tmp_path) -> None:
     parsed = [text for text, r in zip(texts, results, strict=True) if not r.net_cached]
     assert all(parsed.count(text) <= 2 for text in set(texts))
     assert sum(r.net_cached for r in results) >= len(texts) - 2 * len(set(texts)) > 0
+
+
+def test_runs_of_one_net_cover_the_work_list(pairs, tmp_path) -> None:
+    """`pool.chunks`: every deployment in exactly one run, each run of one prototxt's bytes (two
+    files with the same bytes together) and at most CHUNK long, the longest first; a prototxt that
+    cannot be read is a net of its own."""
+    copy = tmp_path / "copy.prototxt"
+    copy.write_bytes(pairs[0][0].read_bytes())
+    missing = tmp_path / "missing.prototxt"
+    inputs = [*pairs * 7, (copy, pairs[0][1]), (missing, pairs[0][1])]
+    items = [
+        worklist.WorkItem(f"d{i}", p, c, tmp_path / f"d{i}.prototxt", tmp_path / f"d{i}.caffemodel")
+        for i, (p, c) in enumerate(inputs)
+    ]
+    runs = pool.chunks(items)
+    assert sorted(item.key for run in runs for item in run) == sorted(item.key for item in items)
+    assert [len(run) for run in runs] == sorted((len(run) for run in runs), reverse=True)
+    assert all(0 < len(run) <= pool.CHUNK for run in runs)
+    for run in runs:
+        assert len({item.prototxt.read_bytes() if item.prototxt.exists() else None for item in run}) == 1
+    (alone,) = [run for run in runs if run[0].prototxt == missing]
+    assert len(alone) == 1
+    assert any(copy in {item.prototxt for item in run} and len({i.prototxt for i in run}) > 1 for run in runs)
+
+
+def test_batch_rows_say_which_merges_were_replayed(pairs, tmp_path) -> None:
+    """Each caffemodel after the first of its net and layout in a process is replayed."""
+    items = [
+        worklist.WorkItem(f"d{i}", p, c, tmp_path / f"d{i}.prototxt", tmp_path / f"d{i}.caffemodel")
+        for i, (p, c) in enumerate(pairs * 2)
+    ]
+    results = pool.run_items(items, jobs=1)
+    firsts = {p.read_bytes() for p, _ in pairs}
+    assert sum(not r.replayed for r in results) == len(firsts)
+    assert all(r.replayed for r in results[len(pairs) :])

@@ -131,6 +131,7 @@ def run(root: Path, count: int, seed: int, repeat: int, verify: bool) -> list[tu
             + ", ".join(f"{step.split('_')[0]} {warm_ms[step]:.1f}" for step in STEPS)
             + f"; cp {copy_ms:.1f} ms per deployment  (target <= 5 ms + cp)",
         ),
+        ("", f"{sum(bool(d.get('replayed')) for d in warm)} of the {len(warm)} replayed a recorded merge"),
         ("verify", "on" if verify else "off"),
         ("machine", f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at the end"),
         ("command", shlex.join([*MERGE_BN, "batch", "FLEET", "--out", "OUT", "--jobs", "N", "--report", "R", "-q"])),

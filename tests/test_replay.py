@@ -4,11 +4,13 @@ plan and warnings that a fresh merge writes; weights whose answers to the rules'
 (an identity Scale, non-finite statistics) are merged afresh, and a caffemodel of another layout
 is never taken for a known one."""
 
+import math
 import random
 from pathlib import Path
 
 import numpy as np
 import pytest
+from harness import REAL_NETS
 
 from caffe_bn_merge.errors import MergeError
 from caffe_bn_merge.io import read
@@ -211,3 +213,28 @@ def test_a_layout_matches_exactly_the_caffemodels_that_differ_only_in_values(tmp
         assert [(b.dtype, b.shape, b.tobytes()) for b in mine.blobs] == [
             (b.dtype, b.shape, b.tobytes()) for b in layer.blobs
         ]
+
+
+@pytest.mark.parametrize("name", sorted(REAL_NETS))
+def test_real_nets_replay_what_fresh_merges_write(name, real_nets, tmp_path) -> None:
+    """Each real third-party net with its own caffemodel layout (forks' fields, legacy shapes,
+    their own parameters) and three sets of values of its own: replayed after the first, the same
+    bytes as fresh merges."""
+    prototxt, caffemodel, _ = REAL_NETS[name]
+    prototxt, original = real_nets / prototxt, real_nets / caffemodel
+    layout = Layout.of(read.read_weights(original))
+    assert layout is not None
+    raw = original.read_bytes()
+    cache = NetCache()
+    for seed in range(3):
+        values = bytearray(raw)
+        rng = np.random.default_rng(seed)
+        for slot in layout.slots if seed else ():
+            blob = np.frombuffer(values, slot.dtype, math.prod(slot.shape), slot.start)
+            blob *= (1 + 0.01 * rng.standard_normal(blob.size)).astype(slot.dtype)  # the same signs
+        weights = tmp_path / f"w{seed}.caffemodel"
+        weights.write_bytes(values)
+        cached = _outcome(prototxt, weights, tmp_path / f"cached{seed}", cache)
+        fresh = _outcome(prototxt, weights, tmp_path / f"fresh{seed}", None)
+        assert cached[1:] == fresh[1:]
+        assert cached[0] == (seed > 0)

@@ -263,7 +263,7 @@ def _merge(
             if staged is not None:
                 on_step("writing")
                 if replayed is not None:
-                    _write_recorded(staged, recorded, rewrite, stored, pair)
+                    _write_recorded(staged, recorded, rewrite, stored, pair, how.on_progress)
                 else:
                     _write(staged, net_text, rewrite, stored, plan.removed & set(stored.layers), pair, how.on_progress)
                 if rounds is not None:
@@ -406,12 +406,19 @@ def _replay(candidates: list[RecordedMerge], stored: read.Weights) -> tuple[Reco
 
 
 def _write_recorded(
-    staged: outputs.Staged, recorded: RecordedMerge, rewrite: Rewrite, stored: read.Weights, pair: tuple[Path, Path]
+    staged: outputs.Staged,
+    recorded: RecordedMerge,
+    rewrite: Rewrite,
+    stored: read.Weights,
+    pair: tuple[Path, Path],
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> None:
     """`_write` for a replayed merge: the caffemodel in the recorded layout, the recorded prototxt."""
     model, weights = pair
     with emit.atomic_output(staged.stage(weights)) as handle:
         recorded.recipe.write(stored, _blobs(rewrite, stored), handle)
+    if on_progress is not None:
+        on_progress(len(stored.buffer), len(stored.buffer))
     with emit.atomic_output(staged.stage(model)) as handle:
         handle.write(recorded.prototxt)
 
@@ -420,22 +427,33 @@ def _record(
     cache: NetCache, entry: Parsed, options: MergeOptions, stored: read.Weights, rules: Recording, staged: Written
 ) -> None:
     """Keep this merge for other weights of its layout (`RecordedMerge`), if the caffemodels read
-    and written both have a layout and replaying the rules on these weights writes the same bytes."""
+    and written both have a layout and replaying the rules on these weights writes the same bytes.
+    Never fails the merge: a merge that cannot be recorded is simply not kept."""
+    try:
+        recorded = _recorded(stored, rules, staged)
+    except Exception as err:  # e.g. a written caffemodel with no layer left, a blob written in another shape
+        log.debug("not recorded: %s: %s", type(err).__name__, err)
+        return
+    if recorded is not None:
+        cache.keep(entry, options, recorded)
+
+
+def _recorded(stored: read.Weights, rules: Recording, staged: Written) -> RecordedMerge | None:
     layout = Layout.of(stored)
     written = read.read_weights(staged.weights) if layout is not None else None
     merged = Layout.of(written) if written is not None else None
     rules = replace(rules, plan=replace(rules.plan, actions=()))
     again = replay(rules, stored.layers) if merged is not None else None
     if again is None:
-        return
+        return None
     rewrite = again[0]
     recipe = Recipe.of(layout, merged, set(rewrite.edits))
     copy = io.BytesIO()
     recipe.write(stored, _blobs(rewrite, stored), copy)
     if copy.getvalue() != bytes(written.buffer):
         log.debug("not recorded: replaying the merge of %s wrote other bytes", stored.path)
-        return
-    cache.keep(entry, options, RecordedMerge(layout, rules, recipe, staged.model.read_bytes()))
+        return None
+    return RecordedMerge(layout, rules, recipe, staged.model.read_bytes())
 
 
 def _blobs(rewrite: Rewrite, stored: read.Weights) -> Callable[[str], Sequence[object]]:

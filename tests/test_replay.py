@@ -13,7 +13,7 @@ import pytest
 from harness import REAL_NETS
 
 from caffe_bn_merge.errors import MergeError
-from caffe_bn_merge.io import read
+from caffe_bn_merge.io import proto, read
 from caffe_bn_merge.io.emit import write_new_weights
 from caffe_bn_merge.io.layout import Layout
 from caffe_bn_merge.pipeline import MergeOptions, NetCache, merge
@@ -238,3 +238,58 @@ def test_real_nets_replay_what_fresh_merges_write(name, real_nets, tmp_path) -> 
         fresh = _outcome(prototxt, weights, tmp_path / f"fresh{seed}", None)
         assert cached[1:] == fresh[1:]
         assert cached[0] == (seed > 0)
+
+
+def _scalar_bias(path: Path, seed: int) -> None:
+    """A one-channel Convolution + BatchNorm + Scale whose bias is stored with an empty shape (a
+    0-d blob: some converters write them; its folded bias is written with shape [1])."""
+    rng = np.random.default_rng(seed)
+
+    def blob(values: list[float], dims: list[int] | None) -> object:
+        stored = proto.BlobProto(data=np.asarray(values, np.float32).tolist())
+        stored.shape.SetInParent()
+        stored.shape.dim.extend(dims or [])
+        return stored
+
+    net = proto.NetParameter(name="n")
+    net.layer.add(name="conv", type="Convolution").blobs.extend(
+        [blob(rng.normal(size=27).tolist(), [1, 3, 3, 3]), blob([rng.normal()], None)]
+    )
+    net.layer.add(name="bn", type="BatchNorm").blobs.extend(
+        [blob([0.1], [1]), blob([rng.uniform(0.5, 2)], [1]), blob([1], [1])]
+    )
+    net.layer.add(name="sc", type="Scale").blobs.extend([blob([rng.uniform(0.5, 2)], [1]), blob([0.2], [1])])
+    path.write_bytes(net.SerializeToString())
+
+
+def _only_an_identity(path: Path, seed: int) -> None:
+    """A caffemodel whose only layer is an identity Scale: the merged caffemodel is empty."""
+    write_new_weights([("sc", "Scale", [np.ones(3, np.float32), np.zeros(3, np.float32)])], path)
+
+
+INPUT = 'layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 8 dim: 8 } } }\n'
+UNRECORDABLE = {
+    _scalar_bias: INPUT
+    + 'layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"\n'
+    + "  convolution_param { num_output: 1 kernel_size: 3 } }\n"
+    + 'layer { name: "bn" type: "BatchNorm" bottom: "conv" top: "conv" }\n'
+    + 'layer { name: "sc" type: "Scale" bottom: "conv" top: "conv" scale_param { bias_term: true } }\n',
+    _only_an_identity: INPUT
+    + 'layer { name: "sc" type: "Scale" bottom: "data" top: "sc" scale_param { bias_term: true } }\n'
+    + 'layer { name: "relu" type: "ReLU" bottom: "sc" top: "out" }\n',
+}
+
+
+@pytest.mark.parametrize("make", UNRECORDABLE, ids=lambda make: make.__name__)
+def test_a_merge_that_cannot_be_recorded_still_converts(make, tmp_path) -> None:
+    """What the recorded layout cannot write again (a 0-d blob written back with shape [1], a
+    merged caffemodel with no layer left) is not recorded: every merge through the cache converts
+    as a fresh merge does."""
+    prototxt = tmp_path / "net.prototxt"
+    prototxt.write_text(UNRECORDABLE[make])
+    cache = NetCache()
+    for seed in range(3):
+        make(tmp_path / f"w{seed}.caffemodel", seed)
+        cached = _outcome(prototxt, tmp_path / f"w{seed}.caffemodel", tmp_path / f"cached{seed}", cache)
+        fresh = _outcome(prototxt, tmp_path / f"w{seed}.caffemodel", tmp_path / f"fresh{seed}", None)
+        assert cached[1:] == fresh[1:] and not cached[0]

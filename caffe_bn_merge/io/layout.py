@@ -21,7 +21,7 @@ from .read import UndecodedLayer, Weights
 
 Blobs = Callable[[str], Sequence[np.ndarray | ScaledRows]]  # a layer's blobs, by name
 MAX_MODEL_BYTES = 64 << 20
-MAX_OTHER_BYTES = 1 << 20  # bytes outside the values (names, parameters, undecoded blobs), at most
+MAX_OTHER_BYTES = 256 << 10  # bytes outside the values (names, parameters, undecoded blobs), at most
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ class Layout:
         if any(end < start for start, end in runs) or sum(end - start for start, end in runs) > MAX_OTHER_BYTES:
             return None
         raw = bytes(weights.buffer)
-        positions = np.concatenate([np.arange(start, end, dtype=np.int64) for start, end in runs])
+        positions = np.concatenate([np.arange(start, end, dtype=np.int32) for start, end in runs])  # < 64 MiB
         return cls(
             size,
             tuple(slots),

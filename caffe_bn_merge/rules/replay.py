@@ -105,7 +105,8 @@ def replay(recording: Recording, layers: Layers) -> tuple[Rewrite, FoldPlan] | N
         planned = [_again(action, answers, rewrite.layers, round_.hosts) for action in round_.actions]
         rewrite.edit_weights(planned)
         actions += planned
-    return rewrite, replace(recording.plan, actions=tuple(actions))
+    plan = recording.plan  # its dicts copied: a caller may change what it is given
+    return rewrite, replace(plan, actions=tuple(actions), reasons=dict(plan.reasons), types=dict(plan.types))
 
 
 def _again(action: Action, answers: dict[Read, ChannelAffine], layers: Layers, hosts: dict[str, Host]) -> Action:

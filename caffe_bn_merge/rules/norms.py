@@ -2,6 +2,7 @@
 refused with the reason they are not one. Caffe's semantics are in each reader's docstring."""
 
 from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 
@@ -47,15 +48,21 @@ def channels_of(layer: object, stored: WeightLayer | None) -> int | None:
     return None
 
 
-def read_affine(
+Reader = Callable[[list[np.ndarray]], ChannelAffine | Refusal]  # a layer's map from its blobs' values
+
+
+def affine_reader(
     layer: object,
     stored: WeightLayer | None,
     channels: int,
     rank: int | None,
     bn_flavour: str = "auto",
     assume_global_stats: bool = False,
-) -> ChannelAffine | Refusal:
-    """The map `layer` applies to a blob of `channels` channels (axis 1) and rank `rank`;
+) -> Reader | Refusal:
+    """How to read the map `layer` applies to a blob of `channels` channels (axis 1) and rank
+    `rank`, or why it is not a fixed one. Everything that depends on the layer's parameters and its
+    blobs' count and shapes is decided here (a refusal, or a mismatch raised); the reader computes
+    the map from blobs of those shapes, whatever their values (a refusal when it is not finite).
     `bn_flavour` overrides the detected BatchNorm layout (`bn_variants`); `assume_global_stats`
     takes a BatchNorm's stored statistics even when it is set to use batch statistics."""
     refusal = own_refusal(layer, assume_global_stats)
@@ -63,27 +70,32 @@ def read_affine(
         return refusal
     if layer.type == "Power":
         param = layer.power_param
-        return scale_affine(np.array([param.scale]), np.array([param.shift]), channels)
+        return partial(_power, param.scale, param.shift, channels)
     if stored is None:
         raise MismatchError(f"layer '{layer.name}' ({layer.type}) has no blobs in the caffemodel")
     if layer.type in ("BatchNorm", "BN"):
-        affine = _batchnorm(layer, stored, channels, bn_flavour)
+        reader = _batchnorm(layer, stored, channels, bn_flavour)
     else:
-        affine = _READERS[layer.type](layer, stored, channels, rank)
-    return affine if isinstance(affine, Refusal) else _finite(layer, affine)
+        reader = _READERS[layer.type](layer, stored, channels, rank)
+    return reader if isinstance(reader, Refusal) else partial(_finite, reader)
+
+
+def _power(scale: float, shift: float, channels: int, blobs: list[np.ndarray]) -> ChannelAffine:
+    return scale_affine(np.array([scale]), np.array([shift]), channels)
 
 
 def reads_rank(layer: object) -> bool:
-    """Whether `read_affine`'s answer for `layer` depends on the rank of its input (a Scale or Bias
+    """Whether `affine_reader`'s answer for `layer` depends on the rank of its input (a Scale or Bias
     whose axis counts from the last one)."""
     if layer.type == "Scale":
         return layer.scale_param.axis < 0
     return layer.type == "Bias" and layer.bias_param.axis < 0
 
 
-def _finite(layer: object, affine: ChannelAffine) -> ChannelAffine | Refusal:
-    """Refuse a map that is not finite everywhere: folding it would spread NaN or infinity into
-    weights that other channels share (Caffe keeps it per channel)."""
+def _finite(reader: Callable[[list[np.ndarray]], ChannelAffine], blobs: list[np.ndarray]) -> ChannelAffine | Refusal:
+    """The map `reader` reads from `blobs`, refused when it is not finite everywhere: folding it
+    would spread NaN or infinity into weights that other channels share (Caffe keeps it per channel)."""
+    affine = reader(blobs)
     if np.isfinite(affine.scale).all() and np.isfinite(affine.shift).all():
         return affine
     bad = ~(np.isfinite(affine.scale) & np.isfinite(affine.shift))
@@ -92,7 +104,7 @@ def _finite(layer: object, affine: ChannelAffine) -> ChannelAffine | Refusal:
     return affine
 
 
-def _batchnorm(layer: object, stored: WeightLayer, channels: int, flavour: str) -> ChannelAffine | Refusal:
+def _batchnorm(layer: object, stored: WeightLayer, channels: int, flavour: str) -> Reader | Refusal:
     """Any BatchNorm layout (`bn_variants`); eps from the layer's parameters."""
     variant = bn_variants.detect(layer, stored.blobs, flavour)
     if isinstance(variant, Refusal):
@@ -101,11 +113,11 @@ def _batchnorm(layer: object, stored: WeightLayer, channels: int, flavour: str) 
         if bn_variants.segnet_learns(layer, stored.blobs):
             return Refusal(Reason.BATCH_STATS, "SegNet BN in bn_mode LEARN")
         _check_size(layer, stored.blobs[0].size == channels, channels)
-        return bn_variants.affine(variant, layer, stored.blobs, channels)
-    statistics = bn_variants.statistics(variant, stored.blobs)
-    per_channel = [b for b in statistics[:4] if b is not None]
-    _check_size(layer, all(b.size == channels for b in per_channel), channels)
-    return bn_variants.affine(variant, layer, stored.blobs, channels)
+    else:
+        statistics = bn_variants.statistics(variant, stored.blobs)
+        per_channel = [b for b in statistics[:4] if b is not None]
+        _check_size(layer, all(b.size == channels for b in per_channel), channels)
+    return lambda blobs: bn_variants.affine(variant, layer, blobs, channels)
 
 
 def negative_variance(layer: object, stored: WeightLayer | None, flavour: str) -> int:
@@ -119,7 +131,7 @@ def negative_variance(layer: object, stored: WeightLayer | None, flavour: str) -
     return int(np.count_nonzero(bn_variants.statistics(variant, stored.blobs)[1] < 0))  # NaN is not < 0
 
 
-def _scale(layer: object, stored: WeightLayer, channels: int, rank: int | None) -> ChannelAffine | Refusal:
+def _scale(layer: object, stored: WeightLayer, channels: int, rank: int | None) -> Reader | Refusal:
     """Scale: gamma over bottom.shape[axis : axis+num_axes], plus beta when bias_term."""
     param = layer.scale_param
     expected = 2 if param.bias_term else 1
@@ -132,18 +144,18 @@ def _scale(layer: object, stored: WeightLayer, channels: int, rank: int | None) 
     refusal = _per_channel(param.axis, param.num_axes, gamma.size, channels, rank)
     if refusal:
         return refusal
-    beta = stored.blobs[1] if param.bias_term else None
-    _check_size(layer, beta is None or beta.size == gamma.size, channels)
-    return scale_affine(gamma, beta, channels)
+    _check_size(layer, not param.bias_term or stored.blobs[1].size == gamma.size, channels)
+    bias_term = param.bias_term
+    return lambda blobs: scale_affine(blobs[0], blobs[1] if bias_term else None, channels)
 
 
-def _bias(layer: object, stored: WeightLayer, channels: int, rank: int | None) -> ChannelAffine | Refusal:
+def _bias(layer: object, stored: WeightLayer, channels: int, rank: int | None) -> Reader | Refusal:
     """Bias: beta over bottom.shape[axis : axis+num_axes]."""
     param = layer.bias_param
     if len(stored.blobs) != 1:
         raise MismatchError(f"layer '{layer.name}': Bias needs 1 blob, the caffemodel has {len(stored.blobs)}")
     refusal = _per_channel(param.axis, param.num_axes, stored.blobs[0].size, channels, rank)
-    return refusal or bias_affine(stored.blobs[0], channels)
+    return refusal or (lambda blobs: bias_affine(blobs[0], channels))
 
 
 def _per_channel(axis: int, num_axes: int, size: int, channels: int, rank: int | None) -> Refusal | None:
@@ -164,7 +176,7 @@ def _check_size(layer: object, ok: bool, channels: int) -> None:
         raise MismatchError(f"layer '{layer.name}': blob sizes do not match the {channels} channels of its input")
 
 
-_READERS: dict[str, Callable[[object, WeightLayer, int, int | None], ChannelAffine | Refusal]] = {
+_READERS: dict[str, Callable[[object, WeightLayer, int, int | None], Reader | Refusal]] = {
     "Scale": _scale,
     "Bias": _bias,
 }

@@ -38,12 +38,13 @@ from ..maths.fold_math import HOST_LAYOUTS
 from ..net import WeightLayer
 from . import bn_variants
 from .hosts import Host, is_host_type, read_host
-from .norms import NORM_TYPES, channels_of, own_refusal, read_affine, reads_rank
+from .norms import NORM_TYPES, Reader, affine_reader, channels_of, own_refusal, reads_rank
 from .reasons import Reason, Refusal
 
 Layers = Mapping[str, WeightLayer]
 IDENTITY_TYPES = ("Dropout", "Split")
 Read = tuple[str, int, int | None]  # an affine layer read through `Context.affine`: (name, channels, rank)
+Asked = tuple[LayerNode, "Reader | Refusal", "ChannelAffine | Refusal"]  # the layer, how it was read, the answer
 
 
 def read_of(node: LayerNode, channels: int, rank: int | None) -> Read:
@@ -63,7 +64,7 @@ class Context:
     frozen: frozenset[str] = frozenset()
     duplicated: frozenset[str] = frozenset()  # names several layers share: Caffe's weights go by name
     assume_global_stats: bool = False  # fold BatchNorm set to batch statistics with its stored ones
-    asked: dict[Read, tuple[LayerNode, "ChannelAffine | Refusal"]] | None = None  # when given, every `affine` answer
+    asked: dict[Read, "Asked"] | None = None  # when given, every `affine` question, how it was read, its answer
 
     def is_host(self, node: LayerNode) -> bool:
         return is_host_type(node.type, self.conv_like)
@@ -87,11 +88,12 @@ class Context:
         """The map an affine-type layer computes, or why it is not a fixed one."""
         question = read_of(node, channels, rank)
         stored = self.layers.get(node.name)
-        answer = self.fixed(node) or read_affine(
+        reader = self.fixed(node) or affine_reader(
             node.param, stored, channels, question[2], self.bn_flavour, self.assume_global_stats
         )
+        answer = reader if isinstance(reader, Refusal) else reader(stored.blobs if stored is not None else [])
         if self.asked is not None:
-            self.asked[question] = (node, answer)
+            self.asked[question] = (node, reader, answer)
         return answer
 
     def channels(self, node: LayerNode) -> int | None:

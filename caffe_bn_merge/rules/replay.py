@@ -1,12 +1,14 @@
 """Planning again for other weights of the same net, without walking the graph: the rules' run on
-one caffemodel is recorded (`Recording`: per round, every question the rules asked of the weights
-with its answer, and the actions planned), then replayed on another caffemodel of the same layout.
+one caffemodel is recorded (`Recording`: per round, every question the rules asked of the weights,
+how it was read and what it answered, and the actions planned), then replayed on another
+caffemodel of the same layout.
 
 The rules read weights only through `Context`: the hosts' and layers' blob counts and shapes (the
-same for two caffemodels of one layout) and the maps of affine layers (`Context.affine`), whose
-values decide only whether a map is refused (non-finite statistics) and whether it is the identity.
-So when every recorded question gets the same answer from the new weights, the rules would plan
-the same actions: `replay` then gives them the new maps and hosts, and returns None otherwise (the
+same for two caffemodels of one layout) and the maps of affine layers (`Context.affine`), read by
+a reader decided from the layer's parameters and blob shapes (`norms.affine_reader`), whose values
+decide only whether a map is refused (not finite) and whether it is the identity. So when every
+recorded reader gives an answer of the same kind from the new weights, the rules would plan the
+same actions: `replay` then gives them the new maps and hosts, and returns None otherwise (the
 caller runs the rules). A question a later round asks again of blobs no rule has changed since is
 answered once (the identity rule and the forward rule both read every BatchNorm and Scale).
 
@@ -22,7 +24,8 @@ from ..graph import LayerNode
 from ..maths.affine import ChannelAffine
 from ..net import WeightLayer
 from .hosts import Host
-from .plan import Action, Context, FoldPlan, Layers, Read, Rule
+from .norms import Reader
+from .plan import Action, Asked, Context, FoldPlan, Layers, Read, Rule
 from .reasons import Refusal
 from .rewrite import Rewrite
 
@@ -31,11 +34,13 @@ Answer = Refusal | bool  # a refusal, or whether the map was the identity
 
 @dataclass(frozen=True)
 class Question:
-    """One `Context.affine` call of a round and what it answered."""
+    """One `Context.affine` call of a round: how the layer's blobs are read (decided from its
+    parameters and their shapes, the same for every caffemodel of the layout), and the answer."""
 
     node: LayerNode
     channels: int
     rank: int | None
+    reader: Reader | Refusal
     answer: Answer
 
 
@@ -45,23 +50,21 @@ class Round:
     hosts, which are the weights'), and the hosts they fold into without their arrays."""
 
     rule: Rule
-    context: Context  # the round's, without its layers
     questions: tuple[Question, ...]
     actions: tuple[Action, ...]
     hosts: dict[str, Host]
 
 
-Asked = dict[Read, tuple[LayerNode, ChannelAffine | Refusal]]  # what `Context.asked` collects
-
-
 def record_round(rule: Rule, context: Context, actions: list[Action], nodes: list[LayerNode]) -> Round:
     """A `Round` of `rule` from the answers `context.asked` collected and the actions planned on
     the graph whose layers are `nodes`."""
-    asked: Asked = context.asked
-    questions = tuple(Question(node, ch, rank, _answer(got)) for (_, ch, rank), (node, got) in asked.items())
+    asked: dict[Read, Asked] = context.asked
+    questions = tuple(
+        Question(node, ch, rank, reader, _answer(got)) for (_, ch, rank), (node, reader, got) in asked.items()
+    )
     bare = tuple(replace(action, host=None, affine=None) for action in actions)  # no views of these weights kept
     hosts = {action.target: _bare_host(action.host) for action in actions if action.host is not None}
-    return Round(rule, replace(context, layers={}, asked=None), questions, bare, hosts)
+    return Round(rule, questions, bare, hosts)
 
 
 def _bare_host(host: Host) -> Host:
@@ -90,14 +93,13 @@ def replay(recording: Recording, layers: Layers) -> tuple[Rewrite, FoldPlan] | N
     actions: list[Action] = []
     earlier: dict[Read, tuple[WeightLayer | None, ChannelAffine | Refusal, Answer]] = {}  # and of which blobs
     for round_ in recording.rounds:
-        ctx = replace(round_.context, layers=rewrite.layers)
         answers = {}
         for question in round_.questions:
             read = (question.node.name, question.channels, question.rank)
             stored = rewrite.layers.get(read[0])
             known = earlier.get(read)
             if known is None or known[0] is not stored:  # asked in an earlier round of the same blobs
-                got = ctx.affine(question.node, *read[1:])
+                got = _read(question.reader, stored)
                 known = earlier[read] = (stored, got, _answer(got))
             if known[2] != question.answer:
                 return None
@@ -107,6 +109,11 @@ def replay(recording: Recording, layers: Layers) -> tuple[Rewrite, FoldPlan] | N
         actions += planned
     plan = recording.plan  # its dicts copied: a caller may change what it is given
     return rewrite, replace(plan, actions=tuple(actions), reasons=dict(plan.reasons), types=dict(plan.types))
+
+
+def _read(reader: Reader | Refusal, stored: WeightLayer | None) -> ChannelAffine | Refusal:
+    """A question's answer for these weights: a refusal found in parameters and shapes stays."""
+    return reader if isinstance(reader, Refusal) else reader(stored.blobs if stored is not None else [])
 
 
 def _again(action: Action, answers: dict[Read, ChannelAffine], layers: Layers, hosts: dict[str, Host]) -> Action:

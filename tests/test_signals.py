@@ -279,3 +279,19 @@ def test_two_runs_writing_the_same_outputs(force: bool, tmp_path) -> None:
             assert outputs == expected[winners[0]]
         for suffix in (".prototxt", ".caffemodel"):
             (tmp_path / f"o{suffix}").unlink()
+
+
+@pytest.mark.parametrize("signum", SIGNALS, ids=lambda s: s.name)
+def test_a_signal_while_exiting_is_one_line_too(signum) -> None:
+    """After the work (the handlers' block is over, the interpreter is ending): still exit
+    128 + signal with one line naming it, no traceback."""
+    code = (
+        "import os, time\n"
+        "from caffe_bn_merge.io.outputs import signals_raise\n"
+        "with signals_raise(restore=False):\n"
+        "    pass\n"
+        f"os.kill(os.getpid(), {int(signum)})\n"
+        "time.sleep(30)\n"
+    )
+    process = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    _expect_signalled(process.returncode, process.stderr, signum)

@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from ..errors import OutputError
@@ -287,10 +288,11 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 @contextmanager
-def signals_raise(restore: bool = True) -> Iterator[None]:
+def signals_raise(restore: bool = True, program: str = "merge-bn") -> Iterator[None]:
     """Within the block SIGINT, SIGTERM and SIGHUP raise Interrupted (in the main thread). After
     it the previous handlers come back, or (`restore` False: the process ends once the block is
-    done, with nothing left to clean) a signal ends the process at once with 128 + signal."""
+    done, with nothing left to clean) a signal ends the process at once with 128 + signal and one
+    line on stderr naming `program` and the signal."""
     previous = {signum: signal.getsignal(signum) for signum in TERMINATING}
     for signum in TERMINATING:
         signal.signal(signum, _interrupt)
@@ -298,10 +300,11 @@ def signals_raise(restore: bool = True) -> Iterator[None]:
         yield
     finally:
         for signum, handler in previous.items():
-            signal.signal(signum, handler if restore else _exit_at_once)
+            signal.signal(signum, handler if restore else partial(_exit_at_once, program))
 
 
-def _exit_at_once(signum: int, frame: object) -> None:
+def _exit_at_once(program: str, signum: int, frame: object) -> None:
+    os.write(2, f"{program}: interrupted by {signal.Signals(signum).name} while exiting\n".encode())
     os._exit(128 + signum)
 
 

@@ -260,14 +260,15 @@ def _convert_in_worker(items: list[WorkItem], settings: Settings) -> list[ItemRe
     return [convert_item(item, settings, _worker_cache) for item in items]
 
 
-CHUNK = 16  # deployments of one net sent to a worker at once, at most
+CHUNK = 32  # deployments of one net sent to a worker at once, at most
 NET_KEY_BYTES = 16 << 20
 
 
-def chunks(items: Sequence[WorkItem], size: int = CHUNK) -> list[list[WorkItem]]:
-    """`items` in runs of at most `size` with the same prototxt bytes (the same net), largest
-    first: each worker parses and plans a net once for many deployments (its `NetCache`), not
-    every worker for every net."""
+def chunks(items: Sequence[WorkItem], jobs: int = 1) -> list[list[WorkItem]]:
+    """`items` in runs of the same prototxt bytes (the same net), largest first: each worker
+    parses and plans a net once for many deployments (its `NetCache`), not every worker for every
+    net. Runs hold at most CHUNK deployments, fewer when there is little work for `jobs` workers."""
+    size = max(1, min(CHUNK, math.ceil(len(items) / (4 * jobs))))
     nets: dict[object, list[WorkItem]] = {}
     for item in items:
         nets.setdefault(_net_key(item), []).append(item)
@@ -340,7 +341,7 @@ def _run_pool(
     files) before passing it on."""
     crashed = []
     with nullcontext(workers) if workers is not None else start_workers(jobs, settings) as pool:
-        futures = {pool.submit(_convert_in_worker, run, settings): run for run in chunks(items)}
+        futures = {pool.submit(_convert_in_worker, run, settings): run for run in chunks(items, jobs)}
         try:
             for future in as_completed(futures):
                 run = futures[future]

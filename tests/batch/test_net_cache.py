@@ -1,6 +1,7 @@
 """The NetCache: converting many caffemodels of a few architectures in one process, each prototxt
 parsed once, gives the bytes that a fresh process gives for each, whatever the order."""
 
+import math
 import random
 import subprocess
 import sys
@@ -112,8 +113,8 @@ def test_warm_workers_reuse_their_parsed_nets(pairs, tmp_path) -> None:
 
 def test_runs_of_one_net_cover_the_work_list(pairs, tmp_path) -> None:
     """`pool.chunks`: every deployment in exactly one run, each run of one prototxt's bytes (two
-    files with the same bytes together) and at most CHUNK long, the longest first; a prototxt that
-    cannot be read is a net of its own."""
+    files with the same bytes together) and at most CHUNK long (shorter for little work), the
+    longest first; a prototxt that cannot be read is a net of its own."""
     copy = tmp_path / "copy.prototxt"
     copy.write_bytes(pairs[0][0].read_bytes())
     missing = tmp_path / "missing.prototxt"
@@ -122,10 +123,11 @@ def test_runs_of_one_net_cover_the_work_list(pairs, tmp_path) -> None:
         worklist.WorkItem(f"d{i}", p, c, tmp_path / f"d{i}.prototxt", tmp_path / f"d{i}.caffemodel")
         for i, (p, c) in enumerate(inputs)
     ]
-    runs = pool.chunks(items)
+    runs = pool.chunks(items, jobs=1)
     assert sorted(item.key for run in runs for item in run) == sorted(item.key for item in items)
     assert [len(run) for run in runs] == sorted((len(run) for run in runs), reverse=True)
-    assert all(0 < len(run) <= pool.CHUNK for run in runs)
+    assert all(0 < len(run) <= min(pool.CHUNK, math.ceil(len(items) / 4)) for run in runs)
+    assert max(len(run) for run in pool.chunks(items * 20, jobs=2)) == pool.CHUNK
     for run in runs:
         assert len({item.prototxt.read_bytes() if item.prototxt.exists() else None for item in run}) == 1
     (alone,) = [run for run in runs if run[0].prototxt == missing]

@@ -125,6 +125,7 @@ def run(root: Path, count: int, seed: int, repeat: int, verify: bool) -> list[tu
         ),
         ("jobs 2 / cp -r", median_spread(to_cp) + "x  (target <= 10x)"),
         ("jobs 1 / jobs 2", median_spread(speedup) + "x  (target >= 1.8x)"),
+        ("each round", "; ".join(f"cp {r['cp'][0]:.2f} j1 {r['jobs1'][0]:.2f} j2 {r['jobs2'][0]:.2f}" for r in rounds)),
         (
             "warm, repeated architecture",
             f"{warm_ms['seconds']:.1f} ms per deployment, CPU {warm_ms['cpu_seconds']:.1f} (median of {len(warm)}): "

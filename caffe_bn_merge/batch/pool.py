@@ -356,8 +356,10 @@ def _run_pool(
                 for result in results:
                     done(result)
         except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)
             _end_workers()
+            # then the pool's own thread, which sees its workers gone: left running, it would close
+            # its wake-up pipe while the interpreter's exit writes to it (a traceback on stderr)
+            pool.shutdown(wait=True, cancel_futures=True)
             raise
     return crashed
 

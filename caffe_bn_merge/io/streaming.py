@@ -114,7 +114,23 @@ class OrderedWriter:
                 while self._queue:
                     self._flush_one()
         finally:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            _join(self._pool)
+
+
+def _join(pool: ThreadPoolExecutor) -> None:
+    """Wait for the threads of `pool` to end, even when a signal handler raises meanwhile (then
+    raised once they have): they read the input's memory map, which must outlive them (the
+    caller lets other processes truncate the file once this returns)."""
+    raised = None
+    while True:
+        try:
+            pool.shutdown(wait=True)
+            break
+        except BaseException as err:  # e.g. the caffemodel's lease broken (SIGIO), or Interrupted
+            raised = raised or err
+    if raised is not None:
+        raise raised
 
 
 def _filled(fill: Callable[[memoryview], object], view: memoryview, buffer: bytearray) -> tuple[memoryview, bytearray]:

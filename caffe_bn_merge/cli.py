@@ -255,8 +255,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     whole_process = argv is None  # the command line itself, not a call from Python
     argv = list(sys.argv[1:] if argv is None else argv)
     # SIGINT, SIGTERM, SIGHUP: temporary files removed, exit 128 + signal, one line
-    with signals_raise(restore=not whole_process):
-        try:
+    try:
+        with signals_raise(restore=not whole_process):
             pause_point("started")
             if argv[:1] == ["batch"]:
                 from .batch.command import main as batch_main
@@ -267,10 +267,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
                 return report_main(argv[1:])
             return _main(argv)
-        except Interrupted as signalled:
-            clean_up_interrupted()
-            print(f"merge-bn: interrupted by {signalled}; no partial output left", file=sys.stderr)
-            return signalled.exit_code
+    except Interrupted as signalled:  # also one that came while the handlers were being put back
+        clean_up_interrupted()
+        print(f"merge-bn: interrupted by {signalled}; no partial output left", file=sys.stderr)
+        return signalled.exit_code
 
 
 def _main(argv: list[str]) -> int:

@@ -295,3 +295,18 @@ def test_a_signal_while_exiting_is_one_line_too(signum) -> None:
     )
     process = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     _expect_signalled(process.returncode, process.stderr, signum)
+
+
+@pytest.mark.parametrize("signum", SIGNALS, ids=lambda s: s.name)
+def test_a_signal_while_the_handlers_are_put_back(tmp_path, clean_run, signum) -> None:
+    """The work done and published, the handlers being put back: still one line, 128 + signal,
+    and the outputs complete."""
+    expected, _ = clean_run
+    copy_sample(tmp_path)
+    process, marker = _start(["--model", "net.prototxt", "--weights", "net.caffemodel", "-q"], tmp_path, "restoring")
+    _wait_for(marker, process)
+    os.killpg(process.pid, signum)
+    marker.unlink()
+    code, stderr = _finish(process)
+    _expect_signalled(code, stderr, signum)
+    assert _complete_or_absent(tmp_path, expected, OUTPUTS) and not _temporaries(tmp_path)

@@ -299,8 +299,13 @@ def signals_raise(restore: bool = True, program: str = "merge-bn") -> Iterator[N
     try:
         yield
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler if restore else partial(_exit_at_once, program))
+        pause_point("restoring")
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, TERMINATING)  # all three handlers change at once
+        try:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler if restore else partial(_exit_at_once, program))
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def _exit_at_once(program: str, signum: int, frame: object) -> None:

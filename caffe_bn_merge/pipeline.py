@@ -258,6 +258,7 @@ def _merge(
         ))  # fmt: skip
         _log_plan(plan, net, options.assume_global_stats)
         _warn_negative_variance(net, stored, plan, options.bn_flavour)
+        stored.check()
         staged = outputs.Staged() if how.write else None
         try:
             if staged is not None:
@@ -269,6 +270,7 @@ def _merge(
                 if rounds is not None:
                     rules = Recording(tuple(rounds), plan, rewrite.net, tuple(rewrite.origin))
                     _record(cache, entry, options, stored, rules, Written(*map(staged.temporary, pair)))
+                stored.check()  # the caffemodel was as read all along: the pair may be published
                 if not how.stage:
                     staged.publish(how.overwrite)
                     staged.discard()

@@ -55,8 +55,9 @@ def write_weights(
     not hold (a Power layer turned Scale) adds a record. `progress(done, total)` hears how many
     bytes of the input are written out."""
     upgrade_v1 = any(r.number == 2 for r in weights.records)  # V1 input: written in today's form
-    with atomic_output(path) as handle, _source(weights) as source, OrderedWriter(handle) as out:
+    with atomic_output(path) as handle, _source(weights) as source, OrderedWriter(handle, weights.check) as out:
         for record, name in zip(weights.records, weights.record_names, strict=True):
+            weights.check()
             if name in dropped:
                 continue
             if name in edits or (upgrade_v1 and record.number == 2):

@@ -65,6 +65,12 @@ class Weights:
         if self.lease is not None:
             self.lease.release()
 
+    def check(self) -> None:
+        """Stop here (InputError) if another process has asked to change the file meanwhile: called
+        at safe points of a merge (not while a lock is held), often enough to release it soon."""
+        if self.lease is not None and self.lease.broken:
+            raise InputError(f"{self.path}: {CHANGED_WEIGHTS}")
+
 
 @dataclass
 class UndecodedLayer(WeightLayer):
@@ -282,34 +288,40 @@ def _open_weights(path: Path, hold: bool) -> tuple[memoryview, mmap.mmap | None,
 class _Lease:
     """A read lease on a file (Linux `F_SETLEASE`): a process that opens it for writing or
     truncates it waits (up to /proc/sys/fs/lease-break-time, 45 s by default) until we release it,
-    and we hear of it (SIGIO) and stop at once with `InputError` (CHANGED_WEIGHTS), before the file
-    changes under our memory map. Taken only where it can be: the file's owner (or CAP_LEASE), a
-    local file system, nobody writing it now, on the main thread (where signal handlers run)."""
+    and we hear of it (SIGIO: `broken`) and stop with `InputError` (CHANGED_WEIGHTS) at the next
+    safe point (`Weights.check`), before the file changes under our memory map. (Raising from the
+    signal handler itself could leave a lock of the fold threads held, and hang.) Taken only where
+    it can be: the file's owner (or CAP_LEASE), a local file system, nobody writing it now, on the
+    main thread (where signal handlers run)."""
 
     def __init__(self, fd: int, path: Path) -> None:
-        self.fd, self.path = os.dup(fd), path
+        self.fd, self.path, self.broken = os.dup(fd), path, False
 
     @classmethod
     def take(cls, fd: int, path: Path) -> "_Lease | None":
         if not hasattr(fcntl, "F_SETLEASE") or threading.current_thread() is not threading.main_thread():
             return None
+        lease = cls(fd, path)
         previous = signal.signal(signal.SIGIO, _lease_broken)
+        if not _LEASES:
+            _LEASES[-1] = previous  # the handler to restore once no lease is left
+        _LEASES[lease.fd] = lease  # before the lease exists: a SIGIO at once finds it
         try:
             fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
         except OSError:
-            signal.signal(signal.SIGIO, previous)
+            lease._forget()
             return None
-        if not _LEASES:
-            _LEASES[-1] = previous  # the handler to restore once no lease is left
-        lease = cls(fd, path)
-        _LEASES[lease.fd] = lease
         return lease
 
     def release(self) -> None:
         """Let other processes change the file again (our memory map must not be read after)."""
+        if self.fd in _LEASES:
+            fcntl.fcntl(self.fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+            self._forget()
+
+    def _forget(self) -> None:
         if _LEASES.pop(self.fd, None) is None:
             return
-        fcntl.fcntl(self.fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
         os.close(self.fd)
         if len(_LEASES) == 1:
             signal.signal(signal.SIGIO, _LEASES.pop(-1))
@@ -319,10 +331,11 @@ _LEASES: dict[int, object] = {}  # descriptor -> lease held; -1 -> the SIGIO han
 
 
 def _lease_broken(signum: int, frame: object) -> None:
-    """Another process wants to change a caffemodel we read: stop (it waits until we release)."""
-    lease = next((lease for fd, lease in _LEASES.items() if fd >= 0), None)
-    if lease is not None:
-        raise InputError(f"{lease.path}: {CHANGED_WEIGHTS}")
+    """Another process wants to change a caffemodel we read (it waits until we release it): the
+    merge stops at its next safe point (`Weights.check`)."""
+    for fd, lease in _LEASES.items():
+        if fd >= 0:
+            lease.broken = True
 
 
 def file_identity(fd: int) -> tuple[int, ...]:

@@ -21,8 +21,8 @@ class OrderedWriter:
     """`write`, `copy`, `compute` and `then` queue work that reaches the file in the order it was
     queued."""
 
-    def __init__(self, handle: BinaryIO) -> None:
-        self._handle = handle
+    def __init__(self, handle: BinaryIO, check: Callable[[], None] = lambda: None) -> None:
+        self._handle, self._check = handle, check  # `check` runs before each block is written
         self._pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="fold")
         self._queue: deque[bytes | memoryview | Future | Callable[[], None]] = deque()
         self._free: list[bytearray] = []  # buffers of written blocks, to reuse
@@ -94,6 +94,7 @@ class OrderedWriter:
         return bytearray(size)
 
     def _flush_one(self) -> None:
+        self._check()
         item = self._queue.popleft()
         if isinstance(item, Future):
             view, buffer = item.result()

@@ -1,8 +1,8 @@
 """A caffemodel's layout: where each blob's values lie, and every other byte. Two caffemodels of one
 layout (the same size, the same bytes outside the values) have the same records, names, types and
 blob shapes: another caffemodel of a known layout is indexed without walking its records
-(`Layout.index`), and a merged caffemodel of a known layout is written without encoding them
-(`Layout.write`). For fleets of one net with many weights (`pipeline.NetCache`).
+(`Layout.index`), and a merge recorded for one caffemodel writes its merged caffemodel for another
+without encoding records (`Recipe`). For fleets of one net with many weights (`pipeline.NetCache`).
 
 Only small caffemodels get a layout (`MAX_MODEL_BYTES`): in larger ones the values, not the
 records, take the time, and they are written by `emit`, which never holds a folded blob whole."""
@@ -41,8 +41,8 @@ class Slot:
 
 @dataclass(frozen=True, eq=False)
 class Layout:
-    """The values' slots in file order, the bytes between them, and the index of the caffemodel
-    they came from (records, names, how blobs were stored, undecoded layers)."""
+    """The values' slots in file order, every other byte (positions and values), and the index of
+    the caffemodel they came from (records, names, how blobs were stored, undecoded layers)."""
 
     size: int
     slots: tuple[Slot, ...]

@@ -39,7 +39,7 @@ def run_rules(
             ctx = Context(rewrite.layers, flavour, conv_like, frozen, graph.duplicated, assume_global_stats, asked)
             result = RULES[rule](graph, ctx)
             if rounds is not None:
-                rounds.append(record_round(rule, ctx, result.actions, graph.layers))
+                rounds.append(record_round(rule, ctx, result.actions))
             for name, refusal in result.refusals.items():
                 refusals.setdefault(name, []).append(refusal)
             graph = rewrite.apply(graph, result.actions)

@@ -55,9 +55,8 @@ class Round:
     hosts: dict[str, Host]
 
 
-def record_round(rule: Rule, context: Context, actions: list[Action], nodes: list[LayerNode]) -> Round:
-    """A `Round` of `rule` from the answers `context.asked` collected and the actions planned on
-    the graph whose layers are `nodes`."""
+def record_round(rule: Rule, context: Context, actions: list[Action]) -> Round:
+    """A `Round` of `rule` from the answers `context.asked` collected and the actions planned."""
     asked: dict[Read, Asked] = context.asked
     questions = tuple(
         Question(node, ch, rank, reader, _answer(got)) for (_, ch, rank), (node, reader, got) in asked.items()

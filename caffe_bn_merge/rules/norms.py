@@ -99,9 +99,7 @@ def _finite(reader: Callable[[list[np.ndarray]], ChannelAffine], blobs: list[np.
     if np.isfinite(affine.scale).all() and np.isfinite(affine.shift).all():
         return affine
     bad = ~(np.isfinite(affine.scale) & np.isfinite(affine.shift))
-    if bad.any():
-        return Refusal(Reason.BAD_STATISTICS, f"{int(bad.sum())} channel(s)")
-    return affine
+    return Refusal(Reason.BAD_STATISTICS, f"{int(bad.sum())} channel(s)")
 
 
 def _batchnorm(layer: object, stored: WeightLayer, channels: int, flavour: str) -> Reader | Refusal:

@@ -80,6 +80,11 @@ def affine_reader(
     return reader if isinstance(reader, Refusal) else partial(_finite, reader)
 
 
+def read_with(reader: Reader | Refusal, stored: WeightLayer | None) -> ChannelAffine | Refusal:
+    """The answer of `affine_reader`'s result for the layer's blobs `stored`: a refusal stays."""
+    return reader if isinstance(reader, Refusal) else reader(stored.blobs if stored is not None else [])
+
+
 def _power(scale: float, shift: float, channels: int, blobs: list[np.ndarray]) -> ChannelAffine:
     return scale_affine(np.array([scale]), np.array([shift]), channels)
 

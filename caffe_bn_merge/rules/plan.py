@@ -38,13 +38,13 @@ from ..maths.fold_math import HOST_LAYOUTS
 from ..net import WeightLayer
 from . import bn_variants
 from .hosts import Host, is_host_type, read_host
-from .norms import NORM_TYPES, Reader, affine_reader, channels_of, own_refusal, reads_rank
+from .norms import NORM_TYPES, Reader, affine_reader, channels_of, own_refusal, read_with, reads_rank
 from .reasons import Reason, Refusal
 
 Layers = Mapping[str, WeightLayer]
 IDENTITY_TYPES = ("Dropout", "Split")
 Read = tuple[str, int, int | None]  # an affine layer read through `Context.affine`: (name, channels, rank)
-Asked = tuple[LayerNode, "Reader | Refusal", "ChannelAffine | Refusal"]  # the layer, how it was read, the answer
+Asked = tuple["Reader | Refusal", "ChannelAffine | Refusal"]  # how a layer was read, and the answer
 
 
 def read_of(node: LayerNode, channels: int, rank: int | None) -> Read:
@@ -91,9 +91,9 @@ class Context:
         reader = self.fixed(node) or affine_reader(
             node.param, stored, channels, question[2], self.bn_flavour, self.assume_global_stats
         )
-        answer = reader if isinstance(reader, Refusal) else reader(stored.blobs if stored is not None else [])
+        answer = read_with(reader, stored)
         if self.asked is not None:
-            self.asked[question] = (node, reader, answer)
+            self.asked[question] = (reader, answer)
         return answer
 
     def channels(self, node: LayerNode) -> int | None:

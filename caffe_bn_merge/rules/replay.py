@@ -20,11 +20,10 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ..graph import LayerNode
 from ..maths.affine import ChannelAffine
 from ..net import WeightLayer
 from .hosts import Host
-from .norms import Reader
+from .norms import Reader, read_with
 from .plan import Action, Asked, Context, FoldPlan, Layers, Read, Rule
 from .reasons import Refusal
 from .rewrite import Rewrite
@@ -34,12 +33,10 @@ Answer = Refusal | bool  # a refusal, or whether the map was the identity
 
 @dataclass(frozen=True)
 class Question:
-    """One `Context.affine` call of a round: how the layer's blobs are read (decided from its
-    parameters and their shapes, the same for every caffemodel of the layout), and the answer."""
+    """One `Context.affine` call of a round: what was asked, how the layer's blobs are read (decided
+    from its parameters and their shapes, the same for every caffemodel of the layout), the answer."""
 
-    node: LayerNode
-    channels: int
-    rank: int | None
+    read: Read
     reader: Reader | Refusal
     answer: Answer
 
@@ -58,9 +55,7 @@ class Round:
 def record_round(rule: Rule, context: Context, actions: list[Action]) -> Round:
     """A `Round` of `rule` from the answers `context.asked` collected and the actions planned."""
     asked: dict[Read, Asked] = context.asked
-    questions = tuple(
-        Question(node, ch, rank, reader, _answer(got)) for (_, ch, rank), (node, reader, got) in asked.items()
-    )
+    questions = tuple(Question(read, reader, _answer(got)) for read, (reader, got) in asked.items())
     bare = tuple(replace(action, host=None, affine=None) for action in actions)  # no views of these weights kept
     hosts = {action.target: _bare_host(action.host) for action in actions if action.host is not None}
     return Round(rule, questions, bare, hosts)
@@ -94,11 +89,11 @@ def replay(recording: Recording, layers: Layers) -> tuple[Rewrite, FoldPlan] | N
     for round_ in recording.rounds:
         answers = {}
         for question in round_.questions:
-            read = (question.node.name, question.channels, question.rank)
+            read = question.read
             stored = rewrite.layers.get(read[0])
             known = earlier.get(read)
             if known is None or known[0] is not stored:  # asked in an earlier round of the same blobs
-                got = _read(question.reader, stored)
+                got = read_with(question.reader, stored)
                 known = earlier[read] = (stored, got, _answer(got))
             if known[2] != question.answer:
                 return None
@@ -108,11 +103,6 @@ def replay(recording: Recording, layers: Layers) -> tuple[Rewrite, FoldPlan] | N
         actions += planned
     plan = recording.plan  # its dicts copied: a caller may change what it is given
     return rewrite, replace(plan, actions=tuple(actions), reasons=dict(plan.reasons), types=dict(plan.types))
-
-
-def _read(reader: Reader | Refusal, stored: WeightLayer | None) -> ChannelAffine | Refusal:
-    """A question's answer for these weights: a refusal found in parameters and shapes stays."""
-    return reader if isinstance(reader, Refusal) else reader(stored.blobs if stored is not None else [])
 
 
 def _again(action: Action, answers: dict[Read, ChannelAffine], layers: Layers, hosts: dict[str, Host]) -> Action:

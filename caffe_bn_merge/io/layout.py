@@ -77,13 +77,12 @@ class Layout:
         runs = list(zip(edges[::2], edges[1::2], strict=True))
         if any(end < start for start, end in runs) or sum(end - start for start, end in runs) > MAX_OTHER_BYTES:
             return None
-        raw = bytes(weights.buffer)
         positions = np.concatenate([np.arange(start, end, dtype=np.int32) for start, end in runs])  # < 64 MiB
         return cls(
             size,
             tuple(slots),
             positions,
-            np.frombuffer(raw, np.uint8)[positions],
+            np.frombuffer(weights.buffer, np.uint8)[positions],  # a copy of those bytes only
             tuple(weights.records),
             tuple(weights.record_names),
             {name: list(layer.legacy_shape) for name, layer in weights.layers.items()},

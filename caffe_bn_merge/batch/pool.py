@@ -293,7 +293,8 @@ def start_workers(jobs: int, settings: Settings) -> ProcessPoolExecutor:
     _start_resource_tracker()
     opencv = settings.verify or settings.readiness.benchmark > 0
     pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker, initargs=(opencv,))
-    pool.submit(int)  # a pool that does not fork starts all its processes on the first task
+    for _ in range(jobs):  # a pool that does not fork starts a process per task while none is idle
+        pool.submit(int)
     return pool
 
 

@@ -2,6 +2,7 @@
 parsed once, gives the bytes that a fresh process gives for each, whatever the order."""
 
 import math
+import multiprocessing
 import random
 import subprocess
 import sys
@@ -109,6 +110,15 @@ def test_warm_workers_reuse_their_parsed_nets(pairs, tmp_path) -> None:
     parsed = [text for text, r in zip(texts, results, strict=True) if not r.net_cached]
     assert all(parsed.count(text) <= 2 for text in set(texts))
     assert sum(r.net_cached for r in results) >= len(texts) - 2 * len(set(texts)) > 0
+
+
+@pytest.mark.parametrize("jobs", [2, 3])
+def test_all_workers_start_at_once(jobs) -> None:
+    """`pool.start_workers` launches its `jobs` processes before any work is given (they load while
+    the deployments are found), not one per task as work arrives."""
+    before = set(multiprocessing.active_children())
+    with pool.start_workers(jobs, pool.Settings()):
+        assert len(set(multiprocessing.active_children()) - before) == jobs
 
 
 def test_runs_of_one_net_cover_the_work_list(pairs, tmp_path) -> None:

@@ -6,7 +6,6 @@ import importlib.util
 import os
 import time
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from ..errors import UsageError
 from ..io.outputs import Interrupted, clean_up_interrupted, signals_raise
 from .args import build_parser, build_report_parser
 from .console import EVERY_ROW_UP_TO, Console, fleet_lines
-from .pool import ItemResult, Readiness, Settings, Status, item_result, run_items, start_workers
+from .pool import ItemResult, Readiness, Settings, Status, Workers, item_result, run_items, start_workers
 from .report import fleet_totals, make_report, merge_reports, read_report, write_report
 from .worklist import WorkItem, WorkList, auto_shard, build_work_list, is_up_to_date
 
@@ -119,7 +118,7 @@ def _convert(
     settings: Settings,
     console: "Console",
     items: Sequence[WorkItem],
-    workers: ProcessPoolExecutor | None,
+    workers: Workers | None,
 ) -> list[ItemResult]:
     """Skip what is up to date (with --skip-existing), convert the rest (on `workers`, started
     while the work list was made); results sorted by key."""

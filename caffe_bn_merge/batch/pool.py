@@ -9,12 +9,13 @@ import os
 import signal
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
+from multiprocessing.context import BaseContext
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,6 +26,8 @@ from ..io.outputs import TERMINATING, remove_temporaries
 from .worklist import WorkItem
 
 if TYPE_CHECKING:
+    from multiprocessing.queues import SimpleQueue
+
     from ..pipeline import NetCache
 
 # Workers start fresh ("spawn"): a forked child inherits the locks of threads it does not have
@@ -225,17 +228,34 @@ def new_cache() -> "NetCache":
 
 
 _worker_cache: "NetCache | None" = None  # this worker process's NetCache (set by `_init_worker`)
+_sent: "SimpleQueue | None" = None  # where this worker sends each result (`Workers.results`)
 
 
-def _init_worker(opencv: bool) -> None:
-    """Worker processes: one BLAS / OpenMP / OpenCV thread each (unless set otherwise), so that N
-    workers use N cores, not N * cores; then the worker's NetCache, made once. (The BLAS settings
+class Workers(ProcessPoolExecutor):
+    """A pool of worker processes that send each deployment's result back on `results` as soon as
+    it is known, while converting the run of deployments they were given (`_convert_in_worker`)."""
+
+    def __init__(self, jobs: int, context: BaseContext, opencv: bool) -> None:
+        self.results = context.SimpleQueue()
+        super().__init__(jobs, mp_context=context, initializer=_init_worker, initargs=(opencv, self.results))
+
+    def received(self) -> Iterator[ItemResult]:
+        """The results sent so far and not yet received."""
+        while not self.results.empty():
+            yield self.results.get()
+
+
+def _init_worker(opencv: bool, results: "SimpleQueue") -> None:
+    """Worker processes: results sent on `results`; one BLAS / OpenMP / OpenCV thread each (unless
+    set otherwise), so that N workers use N cores, not N * cores; then the worker's NetCache, made
+    once. (The BLAS settings
     take effect when numpy was not loaded yet, as in `merge-bn batch`, whose own process leaves it
     to the workers.) A termination signal (SIGTERM to the process group, or from the parent)
     removes the worker's temporary files and ends it at once with 128 + signal. At the pool's
     shutdown a worker ends with exit status 0 without tearing down its modules: every file it
     wrote is closed by then, and it prints nothing."""
-    global _worker_cache
+    global _worker_cache, _sent
+    _sent = results
     for signum in TERMINATING:
         signal.signal(signum, _end_worker)
     for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -256,8 +276,15 @@ def _end_worker(signum: int, frame: object) -> None:
     os._exit(128 + signum)
 
 
-def _convert_in_worker(items: list[WorkItem], settings: Settings) -> list[ItemResult]:
-    return [convert_item(item, settings, _worker_cache) for item in items]
+def _convert_in_worker(items: list[WorkItem], settings: Settings) -> None:
+    """Convert a run of deployments in this worker, sending each result as it is known."""
+    for item in items:
+        result = convert_item(item, settings, _worker_cache)
+        try:
+            _sent.put(result)
+        except Exception as err:  # a result that cannot be pickled: nothing of it was sent
+            reason = _one_line(f"internal error: its result could not be sent back: {type(err).__name__}: {err}")
+            _sent.put(item_result(item, Status.FAILED, reason))
 
 
 CHUNK = 32  # deployments of one net sent to a worker at once, at most
@@ -286,13 +313,12 @@ def _net_key(item: WorkItem) -> object:
         return item.prototxt
 
 
-def start_workers(jobs: int, settings: Settings) -> ProcessPoolExecutor:
+def start_workers(jobs: int, settings: Settings) -> Workers:
     """A pool of `jobs` worker processes, launched now: they load while this process goes on (e.g.
     finding the deployments). The caller shuts it down (it is a context manager)."""
     context = multiprocessing.get_context(START_METHOD)
     _start_resource_tracker()
-    opencv = settings.verify or settings.readiness.benchmark > 0
-    pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker, initargs=(opencv,))
+    pool = Workers(jobs, context, opencv=settings.verify or settings.readiness.benchmark > 0)
     for _ in range(jobs):  # a pool that does not fork starts a process per task while none is idle
         pool.submit(int)
     return pool
@@ -303,12 +329,12 @@ def run_items(
     jobs: int = 1,
     settings: Settings = Settings(),
     on_result: Callable[[ItemResult], None] | None = None,
-    workers: ProcessPoolExecutor | None = None,
+    workers: Workers | None = None,
 ) -> list[ItemResult]:
     """Convert `items` (in this process when `jobs` is 1, else in `jobs` worker processes: those of
     `workers`, from `start_workers`, if given); call `on_result` as each finishes; return the
-    results in the order of `items`. Items whose worker process died (a crash in native code) are
-    retried alone, each in a fresh process."""
+    results in the order of `items`. Items left unfinished by a worker process that died (a crash
+    in native code) are retried alone, each in a fresh process."""
     results: dict[str, ItemResult] = {}
 
     def done(result: ItemResult) -> None:
@@ -330,32 +356,44 @@ def run_items(
     return [results[item.key] for item in items]
 
 
+POLL_SECONDS = 0.02  # how often results and the ends of runs are looked for
+
+
 def _run_pool(
     items: Sequence[WorkItem],
     jobs: int,
     settings: Settings,
     done: Callable[[ItemResult], None],
-    workers: ProcessPoolExecutor | None = None,
+    workers: Workers | None = None,
 ) -> list[WorkItem]:
-    """Run `items` on `workers`, else on a pool of `jobs` processes of its own; return the items
-    lost to a dead worker. Interrupted (a signal), it ends the workers (each removes its temporary
-    files) before passing it on."""
-    crashed = []
+    """Run `items` on `workers`, else on a pool of `jobs` processes of its own, each result passed
+    to `done` as it arrives; return the items a dead worker left unfinished. Interrupted (a
+    signal), it ends the workers (each removes its temporary files) before passing it on.
+
+    It waits by sleeping, not in `concurrent.futures.wait`: a signal handler raises `Interrupted`
+    wherever this thread is, and one raised while `wait` holds a future's or its waiter's lock
+    leaves the lock held, and the pool's thread hangs on it."""
+    crashed: list[WorkItem] = []
+    finished: set[str] = set()
     with nullcontext(workers) if workers is not None else start_workers(jobs, settings) as pool:
-        futures = {pool.submit(_convert_in_worker, run, settings): run for run in chunks(items, jobs)}
+        pending = {pool.submit(_convert_in_worker, run, settings): run for run in chunks(items, jobs)}
         try:
-            for future in as_completed(futures):
-                run = futures[future]
-                try:
-                    results = future.result()
-                except BrokenProcessPool:
-                    crashed += run
-                    continue
-                except Exception as err:  # e.g. a result that cannot be sent back
-                    reason = _one_line(f"internal error: {type(err).__name__}: {err}")
-                    results = [item_result(item, Status.FAILED, reason) for item in run]
-                for result in results:
+            while pending:
+                time.sleep(POLL_SECONDS)
+                ended = [future for future in pending if future.done()]
+                for result in pool.received():  # an ended run sent all its results before it ended
+                    finished.add(result.key)
                     done(result)
+                for future in ended:
+                    unfinished = [item for item in pending.pop(future) if item.key not in finished]
+                    try:
+                        future.result()
+                    except BrokenProcessPool:
+                        crashed += unfinished
+                    except Exception as err:  # e.g. a run that could not be sent to the worker
+                        reason = _one_line(f"internal error: {type(err).__name__}: {err}")
+                        for item in unfinished:
+                            done(item_result(item, Status.FAILED, reason))
         except BaseException:
             _end_workers()
             # then the pool's own thread, which sees its workers gone: left running, it would close

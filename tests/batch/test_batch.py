@@ -3,10 +3,12 @@ reruns skip finished work, discovery pairs files by the documented rules, manife
 sources are never written."""
 
 import csv
+import dataclasses
 import hashlib
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -341,6 +343,81 @@ def test_usage_errors(tmp_path, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         command.main([str(tmp_path), "--out", str(tmp_path / "out"), "--jobs", "0"])
     assert exit_info.value.code == 2
+
+
+def _items(tmp_path: Path, keys: str) -> list[worklist.WorkItem]:
+    """A deployment of the sample net no_bn per key, with its outputs under tmp_path / "out"."""
+    out = tmp_path / "out"
+    pairs = {key: _sample(tmp_path / "src", "no_bn", key) for key in keys}
+    return [worklist.WorkItem(k, *pairs[k], out / f"{k}.prototxt", out / f"{k}.caffemodel") for k in keys]
+
+
+def _waiting_convert(item: worklist.WorkItem, *more: object) -> pool.ItemResult:
+    """convert_item, except that the deployment keyed 'b' first waits (10 s at most) for the file
+    'a.received' beside its outputs, and fails when it does not come."""
+    flag = item.out_prototxt.with_name("a.received")
+    deadline = time.monotonic() + 10
+    while item.key == "b" and not flag.exists():
+        if time.monotonic() > deadline:
+            return pool.item_result(item, pool.Status.FAILED, "a's result never reached the parent")
+        time.sleep(0.01)
+    return _CONVERT(item, *more)
+
+
+def test_each_result_arrives_as_its_deployment_ends(tmp_path, monkeypatch) -> None:
+    """Results stream back one by one, not per run of deployments: the worker holds 'b' until the
+    parent has received 'a', the deployment before it in the same run."""
+    items = _items(tmp_path, "abc")
+    monkeypatch.setattr(pool, "START_METHOD", "fork")  # so the patched convert_item reaches the workers
+    monkeypatch.setattr(pool, "convert_item", _waiting_convert)
+    monkeypatch.setattr(pool, "chunks", lambda items, jobs: [list(items)])  # one run of all three
+
+    def received(result: pool.ItemResult) -> None:
+        if result.key == "a":
+            (tmp_path / "out" / "a.received").touch()
+
+    results = pool.run_items(items, jobs=2, on_result=received)
+    assert [(r.key, r.status, r.reason) for r in results] == [(k, pool.Status.CONVERTED, None) for k in "abc"]
+
+
+def _crash_counting_convert(item: worklist.WorkItem, *more: object) -> pool.ItemResult:
+    """convert_item, noting each conversion in '<key>.converted' beside the outputs (a line each);
+    the worker process dies on the deployment keyed 'c'."""
+    if item.key == "c":
+        os._exit(9)
+    result = _CONVERT(item, *more)
+    with item.out_prototxt.with_name(f"{item.key}.converted").open("a") as log:
+        log.write("converted\n")
+    return result
+
+
+def test_a_dying_worker_retries_only_what_it_left_unfinished(tmp_path, monkeypatch) -> None:
+    """A worker that dies in the middle of a run: the deployments it had finished stay as they were
+    reported (converted once, not again), the one it died on fails, the rest are converted alone."""
+    items = _items(tmp_path, "abcde")
+    monkeypatch.setattr(pool, "START_METHOD", "fork")
+    monkeypatch.setattr(pool, "convert_item", _crash_counting_convert)
+    monkeypatch.setattr(pool, "chunks", lambda items, jobs: [list(items)])
+    results = {r.key: r for r in pool.run_items(items, jobs=2)}
+    assert results.pop("c").reason == "the worker process died converting it (crash in native code?)"
+    assert all(r.status is pool.Status.CONVERTED for r in results.values())
+    out = tmp_path / "out"
+    assert {key: (out / f"{key}.converted").read_text().count("\n") for key in "abde"} == dict.fromkeys("abde", 1)
+
+
+def _unpicklable_convert(item: worklist.WorkItem, *more: object) -> pool.ItemResult:
+    """convert_item, except that the result of the deployment keyed 'b' cannot be pickled."""
+    result = _CONVERT(item, *more)
+    return dataclasses.replace(result, quant={"reader": lambda: None}) if item.key == "b" else result
+
+
+def test_a_result_that_cannot_be_sent_fails_only_its_deployment(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(pool, "START_METHOD", "fork")
+    monkeypatch.setattr(pool, "convert_item", _unpicklable_convert)
+    monkeypatch.setattr(pool, "chunks", lambda items, jobs: [list(items)])
+    results = {r.key: r for r in pool.run_items(_items(tmp_path, "abc"), jobs=2)}
+    assert results.pop("b").reason.startswith("internal error: its result could not be sent back: ")
+    assert all(r.status is pool.Status.CONVERTED for r in results.values())
 
 
 def _crashing_convert(item: worklist.WorkItem, verify: bool = False, *more: object) -> pool.ItemResult:

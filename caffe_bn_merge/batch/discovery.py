@@ -8,7 +8,7 @@ import os
 import re
 import stat
 from collections.abc import Container, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 
@@ -55,6 +55,7 @@ class Classification:
 
     kind: Kind
     why: str
+    digest: bytes | None = None  # of the bytes classified (the whole file): which net it is
 
 
 def classify_text(text: str) -> Classification:
@@ -125,13 +126,18 @@ _CLASSIFIED_KEPT = 4096
 
 def _classify_bytes(head: bytes) -> Classification:
     """`classify_text` of the bytes, once per distinct content."""
-    key = hashlib.blake2b(head, digest_size=20).digest()
+    key = net_digest(head)
     found = _CLASSIFIED.get(key)
     if found is None:
-        found = classify_text(head.decode("utf-8", errors="replace"))
+        found = replace(classify_text(head.decode("utf-8", errors="replace")), digest=key)
         if len(_CLASSIFIED) < _CLASSIFIED_KEPT:
             _CLASSIFIED[key] = found
     return found
+
+
+def net_digest(content: bytes) -> bytes:
+    """What tells two prototxts apart: the hash of their bytes."""
+    return hashlib.blake2b(content, digest_size=20).digest()
 
 
 def _read_head(path: Path) -> bytes | None:
@@ -152,6 +158,7 @@ class Pairing:
     caffemodel: Path
     prototxt: Path | None
     problem: str | None = None
+    net: bytes | None = None  # the prototxt's `net_digest`, when it was read whole
 
 
 def pair_folder(prototxts: Sequence[Path], caffemodels: Sequence[Path]) -> tuple[list[Pairing], list[str]]:
@@ -169,11 +176,12 @@ def pair_folder(prototxts: Sequence[Path], caffemodels: Sequence[Path]) -> tuple
     for caffemodel in sorted(caffemodels):
         same = by_stem.get(caffemodel.stem)
         if same is not None and kinds[same].kind not in (Kind.SOLVER, Kind.TRAIN_TEST):
-            pairings.append(Pairing(caffemodel, same))
+            pairings.append(Pairing(caffemodel, same, net=kinds[same].digest))
             continue
         named = [p for p in deploys if "deploy" in p.name.lower()]
         if len(deploys) == 1 or len(named) == 1:
-            pairings.append(Pairing(caffemodel, deploys[0] if len(deploys) == 1 else named[0]))
+            deploy = deploys[0] if len(deploys) == 1 else named[0]
+            pairings.append(Pairing(caffemodel, deploy, net=kinds[deploy].digest))
         elif deploys:
             listed = ", ".join(p.name for p in deploys)
             problem = (

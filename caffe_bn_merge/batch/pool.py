@@ -2,7 +2,6 @@
 processes (`run_items`), each result reported as it finishes."""
 
 import atexit
-import hashlib
 import math
 import multiprocessing
 import os
@@ -23,6 +22,7 @@ from ..defaults import DEFAULT_TOLERANCE
 from ..errors import MergeError, VerifyError
 from ..io.files import open_regular
 from ..io.outputs import TERMINATING, remove_temporaries
+from .discovery import net_digest
 from .worklist import WorkItem
 
 if TYPE_CHECKING:
@@ -298,17 +298,18 @@ def chunks(items: Sequence[WorkItem], jobs: int = 1) -> list[list[WorkItem]]:
     size = max(1, min(CHUNK, math.ceil(len(items) / (4 * jobs))))
     nets: dict[object, list[WorkItem]] = {}
     for item in items:
-        nets.setdefault(_net_key(item), []).append(item)
+        nets.setdefault(item.net or _net_key(item), []).append(item)
     runs = [same[i : i + size] for same in nets.values() for i in range(0, len(same), size)]
     return sorted(runs, key=len, reverse=True)
 
 
 def _net_key(item: WorkItem) -> object:
-    """What tells the nets of two deployments apart, to group them: the hash of the prototxt's
-    first `NET_KEY_BYTES` (its path when it cannot be read: converting it says why)."""
+    """What tells the nets of two deployments apart, to group them, when discovery did not say
+    (`WorkItem.net`): the `net_digest` of the prototxt's first `NET_KEY_BYTES` (its path when it
+    cannot be read: converting it says why)."""
     try:
         with open(open_regular(item.prototxt, "--model"), "rb") as handle:
-            return hashlib.blake2b(handle.read(NET_KEY_BYTES)).digest()
+            return net_digest(handle.read(NET_KEY_BYTES))
     except (MergeError, OSError, TypeError):
         return item.prototxt
 

@@ -22,6 +22,7 @@ class WorkItem:
     out_prototxt: Path
     out_caffemodel: Path
     problem: str | None = None
+    net: bytes | None = None  # the prototxt's `discovery.net_digest`, when discovery read it whole
 
 
 def _item(key: PurePosixPath, outdir: Path, prototxt: Path | None, caffemodel: Path, problem: str | None) -> WorkItem:
@@ -76,13 +77,8 @@ def with_pairings(items: Sequence[WorkItem], discoveries: Sequence[Discovery]) -
     out (our own earlier outputs, already-merged pairs: each with a note) are dropped."""
     wanted = {item.caffemodel for item in items}
     pairings = {p.caffemodel: p for found in discoveries for p in pair(found, only=wanted).pairings}
-    return [
-        dataclasses.replace(
-            item, prototxt=pairings[item.caffemodel].prototxt, problem=pairings[item.caffemodel].problem
-        )
-        for item in items
-        if item.caffemodel in pairings
-    ]
+    found = [(item, pairings[item.caffemodel]) for item in items if item.caffemodel in pairings]
+    return [dataclasses.replace(item, prototxt=p.prototxt, problem=p.problem, net=p.net) for item, p in found]
 
 
 def plan_manifest(entries: Sequence[ManifestEntry], manifest: Path, outdir: Path) -> list[WorkItem]:

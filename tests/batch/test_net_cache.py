@@ -12,7 +12,7 @@ import pytest
 from conftest import ROOT
 
 from caffe_bn_merge.batch import pool, worklist
-from caffe_bn_merge.batch.discovery import discover
+from caffe_bn_merge.batch.discovery import discover, net_digest
 from caffe_bn_merge.pipeline import NetCache, merge
 from caffe_bn_merge.synthetic.fleet import make_fleet
 
@@ -143,6 +143,19 @@ def test_runs_of_one_net_cover_the_work_list(pairs, tmp_path) -> None:
     (alone,) = [run for run in runs if run[0].prototxt == missing]
     assert len(alone) == 1
     assert any(copy in {item.prototxt for item in run} and len({i.prototxt for i in run}) > 1 for run in runs)
+
+
+def test_discovery_tells_the_runs_which_net_each_deployment_is(tmp_path, monkeypatch) -> None:
+    """Discovered deployments carry their prototxt's digest (read once, when classified): equal
+    for equal bytes, and the runs are made from it without reading any prototxt again."""
+    make_fleet(tmp_path / "fleet", 9, seed=5, broken=None)
+    items = worklist.build_work_list([tmp_path / "fleet"], tmp_path / "out").items
+    assert all(item.net == net_digest(item.prototxt.read_bytes()) for item in items)
+    monkeypatch.setattr(pool, "_net_key", lambda item: pytest.fail("a prototxt read again"))
+    runs = pool.chunks(items, jobs=2)
+    assert sorted(i.key for run in runs for i in run) == sorted(i.key for i in items)
+    assert all(len({i.prototxt.read_bytes() for i in run}) == 1 for run in runs)
+    assert len({run[0].net for run in runs}) == len({i.net for i in items}) > 1
 
 
 def test_batch_rows_say_which_merges_were_replayed(pairs, tmp_path) -> None:

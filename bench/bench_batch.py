@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """Benchmark `merge-bn batch` on a synthetic fleet of MobileNet-SSD deployments, against `cp -r`.
 
-    python bench/bench_batch.py [--count 120] [--seed 0] [--repeat 3] [--verify] [--keep DIR]
+    python bench/bench_batch.py [--count 120] [--seed 0] [--widths 0.125,0.1875,0.25] [--repeat 3]
+                                [--verify] [--keep DIR]
 
 Makes a fleet (`caffe_bn_merge.synthetic.fleet.make_fleet`: `--count` folders of 1-3 caffemodels
-each, several architectures, distinct weights, nothing broken), runs one untimed round (byte-code
+each, MobileNet-SSD of `--widths` and several class counts, distinct weights, nothing broken),
+runs one untimed round (byte-code
 compiled and cached as for an installed package, the fleet in the page cache), then, `--repeat`
 times in turn:
 
@@ -38,7 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from caffe_bn_merge.synthetic.fleet import make_fleet  # noqa: E402
+from caffe_bn_merge.synthetic.fleet import WIDTHS, make_fleet  # noqa: E402
 
 MERGE_BN = [sys.executable, "-m", "caffe_bn_merge"]
 
@@ -49,10 +51,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--count", type=int, default=120, help="deployment folders (default 120: ~200 caffemodels)")
     parser.add_argument("--seed", type=int, default=0, help="fleet seed (default 0)")
+    parser.add_argument(
+        "--widths",
+        type=widths,
+        default=WIDTHS,
+        help="MobileNet-SSD widths, comma-separated (default: 0.125,0.1875,0.25)",
+    )
     parser.add_argument("--repeat", type=int, default=3, help="rounds of cp / jobs 1 / jobs 2 (default 3)")
     parser.add_argument("--verify", action="store_true", help="also verify every output on OpenCV in the batch runs")
     parser.add_argument("--keep", type=Path, metavar="DIR", help="build the fleet in DIR and keep it, with the reports")
     return parser
+
+
+def widths(text: str) -> tuple[float, ...]:
+    """`--widths`: comma-separated positive numbers."""
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not comma-separated numbers: {text!r}") from None
+    if not all(0 < value <= 4 for value in values):
+        raise argparse.ArgumentTypeError(f"widths must be in (0, 4]: {text!r}")
+    return values
 
 
 def child_environment(root: Path) -> dict[str, str]:
@@ -95,13 +114,20 @@ def warm_rows(reports: list[Path]) -> list[dict]:
     return [d for d in rows if d["status"] == "converted" and d.get("net_cached")]
 
 
+def outside(wall: float, report: Path, jobs: int) -> float:
+    """The seconds of a run spent outside converting (start, discovery, workers' start, end): its
+    wall time less the deployments' own seconds shared among its `jobs` processes."""
+    return wall - sum(d["seconds"] for d in json.loads(report.read_text())["deployments"]) / jobs
+
+
 def median_spread(values: list[float]) -> str:
     return f"{statistics.median(values):.2f}" + (f" ({min(values):.2f}-{max(values):.2f})" if len(values) > 1 else "")
 
 
-def run(root: Path, count: int, seed: int, repeat: int, verify: bool) -> list[tuple[str, str]]:
+def run(root: Path, args: argparse.Namespace) -> list[tuple[str, str]]:
+    count, repeat, verify = args.count, args.repeat, args.verify
     start = time.perf_counter()
-    deployments = make_fleet(root / "fleet", count, seed, broken=None)
+    deployments = make_fleet(root / "fleet", count, args.seed, broken=None, widths=args.widths)
     made = time.perf_counter() - start
     n = sum(len(d.caffemodels) for d in deployments)
     size = sum(p.stat().st_size for p in (root / "fleet").rglob("*") if p.is_file())
@@ -113,11 +139,16 @@ def run(root: Path, count: int, seed: int, repeat: int, verify: bool) -> list[tu
     cpu = {k: statistics.median(r[k][1] for r in rounds) for k in ("cp", "jobs1", "jobs2")}
     to_cp = [r["jobs2"][0] / r["cp"][0] for r in rounds]
     speedup = [r["jobs1"][0] / r["jobs2"][0] for r in rounds]
+    start_end = {
+        jobs: [outside(r[f"jobs{jobs}"][0], root / f"report{i}_{jobs}.json", jobs) for i, r in enumerate(rounds)]
+        for jobs in (1, 2)
+    }
     warm = warm_rows([root / f"report{i}_1.json" for i in range(repeat)])
     copy_ms = 1000 * statistics.median(cp) / n
     warm_ms = {k: 1000 * statistics.median(d[k] for d in warm) for k in ("seconds", "cpu_seconds", *STEPS)}
     return [
         ("fleet", f"{count} folders, {n} deployments, {architectures} architectures, {size / 1e6:.0f} MB"),
+        ("", f"MobileNet-SSD of widths {', '.join(f'{w:g}' for w in args.widths)}, seed {args.seed}"),
         ("", f"made in {made:.1f} s; {repeat} rounds of cp / jobs 1 / jobs 2, median (min-max)"),
         ("cp -r, wall s", median_spread(cp) + f"; CPU {cpu['cp']:.2f} s"),
         (
@@ -130,6 +161,11 @@ def run(root: Path, count: int, seed: int, repeat: int, verify: bool) -> list[tu
         ),
         ("jobs 2 / cp -r", median_spread(to_cp) + "x  (target <= 10x)"),
         ("jobs 1 / jobs 2", median_spread(speedup) + "x  (target >= 1.8x)"),
+        (
+            "outside converting, s",
+            f"jobs 1 {median_spread(start_end[1])}, jobs 2 {median_spread(start_end[2])}  (wall less the "
+            "deployments' seconds / jobs: start, discovery, workers' start, end)",
+        ),
         ("each round", "; ".join(f"cp {r['cp'][0]:.2f} j1 {r['jobs1'][0]:.2f} j2 {r['jobs2'][0]:.2f}" for r in rounds)),
         (
             "warm, repeated architecture",
@@ -153,10 +189,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--count and --repeat must be at least 1")
     if args.keep is not None:
         args.keep.mkdir(parents=True, exist_ok=False)
-        rows = run(args.keep, args.count, args.seed, args.repeat, args.verify)
+        rows = run(args.keep, args)
     else:
         with tempfile.TemporaryDirectory(prefix="bench_batch_") as folder:
-            rows = run(Path(folder), args.count, args.seed, args.repeat, args.verify)
+            rows = run(Path(folder), args)
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")

@@ -1,8 +1,8 @@
 """A synthetic fleet of MobileNet-SSD deployments, for the batch tests and benchmark.
 
 Each deployment is a folder holding a deploy prototxt and 1-3 caffemodels: MobileNet-SSD of a
-varied width (0.125-0.25) and class count, with weights of their own per snapshot. Folders come in
-three layouts, cycling:
+varied width (0.125-0.25 unless told) and class count, with weights of their own per snapshot.
+Folders come in three layouts, cycling:
 
 - ``same_stem``: ``mobilenet_ssd.prototxt`` + ``mobilenet_ssd.caffemodel``;
 - ``snapshots``: ``MobileNetSSD_deploy.prototxt``, training snapshots
@@ -23,6 +23,7 @@ import copy
 import dataclasses
 import random
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,16 +58,19 @@ class Deployment:
         return [(self.prototxt, caffemodel) for caffemodel in self.caffemodels]
 
 
-def make_fleet(root: Path, count: int, seed: int = 0, broken: str | None = "other_net") -> list[Deployment]:
-    """Write `count` MobileNet-SSD deployment folders under `root`; return them in creation order.
-    `broken` is the kind of the one broken deployment ("other_net", "truncated"), or None for none."""
+def make_fleet(
+    root: Path, count: int, seed: int = 0, broken: str | None = "other_net", widths: Sequence[float] = WIDTHS
+) -> list[Deployment]:
+    """Write `count` MobileNet-SSD deployment folders under `root`, each of one of `widths`; return
+    them in creation order. `broken` is the kind of the one broken deployment ("other_net",
+    "truncated"), or None for none."""
     if broken is not None and broken not in BROKEN_KINDS:
         raise ValueError(f"broken must be one of {BROKEN_KINDS} or None, not {broken!r}")
     rng = random.Random(seed)
     root = Path(root)
     fleet = []
     for index in range(count):
-        width, classes = rng.choice(WIDTHS), rng.choice(CLASS_COUNTS)
+        width, classes = rng.choice(widths), rng.choice(CLASS_COUNTS)
         layout = LAYOUTS[index % len(LAYOUTS)]
         snapshots = 1 if layout == "same_stem" else rng.randint(1, 3)
         folder = root / f"line_{index % 4}" / f"customer_{index:03d}" if index % 5 else root / f"detector_{index:03d}"

@@ -6,19 +6,21 @@
 
 Makes a fleet (`caffe_bn_merge.synthetic.fleet.make_fleet`: `--count` folders of 1-3 caffemodels
 each, MobileNet-SSD of `--widths` and several class counts, distinct weights, nothing broken),
-runs one untimed round (byte-code
-compiled and cached as for an installed package, the fleet in the page cache), then, `--repeat`
-times in turn:
+runs one untimed round (byte-code compiled and cached as for an installed package, the fleet in
+the page cache), then, `--repeat` times in turn, each command after `sync` and into a file system
+cleared of the earlier commands' outputs:
 
 1. `cp -r` of the fleet (the floor: the bytes read and written);
 2. `merge-bn batch --jobs 1` and `merge-bn batch --jobs 2`, each a new process as a user runs it
    (interpreter start, discovery, workers, the JSON report included).
 
 Each ratio is taken within one round (the same machine load for the three), and the median round
-is shown with the spread, with the CPU time of all processes of each run (less sensitive to
-other work on the machine than wall time). The per-deployment cost in a warm process for an architecture seen
-before comes from the `--jobs 1` reports: the median `seconds` (and `cpu_seconds`) of rows with
-`net_cached`, with their read / plan / write breakdown, next to the time `cp` takes per deployment.
+is shown with the spread, with the CPU time of all processes of each run (less sensitive to other
+work on the machine than wall time), and the seconds each run spends outside converting (its wall
+time less the deployments' own seconds over its processes: what keeps --jobs 2 from halving
+--jobs 1). The per-deployment cost in a warm process for an architecture seen before comes from
+the `--jobs 1` reports: the median `seconds` (and `cpu_seconds`) of rows with `net_cached`, with
+their read / plan / write breakdown, next to the time `cp` takes per deployment.
 
 Targets (issue 19): --jobs 2 wall <= 10x cp -r; --jobs 1 / --jobs 2 >= 1.8x; a repeated
 architecture <= 5 ms + its copy time. Other work on the machine skews all of this: read the

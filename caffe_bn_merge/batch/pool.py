@@ -5,11 +5,12 @@ import atexit
 import math
 import multiprocessing
 import os
+import pickle
 import signal
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
@@ -26,7 +27,8 @@ from .discovery import net_digest
 from .worklist import WorkItem
 
 if TYPE_CHECKING:
-    from multiprocessing.queues import SimpleQueue
+    from multiprocessing.connection import Connection
+    from multiprocessing.synchronize import Lock
 
     from ..pipeline import NetCache
 
@@ -228,33 +230,65 @@ def new_cache() -> "NetCache":
 
 
 _worker_cache: "NetCache | None" = None  # this worker process's NetCache (set by `_init_worker`)
-_sent: "SimpleQueue | None" = None  # where this worker sends each result (`Workers.results`)
+_channel: "tuple[Connection, Lock] | None" = None  # where this worker sends to its parent (`_send`)
+_HEADER = 8  # bytes of each message's length, before it
 
 
 class Workers(ProcessPoolExecutor):
-    """A pool of worker processes that send each deployment's result back on `results` as soon as
-    it is known, while converting the run of deployments they were given (`_convert_in_worker`)."""
+    """A pool of worker processes that send back, as they go, the key of each deployment they
+    start and then its result (`_convert_in_worker`), read here by `received`."""
 
     def __init__(self, jobs: int, context: BaseContext, opencv: bool) -> None:
-        self.results = context.SimpleQueue()
-        super().__init__(jobs, mp_context=context, initializer=_init_worker, initargs=(opencv, self.results))
+        self._reader, writer = context.Pipe(duplex=False)
+        super().__init__(jobs, mp_context=context, initializer=_init_worker, initargs=(opencv, writer, context.Lock()))
+        os.set_blocking(self._reader.fileno(), False)
+        self._unread = bytearray()
 
-    def received(self) -> Iterator[ItemResult]:
-        """The results sent so far and not yet received."""
-        while not self.results.empty():
-            yield self.results.get()
+    def received(self) -> Iterator[str | ItemResult]:
+        """What the workers sent that this process has not read yet, whole messages only. The pipe
+        is read without waiting: a worker ended halfway through a message leaves a part that is
+        never completed, on which `multiprocessing`'s own reading would wait for ever."""
+        fd = self._reader.fileno()
+        while chunk := _read_some(fd):
+            self._unread += chunk
+        while len(self._unread) >= _HEADER:
+            end = _HEADER + int.from_bytes(self._unread[:_HEADER], "big")
+            if len(self._unread) < end:
+                break
+            message = pickle.loads(self._unread[_HEADER:end])
+            del self._unread[:end]
+            yield message
 
 
-def _init_worker(opencv: bool, results: "SimpleQueue") -> None:
-    """Worker processes: results sent on `results`; one BLAS / OpenMP / OpenCV thread each (unless
+def _read_some(fd: int) -> bytes:
+    """What the non-blocking `fd` holds now (up to 1 MiB; empty when nothing)."""
+    try:
+        return os.read(fd, 1 << 20)
+    except BlockingIOError:
+        return b""
+
+
+def _send(message: object) -> None:
+    """Send `message` to the parent (`Workers.received`), whole: the lock keeps the workers' writes
+    apart. Raises before sending anything when it cannot be pickled."""
+    data = pickle.dumps(message)
+    frame = memoryview(len(data).to_bytes(_HEADER, "big") + data)
+    writer, lock = _channel
+    with lock:
+        while frame:
+            frame = frame[os.write(writer.fileno(), frame) :]
+
+
+def _init_worker(opencv: bool, writer: "Connection", lock: "Lock") -> None:
+    """Worker processes: messages sent on `writer` (`_send`); one BLAS / OpenMP / OpenCV thread each (unless
     set otherwise), so that N workers use N cores, not N * cores; then the worker's NetCache, made
     once. (The BLAS settings take effect when numpy was not loaded yet, as in `merge-bn batch`,
     whose own process leaves it to the workers.) A termination signal (SIGTERM to the process
     group, or from the parent) removes the worker's temporary files and ends it at once with 128 +
     signal. At the pool's shutdown a worker ends with exit status 0 without tearing down its
     modules: every file it wrote is closed by then, and it prints nothing."""
-    global _worker_cache, _sent
-    _sent = results
+    global _worker_cache, _channel
+    _channel = writer, lock
     for signum in TERMINATING:
         signal.signal(signum, _end_worker)
     for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -276,14 +310,16 @@ def _end_worker(signum: int, frame: object) -> None:
 
 
 def _convert_in_worker(items: list[WorkItem], settings: Settings) -> None:
-    """Convert a run of deployments in this worker, sending each result as it is known."""
+    """Convert a run of deployments in this worker, sending the key of each as it starts, then
+    its result."""
     for item in items:
+        _send(item.key)
         result = convert_item(item, settings, _worker_cache)
         try:
-            _sent.put(result)
+            _send(result)
         except Exception as err:  # a result that cannot be pickled: nothing of it was sent
             reason = _one_line(f"internal error: its result could not be sent back: {type(err).__name__}: {err}")
-            _sent.put(item_result(item, Status.FAILED, reason))
+            _send(item_result(item, Status.FAILED, reason))
 
 
 CHUNK = 32  # deployments of one net sent to a worker at once, at most
@@ -333,8 +369,9 @@ def run_items(
 ) -> list[ItemResult]:
     """Convert `items` (in this process when `jobs` is 1, else in `jobs` worker processes: those of
     `workers`, from `start_workers`, if given); call `on_result` as each finishes; return the
-    results in the order of `items`. Items left unfinished by a worker process that died (a crash
-    in native code) are retried alone, each in a fresh process."""
+    results in the order of `items`. When a worker process dies (a crash in native code), the
+    deployments the workers were converting are retried alone, each in a fresh process (the one
+    that kills its process again fails), and those not started yet in a fresh pool."""
     results: dict[str, ItemResult] = {}
 
     def done(result: ItemResult) -> None:
@@ -346,13 +383,14 @@ def run_items(
         cache = new_cache()
         for item in items:
             done(convert_item(item, settings, cache))
-    else:
-        crashed = _run_pool(items, min(jobs, len(items)), settings, done, workers)
-        for item in crashed:
-            # its worker may have published it before the pool broke: the outputs are ours to replace
-            again = _run_pool([item], 1, replace(settings, overwrite=True), done)
-            if again:
+        return [results[item.key] for item in items]
+    suspects, left = _run_pool(items, min(jobs, len(items)), settings, done, workers)
+    while suspects or left:
+        for item in suspects:
+            # its worker may have published it before it died: the outputs are ours to replace
+            if _run_pool([item], 1, replace(settings, overwrite=True), done) != ([], []):
                 done(item_result(item, Status.FAILED, "the worker process died converting it (crash in native code?)"))
+        suspects, left = _run_pool(left, min(jobs, len(left)), settings, done) if left else ([], [])
     return [results[item.key] for item in items]
 
 
@@ -365,33 +403,44 @@ def _run_pool(
     settings: Settings,
     done: Callable[[ItemResult], None],
     workers: Workers | None = None,
-) -> list[WorkItem]:
+) -> tuple[list[WorkItem], list[WorkItem]]:
     """Run `items` on `workers`, else on a pool of `jobs` processes of its own, each result passed
-    to `done` as it arrives; return the items a dead worker left unfinished. Interrupted (a
-    signal), it ends the workers (each removes its temporary files) before passing it on.
+    to `done` as it arrives. Returns what a worker's death left unfinished (else nothing): the
+    deployments being converted then, and those not started (all as the first when none was being
+    converted). Interrupted (a signal), it ends the workers (each removes its temporary files)
+    before passing it on.
 
     It waits by sleeping, not in `concurrent.futures.wait`: a signal handler raises `Interrupted`
     wherever this thread is, and one raised while `wait` holds a future's or its waiter's lock
     leaves the lock held, and the pool's thread hangs on it."""
-    crashed: list[WorkItem] = []
+    started: set[str] = set()
     finished: set[str] = set()
+
+    def receive(pool: Workers) -> None:
+        for message in pool.received():
+            if isinstance(message, str):
+                started.add(message)
+            else:
+                finished.add(message.key)
+                done(message)
+
     with nullcontext(workers) if workers is not None else start_workers(jobs, settings) as pool:
-        pending = {pool.submit(_convert_in_worker, run, settings): run for run in chunks(items, jobs)}
         try:
+            pending = {pool.submit(_convert_in_worker, run, settings): run for run in chunks(items, jobs)}
             while pending:
                 time.sleep(POLL_SECONDS)
                 ended = [future for future in pending if future.done()]
-                for result in pool.received():  # an ended run sent all its results before it ended
-                    finished.add(result.key)
-                    done(result)
+                if any(_broken(future) for future in ended):
+                    pool.shutdown(wait=True, cancel_futures=True)  # every worker ended: all they sent is here
+                    receive(pool)
+                    unfinished = [item for run in pending.values() for item in run if item.key not in finished]
+                    suspects = [item for item in unfinished if item.key in started]
+                    return (suspects, [i for i in unfinished if i.key not in started]) if suspects else (unfinished, [])
+                receive(pool)  # an ended run sent all it had to send before it ended
                 for future in ended:
                     unfinished = [item for item in pending.pop(future) if item.key not in finished]
-                    try:
-                        future.result()
-                    except BrokenProcessPool:
-                        crashed += unfinished
-                    except Exception as err:  # e.g. a run that could not be sent to the worker
-                        reason = _one_line(f"internal error: {type(err).__name__}: {err}")
+                    if future.exception() is not None:  # e.g. a run that could not be sent to the worker
+                        reason = _one_line(f"internal error: {type(future.exception()).__name__}: {future.exception()}")
                         for item in unfinished:
                             done(item_result(item, Status.FAILED, reason))
         except BaseException:
@@ -400,7 +449,12 @@ def _run_pool(
             # its wake-up pipe while the interpreter's exit writes to it (a traceback on stderr)
             pool.shutdown(wait=True, cancel_futures=True)
             raise
-    return crashed
+    return [], []
+
+
+def _broken(future: Future) -> bool:
+    """Whether `future` (done) ended with its pool broken: a worker process died."""
+    return not future.cancelled() and isinstance(future.exception(), BrokenProcessPool)
 
 
 def _start_resource_tracker() -> None:

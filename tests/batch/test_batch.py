@@ -2,12 +2,14 @@
 reruns skip finished work, discovery pairs files by the documented rules, manifests, sharding, and
 sources are never written."""
 
+import concurrent.futures
 import csv
 import dataclasses
 import hashlib
 import json
 import os
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -403,6 +405,105 @@ def test_a_dying_worker_retries_only_what_it_left_unfinished(tmp_path, monkeypat
     assert all(r.status is pool.Status.CONVERTED for r in results.values())
     out = tmp_path / "out"
     assert {key: (out / f"{key}.converted").read_text().count("\n") for key in "abde"} == dict.fromkeys("abde", 1)
+
+
+def _isolating(monkeypatch) -> list[str]:
+    """Record the deployments `run_items` retries alone (each in a pool of its own)."""
+    alone, real = [], pool._run_pool
+
+    def run_pool(items, jobs, *more, **named):
+        if len(items) == 1 and jobs == 1:
+            alone.append(items[0].key)
+        return real(items, jobs, *more, **named)
+
+    monkeypatch.setattr(pool, "_run_pool", run_pool)
+    return alone
+
+
+def test_a_crash_retries_alone_only_what_was_being_converted(tmp_path, monkeypatch) -> None:
+    """After a worker dies, the deployments not started yet go to a fresh pool as usual; only the
+    ones being converted then are retried alone (one crash must not turn the rest of a fleet into
+    a process per deployment)."""
+    items = _items(tmp_path, "abcdefghij")
+    monkeypatch.setattr(pool, "START_METHOD", "fork")
+    monkeypatch.setattr(pool, "convert_item", _crash_counting_convert)
+    monkeypatch.setattr(pool, "chunks", lambda items, jobs: [list(items)])  # one run: 'c' is the only one started
+    alone = _isolating(monkeypatch)
+    results = {r.key: r for r in pool.run_items(items, jobs=2)}
+    assert alone == ["c"]
+    assert results.pop("c").reason == "the worker process died converting it (crash in native code?)"
+    assert all(r.status is pool.Status.CONVERTED for r in results.values())
+    counts = {key: (tmp_path / "out" / f"{key}.converted").read_text().count("\n") for key in results}
+    assert counts == dict.fromkeys(results, 1)
+
+
+WARNINGS = [f"warning {i}: " + "x" * 100 for i in range(1000)]  # a result of ~110 KB pickled: more than a pipe holds
+
+
+def _large_results_convert(item: worklist.WorkItem, *more: object) -> pool.ItemResult:
+    """convert_item with a result too large for the pipe, 20 ms slower; the worker given 'zz' dies
+    after 0.5 s, while the other is sending."""
+    if item.key == "zz":
+        time.sleep(0.5)
+        os._exit(9)
+    time.sleep(0.02)
+    return dataclasses.replace(_CONVERT(item, *more), warnings=WARNINGS)
+
+
+def test_a_worker_dying_while_another_sends_a_large_result_hangs_nothing(tmp_path, monkeypatch) -> None:
+    """The pool ends the other workers when one dies, maybe halfway through a message: the
+    parent reads whole messages only and never waits for the rest of one (it did, for ever)."""
+    items = _items(tmp_path, [f"k{i:02d}" for i in range(40)] + ["zz"])
+    monkeypatch.setattr(pool, "START_METHOD", "fork")
+    monkeypatch.setattr(pool, "convert_item", _large_results_convert)
+    monkeypatch.setattr(pool, "chunks", lambda items, jobs: [list(items[:-1]), items[-1:]])
+
+    def too_long(signum: int, frame: object) -> None:
+        raise TimeoutError("run_items did not return in 60 s")
+
+    previous = signal.signal(signal.SIGALRM, too_long)
+    signal.alarm(60)
+    try:
+        outcome = [pool.run_items(items, jobs=2, on_result=lambda result: time.sleep(0.1))]  # a slow console
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    statuses = {r.key: r.status for r in outcome[0]}
+    assert statuses.pop("zz") is pool.Status.FAILED
+    assert set(statuses.values()) == {pool.Status.CONVERTED}
+
+
+def _slow_b_crash_c(item: worklist.WorkItem, *more: object) -> pool.ItemResult:
+    """_crash_counting_convert, with 'b' slow enough to be under way when the pool breaks."""
+    if item.key == "b":
+        time.sleep(0.4)
+    return _crash_counting_convert(item, *more)
+
+
+def _ab_then_c(items: list[worklist.WorkItem], jobs: int) -> list[list[worklist.WorkItem]]:
+    return [items[:2], items[2:]] if len(items) == 3 else [items]
+
+
+def test_a_result_sent_after_the_pool_broke_counts_once(tmp_path, monkeypatch) -> None:
+    """The pool's thread fails its futures before it ends the live workers, which may still send
+    a result meanwhile (here the thread is slowed between futures): that result is taken, once,
+    and the deployment is not converted again."""
+    real = concurrent.futures.Future.set_exception
+
+    def set_exception(future, error):
+        real(future, error)
+        time.sleep(0.5)
+
+    monkeypatch.setattr(concurrent.futures.Future, "set_exception", set_exception)
+    monkeypatch.setattr(pool, "START_METHOD", "fork")
+    monkeypatch.setattr(pool, "convert_item", _slow_b_crash_c)
+    monkeypatch.setattr(
+        pool, "chunks", lambda items, jobs: [list(items[:2]), items[2:]] if len(items) == 3 else [items]
+    )
+    reported = []
+    pool.run_items(_items(tmp_path, "abc"), jobs=2, on_result=lambda r: reported.append(r.key))
+    assert sorted(reported) == ["a", "b", "c"]
+    assert (tmp_path / "out" / "b.converted").read_text().count("\n") == 1
 
 
 def _unpicklable_convert(item: worklist.WorkItem, *more: object) -> pool.ItemResult:

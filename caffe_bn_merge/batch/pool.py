@@ -280,13 +280,13 @@ def _send(message: object) -> None:
 
 
 def _init_worker(opencv: bool, writer: "Connection", lock: "Lock") -> None:
-    """Worker processes: messages sent on `writer` (`_send`); one BLAS / OpenMP / OpenCV thread each (unless
-    set otherwise), so that N workers use N cores, not N * cores; then the worker's NetCache, made
-    once. (The BLAS settings take effect when numpy was not loaded yet, as in `merge-bn batch`,
-    whose own process leaves it to the workers.) A termination signal (SIGTERM to the process
-    group, or from the parent) removes the worker's temporary files and ends it at once with 128 +
-    signal. At the pool's shutdown a worker ends with exit status 0 without tearing down its
-    modules: every file it wrote is closed by then, and it prints nothing."""
+    """Worker processes: messages sent on `writer` (`_send`); one BLAS / OpenMP / OpenCV thread
+    each (unless set otherwise), so that N workers use N cores, not N * cores; then the worker's
+    NetCache, made once. (The BLAS settings take effect when numpy was not loaded yet, as in
+    `merge-bn batch`, whose own process leaves it to the workers.) A termination signal (SIGTERM to
+    the process group, or from the parent) removes the worker's temporary files and ends it at once
+    with 128 + signal. At the pool's shutdown a worker ends with exit status 0 without tearing down
+    its modules: every file it wrote is closed by then, and it prints nothing."""
     global _worker_cache, _channel
     _channel = writer, lock
     for signum in TERMINATING:

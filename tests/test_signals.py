@@ -209,6 +209,24 @@ def test_batch_signal_while_workers_write(point: str, signum: int, group: bool, 
     assert _group_gone(process.pid), "a worker outlived the batch"
 
 
+@pytest.mark.parametrize("delay", [0.0, 0.03, 0.08, 0.15])
+@pytest.mark.parametrize("signum", SIGNALS, ids=[s.name for s in SIGNALS])
+def test_batch_signal_while_workers_load(signum: int, delay: float, tmp_path) -> None:
+    """A signal to the group while the worker processes are still loading (held from their start
+    until their handlers are in place): one line, 128 + signal, no worker's traceback."""
+    source = _fleet(tmp_path, 2)
+    process, marker = _start(
+        ["batch", str(source), "--out", str(tmp_path / "out"), "--jobs", "2", "-q"], tmp_path, "workers"
+    )
+    _wait_for(marker, process)
+    time.sleep(delay)
+    os.killpg(process.pid, signum)
+    marker.unlink()
+    code, stderr = _finish(process)
+    _expect_signalled(code, stderr, signum)
+    assert _group_gone(process.pid), "a worker outlived the batch"
+
+
 def test_batch_sigterm_to_the_group_after_random_delays(tmp_path) -> None:
     """SIGTERM to the whole process group at random moments of a batch run."""
     rng = random.Random(17)

@@ -10,7 +10,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from ..errors import UsageError
-from ..io.outputs import Interrupted, clean_up_interrupted, signals_raise
+from ..io.outputs import Interrupted, clean_up_interrupted, pause_point, signals_raise
 from .args import build_parser, build_report_parser
 from .console import EVERY_ROW_UP_TO, Console, fleet_lines
 from .pool import ItemResult, Readiness, Settings, Status, Workers, item_result, run_items, start_workers
@@ -38,6 +38,7 @@ def _main(argv: Sequence[str] | None) -> int:
     start = time.perf_counter()
     settings = _settings(args)
     with start_workers(args.jobs, settings) if args.jobs > 1 else nullcontext() as workers:
+        pause_point("workers")
         try:
             work, items = _prepare(args)
         except (UsageError, OSError) as err:

@@ -291,6 +291,7 @@ def _init_worker(opencv: bool, writer: "Connection", lock: "Lock") -> None:
     _channel = writer, lock
     for signum in TERMINATING:
         signal.signal(signum, _end_worker)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, TERMINATING)  # blocked by `start_workers`: one held comes now
     for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(variable, "1")
     _worker_cache = new_cache()
@@ -351,12 +352,18 @@ def _net_key(item: WorkItem) -> object:
 
 def start_workers(jobs: int, settings: Settings) -> Workers:
     """A pool of `jobs` worker processes, launched now: they load while this process goes on (e.g.
-    finding the deployments). The caller shuts it down (it is a context manager)."""
+    finding the deployments). The caller shuts it down (it is a context manager). They start with
+    the termination signals blocked, held until their own handlers are in place (`_init_worker`):
+    a signal while they load (to the process group) then ends them in one line, as later."""
     context = multiprocessing.get_context(START_METHOD)
     _start_resource_tracker()
     pool = Workers(jobs, context, opencv=settings.verify or settings.readiness.benchmark > 0)
-    for _ in range(jobs):  # a pool that does not fork starts a process per task while none is idle
-        pool.submit(int)
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, TERMINATING)  # a blocked signal stays blocked in the child
+    try:
+        for _ in range(jobs):  # a pool that does not fork starts a process per task while none is idle
+            pool.submit(int)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
     return pool
 
 

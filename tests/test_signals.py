@@ -15,7 +15,10 @@ from pathlib import Path
 import pytest
 from harness import copy_sample
 
-from caffe_bn_merge.io.outputs import PAUSE_ENV
+from caffe_bn_merge import cli, pipeline
+from caffe_bn_merge.batch import pool
+from caffe_bn_merge.batch.worklist import WorkItem
+from caffe_bn_merge.io.outputs import PAUSE_ENV, Interrupted
 
 ROOT = Path(__file__).resolve().parent.parent
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -144,6 +147,42 @@ def test_signals_after_random_delays(tmp_path, clean_run) -> None:
         assert not _temporaries(folder)
     print("random-delay outcomes:", outcomes)
     assert outcomes["absent"] > 0, outcomes  # the delays reach into the writing
+
+
+def _wrapped_by_python() -> BaseException:
+    """A signal's Interrupted as Python passes it on from a class's `__set_name__` (what a signal
+    while a module loads gives): a RuntimeError caused by it (Python 3.11)."""
+
+    class Hook:
+        def __set_name__(self, owner: type, name: str) -> None:
+            raise Interrupted(signal.SIGTERM)
+
+    try:
+        type("Holder", (), {"hook": Hook()})
+    except BaseException as err:  # the very error is the point
+        return err
+    raise AssertionError("__set_name__ was not called")
+
+
+def test_a_signal_python_wrapped_is_still_a_signal(monkeypatch, capsys) -> None:
+    """merge-bn: exit 128 + signal and the one line, not an internal error."""
+    error = _wrapped_by_python()
+    monkeypatch.setattr(cli, "_run", lambda args: (_ for _ in ()).throw(error))
+    assert cli.main(["--model", "m.prototxt", "--weights", "w.caffemodel"]) == 128 + signal.SIGTERM
+    stderr = capsys.readouterr().err
+    assert stderr.count("\n") == 1 and "SIGTERM" in stderr and "internal error" not in stderr
+
+
+def test_a_signal_python_wrapped_stops_a_batch(monkeypatch, tmp_path) -> None:
+    """merge-bn batch: the deployment under way does not fail with an internal error, the
+    signal ends the run."""
+    error = _wrapped_by_python()
+    monkeypatch.setattr(pipeline, "merge", lambda *args, **named: (_ for _ in ()).throw(error))
+    copy_sample(tmp_path)
+    names = ("net.prototxt", "net.caffemodel", "o.prototxt", "o.caffemodel")
+    item = WorkItem("net", *(tmp_path / name for name in names))
+    with pytest.raises(Interrupted):
+        pool.convert_item(item)
 
 
 def _fleet(folder: Path, count: int) -> Path:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from ..defaults import DEFAULT_TOLERANCE
 from ..errors import MergeError, VerifyError
 from ..io.files import open_regular
-from ..io.outputs import TERMINATING, remove_temporaries
+from ..io.outputs import TERMINATING, interrupted_within, remove_temporaries
 from .discovery import net_digest
 from .worklist import WorkItem
 
@@ -147,6 +147,9 @@ def convert_item(item: WorkItem, settings: Settings = Settings(), cache: "NetCac
         staged.publish(settings.overwrite)
         details |= _readiness(item, result, settings.readiness)
     except Exception as err:  # one bad deployment never stops the others
+        signalled = interrupted_within(err)
+        if signalled is not None:  # a signal that Python wrapped on its way out stops them all
+            raise signalled from None
         reason = str(err) if isinstance(err, MergeError) else f"internal error: {type(err).__name__}: {err}"
         if isinstance(err, VerifyError):
             reason = f"could not verify (not written): {reason}"

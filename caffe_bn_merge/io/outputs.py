@@ -287,6 +287,19 @@ def _interrupt(signum: int, frame: object) -> None:
     raise Interrupted(signum)
 
 
+def interrupted_within(error: BaseException) -> Interrupted | None:
+    """The `Interrupted` that `error` came from, if any: Python turns an exception raised where it
+    runs hooks into another one (a signal while a module loads, inside a class's `__set_name__`,
+    gives a RuntimeError caused by it)."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, Interrupted):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 @contextmanager
 def signals_raise(restore: bool = True, program: str = "merge-bn") -> Iterator[None]:
     """Within the block SIGINT, SIGTERM and SIGHUP raise Interrupted (in the main thread). After

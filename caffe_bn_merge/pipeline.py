@@ -1,7 +1,6 @@
 """The whole job as one library call, `merge`: read (`io.read`) -> graph -> rules (`rules.passes`)
 -> emit (`io.emit`)."""
 
-import hashlib
 import io
 import logging
 from collections import Counter, OrderedDict
@@ -14,6 +13,7 @@ from .defaults import MAX_PROTOTXT_MB
 from .errors import MismatchError
 from .graph import NetGraph, build_graph, included, inference_state
 from .io import emit, outputs, read
+from .io.files import net_digest
 from .io.layout import Layout, Recipe
 from .io.user_schema import compile_schema
 from .logs import collected
@@ -143,7 +143,7 @@ class NetCache:
         """`model` parsed, on a miss."""
         raw = read.read_net_bytes(model, options.max_prototxt_mb)
         schema_path = options.caffe_proto
-        key = (hashlib.blake2b(raw, digest_size=20).digest(), str(schema_path or ""))
+        key = (net_digest(raw), str(schema_path or ""))
         if key in self._nets:
             self.hits += 1
             self._nets.move_to_end(key)

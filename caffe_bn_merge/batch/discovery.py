@@ -2,7 +2,6 @@
 caffemodels go with it, and explicit CSV / JSON manifests instead of discovery."""
 
 import csv
-import hashlib
 import json
 import os
 import re
@@ -13,7 +12,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from ..errors import InputError, UsageError
-from ..io.files import open_regular
+from ..io.files import net_digest, open_regular
 
 PROTOTXT_SUFFIX, CAFFEMODEL_SUFFIX = ".prototxt", ".caffemodel"
 
@@ -133,11 +132,6 @@ def _classify_bytes(head: bytes) -> Classification:
         if len(_CLASSIFIED) < _CLASSIFIED_KEPT:
             _CLASSIFIED[key] = found
     return found
-
-
-def net_digest(content: bytes) -> bytes:
-    """What tells two prototxts apart: the hash of their bytes."""
-    return hashlib.blake2b(content, digest_size=20).digest()
 
 
 def _read_head(path: Path) -> bytes | None:

@@ -21,9 +21,8 @@ from typing import TYPE_CHECKING
 
 from ..defaults import DEFAULT_TOLERANCE
 from ..errors import MergeError, VerifyError
-from ..io.files import open_regular
+from ..io.files import net_digest, open_regular
 from ..io.outputs import TERMINATING, interrupted_within, remove_temporaries
-from .discovery import net_digest
 from .worklist import WorkItem
 
 if TYPE_CHECKING:

@@ -22,7 +22,7 @@ class WorkItem:
     out_prototxt: Path
     out_caffemodel: Path
     problem: str | None = None
-    net: bytes | None = None  # the prototxt's `discovery.net_digest`, when discovery read it whole
+    net: bytes | None = None  # the prototxt's `io.files.net_digest`, when discovery read it whole
 
 
 def _item(key: PurePosixPath, outdir: Path, prototxt: Path | None, caffemodel: Path, problem: str | None) -> WorkItem:

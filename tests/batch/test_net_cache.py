@@ -12,7 +12,8 @@ import pytest
 from conftest import ROOT
 
 from caffe_bn_merge.batch import pool, worklist
-from caffe_bn_merge.batch.discovery import discover, net_digest
+from caffe_bn_merge.batch.discovery import discover
+from caffe_bn_merge.io.files import net_digest
 from caffe_bn_merge.pipeline import NetCache, merge
 from caffe_bn_merge.synthetic.fleet import make_fleet
 

@@ -289,11 +289,9 @@ def _main(argv: list[str]) -> int:
         print("merge-bn: error: standard output was closed (broken pipe); nothing written", file=sys.stderr)
         return 2
     except Exception as err:  # a bug of ours: say so in one line, keep the traceback behind --debug
-        from .io.outputs import interrupted_within  # loaded already, by `main`
+        from .io.outputs import raise_interrupted_within  # loaded already, by `main`
 
-        signalled = interrupted_within(err)
-        if signalled is not None:  # a signal that Python wrapped on its way out
-            raise signalled from None
+        raise_interrupted_within(err)
         if args.debug:
             raise
         print(one_line(f"merge-bn: internal error: {type(err).__name__}: {err} (rerun with --debug)"), file=sys.stderr)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from ..defaults import DEFAULT_TOLERANCE
 from ..errors import MergeError, VerifyError
 from ..io.files import net_digest, open_regular
-from ..io.outputs import TERMINATING, interrupted_within, remove_temporaries
+from ..io.outputs import TERMINATING, raise_interrupted_within, remove_temporaries, signals_blocked
 from .worklist import WorkItem
 
 if TYPE_CHECKING:
@@ -146,9 +146,7 @@ def convert_item(item: WorkItem, settings: Settings = Settings(), cache: "NetCac
         staged.publish(settings.overwrite)
         details |= _readiness(item, result, settings.readiness)
     except Exception as err:  # one bad deployment never stops the others
-        signalled = interrupted_within(err)
-        if signalled is not None:  # a signal that Python wrapped on its way out stops them all
-            raise signalled from None
+        raise_interrupted_within(err)  # a signal stops them all, even one Python wrapped
         reason = str(err) if isinstance(err, MergeError) else f"internal error: {type(err).__name__}: {err}"
         if isinstance(err, VerifyError):
             reason = f"could not verify (not written): {reason}"
@@ -360,12 +358,9 @@ def start_workers(jobs: int, settings: Settings) -> Workers:
     context = multiprocessing.get_context(START_METHOD)
     _start_resource_tracker()
     pool = Workers(jobs, context, opencv=settings.verify or settings.readiness.benchmark > 0)
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, TERMINATING)  # a blocked signal stays blocked in the child
-    try:
+    with signals_blocked():  # and so in the workers started now
         for _ in range(jobs):  # a pool that does not fork starts a process per task while none is idle
             pool.submit(int)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
     return pool
 
 

@@ -287,17 +287,17 @@ def _interrupt(signum: int, frame: object) -> None:
     raise Interrupted(signum)
 
 
-def interrupted_within(error: BaseException) -> Interrupted | None:
-    """The `Interrupted` that `error` came from, if any: Python turns an exception raised where it
-    runs hooks into another one (a signal while a module loads, inside a class's `__set_name__`,
-    gives a RuntimeError caused by it)."""
+def raise_interrupted_within(error: BaseException) -> None:
+    """Raise the `Interrupted` that `error` came from, if any: Python turns an exception raised
+    where it runs hooks into another one (a signal while a module loads, inside a class's
+    `__set_name__`, gives a RuntimeError caused by it), which must still end the run as a signal."""
     seen: set[int] = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, Interrupted):
-            return error
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return None
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, Interrupted):
+            raise cause from None
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
 
 
 @contextmanager
@@ -313,12 +313,20 @@ def signals_raise(restore: bool = True, program: str = "merge-bn") -> Iterator[N
         yield
     finally:
         pause_point("restoring")
-        held = signal.pthread_sigmask(signal.SIG_BLOCK, TERMINATING)  # all three handlers change at once
-        try:
+        with signals_blocked():  # all three handlers change at once
             for signum, handler in previous.items():
                 signal.signal(signum, handler if restore else partial(_exit_at_once, program))
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+@contextmanager
+def signals_blocked() -> Iterator[None]:
+    """Block the termination signals during the block (this thread; a process started meanwhile
+    starts with them blocked); one that arrives is delivered when it ends."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, TERMINATING)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def _exit_at_once(program: str, signum: int, frame: object) -> None:

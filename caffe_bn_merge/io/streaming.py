@@ -128,7 +128,7 @@ def _join(pool: ThreadPoolExecutor) -> None:
         try:
             pool.shutdown(wait=True)
             break
-        except BaseException as err:  # e.g. the caffemodel's lease broken (SIGIO), or Interrupted
+        except BaseException as err:  # e.g. Interrupted (the lease only marks itself broken)
             raised = raised or err
     if raised is not None:
         raise raised

@@ -443,8 +443,9 @@ def _run_pool(
                 receive(pool)  # an ended run sent all it had to send before it ended
                 for future in ended:
                     unfinished = [item for item in pending.pop(future) if item.key not in finished]
-                    if future.exception() is not None:  # e.g. a run that could not be sent to the worker
-                        reason = _one_line(f"internal error: {type(future.exception()).__name__}: {future.exception()}")
+                    error = future.exception()
+                    if error is not None:  # e.g. a run that could not be sent to the worker
+                        reason = _one_line(f"internal error: {type(error).__name__}: {error}")
                         for item in unfinished:
                             done(item_result(item, Status.FAILED, reason))
         except BaseException:

@@ -521,13 +521,6 @@ def test_a_result_that_cannot_be_sent_fails_only_its_deployment(tmp_path, monkey
     assert all(r.status is pool.Status.CONVERTED for r in results.values())
 
 
-def _crashing_convert(item: worklist.WorkItem, verify: bool = False, *more: object) -> pool.ItemResult:
-    """convert_item, except that the worker process dies on the deployment keyed 'c'."""
-    if item.key == "c":
-        os._exit(9)
-    return _CONVERT(item, verify, *more)
-
-
 _CONVERT = pool.convert_item
 
 
@@ -535,7 +528,7 @@ def test_a_dying_worker_fails_only_its_deployment(tmp_path, monkeypatch) -> None
     for stem in "abcde":
         _sample(tmp_path / "src", "no_bn", stem)
     monkeypatch.setattr(pool, "START_METHOD", "fork")  # so the patched convert_item reaches the workers
-    monkeypatch.setattr(pool, "convert_item", _crashing_convert)
+    monkeypatch.setattr(pool, "convert_item", _crash_counting_convert)
     report = tmp_path / "r.json"
     assert (
         command.main(

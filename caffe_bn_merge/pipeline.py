@@ -24,6 +24,7 @@ from .rules.passes import folded_hosts, run_rules
 from .rules.plan import FoldPlan, Rule
 from .rules.replay import Recording, Round, replay
 from .rules.rewrite import Rewrite
+from .rules.stacked import Stacked
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,7 @@ class RecordedMerge:
     rules: Recording
     recipe: Recipe
     prototxt: bytes
+    stacked: Stacked | None  # its questions answered at once, when they can be
 
 
 @dataclass(frozen=True)
@@ -257,7 +259,7 @@ def _merge(
             options.assume_global_stats, rounds,
         ))  # fmt: skip
         _log_plan(plan, net, options.assume_global_stats)
-        _warn_negative_variance(net, stored, plan, options.bn_flavour)
+        _warn_negative_variance(net, stored, plan, options.bn_flavour, recorded.stacked if recorded else None)
         stored.check()
         staged = outputs.Staged() if how.write else None
         try:
@@ -333,11 +335,23 @@ def _log_input(entry: Parsed) -> None:
         log.warning("%d layer(s) outside the TEST phase kept as they are; folding follows the TEST phase", other)
 
 
-def _warn_negative_variance(net: object, stored: read.Weights, plan: FoldPlan, flavour: str) -> None:
-    """Warn once per folded BatchNorm whose stored variance has negative channels."""
+def _warn_negative_variance(
+    net: object, stored: read.Weights, plan: FoldPlan, flavour: str, stacked: Stacked | None = None
+) -> None:
+    """Warn once per folded BatchNorm whose stored variance has negative channels (counted at once
+    for a replay whose questions were `stacked`: every BatchNorm folded was read there)."""
     folded = {name for action in plan.actions for name in action.layers}
+    counts = stacked.negative_variance(stored.layers) if stacked is not None else None
+    if counts == {}:
+        return
     for layer in net.layer:
-        negative = negative_variance(layer, stored.layers.get(layer.name), flavour) if layer.name in folded else 0
+        if layer.name not in folded:
+            continue
+        negative = (
+            counts.get(layer.name, 0)
+            if counts is not None
+            else negative_variance(layer, stored.layers.get(layer.name), flavour)
+        )
         if negative:
             log.warning(
                 "%s '%s': %d channel(s) have negative variance; folded as Caffe computes them",
@@ -401,7 +415,8 @@ def _write(
 def _replay(candidates: list[RecordedMerge], stored: read.Weights) -> tuple[RecordedMerge, Rewrite, FoldPlan] | None:
     """The first of the `candidates` that replays for `stored`, with its rewrite and plan."""
     for recorded in candidates:
-        again = replay(recorded.rules, stored.layers)
+        given = recorded.stacked.maps(stored.layers) if recorded.stacked is not None else {}
+        again = replay(recorded.rules, stored.layers, given) if given is not None else None
         if again is not None:
             return recorded, *again
     return None
@@ -445,7 +460,8 @@ def _recorded(stored: read.Weights, rules: Recording, staged: Written) -> Record
     written = read.read_weights(staged.weights) if layout is not None else None
     merged = Layout.of(written) if written is not None else None
     rules = replace(rules, plan=replace(rules.plan, actions=()))
-    again = replay(rules, stored.layers) if merged is not None else None
+    stacked = Stacked.of(rules, stored.layers)
+    again = replay(rules, stored.layers, stacked.maps(stored.layers) if stacked else None) if merged else None
     if again is None:
         return None
     rewrite = again[0]
@@ -455,7 +471,7 @@ def _recorded(stored: read.Weights, rules: Recording, staged: Written) -> Record
     if copy.getvalue() != bytes(written.buffer):
         log.debug("not recorded: replaying the merge of %s wrote other bytes", stored.path)
         return None
-    return RecordedMerge(layout, rules, recipe, staged.model.read_bytes())
+    return RecordedMerge(layout, rules, recipe, staged.model.read_bytes(), stacked)
 
 
 def _blobs(rewrite: Rewrite, stored: read.Weights) -> Callable[[str], Sequence[object]]:

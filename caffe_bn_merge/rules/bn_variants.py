@@ -96,7 +96,7 @@ def affine(variant: str, layer: object, blobs: list[np.ndarray], channels: int) 
     if variant == SEGNET:
         return scale_affine(blobs[0], blobs[1], channels)
     mean, var, gamma, beta, factor = statistics(variant, blobs)
-    normalise = batchnorm_affine(mean, var, factor, _eps(variant, layer))
+    normalise = batchnorm_affine(mean, var, factor, layer_eps(variant, layer))
     if gamma is None:
         return normalise
     return normalise.then(scale_affine(gamma, beta, channels))
@@ -109,9 +109,10 @@ def variance_eps(variant: str, layer: object, blobs: list[np.ndarray]) -> np.nda
         return None
     _, var, _, _, factor = statistics(variant, blobs)
     f = 0.0 if factor == 0 else 1.0 / factor
-    return np.asarray(var, np.float64).ravel() * f + _eps(variant, layer)
+    return np.asarray(var, np.float64).ravel() * f + layer_eps(variant, layer)
 
 
-def _eps(variant: str, layer: object) -> float:
+def layer_eps(variant: str, layer: object) -> float:
+    """The eps a layer of `variant` adds to its variance."""
     eps = layer.bn_param.eps if variant == "bn" else layer.batch_norm_param.eps
     return max(eps, NVCAFFE_MIN_EPS) if variant == "nvcaffe" else eps

@@ -2,6 +2,7 @@
 refused with the reason they are not one. Caffe's semantics are in each reader's docstring."""
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
@@ -80,6 +81,34 @@ def affine_reader(
     return reader if isinstance(reader, Refusal) else partial(_finite, reader)
 
 
+@dataclass(frozen=True, eq=False)
+class BatchNormMap:
+    """Reads the map of a BatchNorm / BN layer of `variant` (`bn_variants.affine`)."""
+
+    variant: str
+    layer: object
+    channels: int
+
+    def __call__(self, blobs: list[np.ndarray]) -> ChannelAffine:
+        return bn_variants.affine(self.variant, self.layer, blobs, self.channels)
+
+
+@dataclass(frozen=True, eq=False)
+class ScaleMap:
+    """Reads the map of a Scale layer: gamma (per channel, or one for all), and beta with `bias_term`."""
+
+    bias_term: bool
+    channels: int
+
+    def __call__(self, blobs: list[np.ndarray]) -> ChannelAffine:
+        return scale_affine(blobs[0], blobs[1] if self.bias_term else None, self.channels)
+
+
+def map_reader(reader: Reader | Refusal) -> object:
+    """What reads the map inside `affine_reader`'s reader (which refuses maps that are not finite)."""
+    return reader.args[0] if isinstance(reader, partial) and reader.func is _finite else reader
+
+
 def read_with(reader: Reader | Refusal, stored: WeightLayer | None) -> ChannelAffine | Refusal:
     """The answer of `affine_reader`'s result for the layer's blobs `stored`: a refusal stays."""
     return reader if isinstance(reader, Refusal) else reader(stored.blobs if stored is not None else [])
@@ -120,7 +149,7 @@ def _batchnorm(layer: object, stored: WeightLayer, channels: int, flavour: str) 
         statistics = bn_variants.statistics(variant, stored.blobs)
         per_channel = [b for b in statistics[:4] if b is not None]
         _check_size(layer, all(b.size == channels for b in per_channel), channels)
-    return lambda blobs: bn_variants.affine(variant, layer, blobs, channels)
+    return BatchNormMap(variant, layer, channels)
 
 
 def negative_variance(layer: object, stored: WeightLayer | None, flavour: str) -> int:
@@ -148,8 +177,7 @@ def _scale(layer: object, stored: WeightLayer, channels: int, rank: int | None) 
     if refusal:
         return refusal
     _check_size(layer, not param.bias_term or stored.blobs[1].size == gamma.size, channels)
-    bias_term = param.bias_term
-    return lambda blobs: scale_affine(blobs[0], blobs[1] if bias_term else None, channels)
+    return ScaleMap(param.bias_term, channels)
 
 
 def _bias(layer: object, stored: WeightLayer, channels: int, rank: int | None) -> Reader | Refusal:

@@ -80,16 +80,23 @@ class Recording:
     origin: tuple[int, ...]
 
 
-def replay(recording: Recording, layers: Layers) -> tuple[Rewrite, FoldPlan] | None:
+def replay(
+    recording: Recording, layers: Layers, given: dict[Read, ChannelAffine] | None = None
+) -> tuple[Rewrite, FoldPlan] | None:
     """The rewrite and plan the rules make for `layers` (a caffemodel of the recording's layout),
-    or None when a question has another answer."""
+    or None when a question has another answer. `given` answers questions already (their maps,
+    with the recorded answers: `rules.stacked`)."""
     rewrite = Rewrite(recording.net, dict(layers), origin=list(recording.origin))
     actions: list[Action] = []
     earlier: dict[Read, tuple[WeightLayer | None, ChannelAffine | Refusal, Answer]] = {}  # and of which blobs
+    given = given or {}
     for round_ in recording.rounds:
         answers = {}
         for question in round_.questions:
             read = question.read
+            if read in given:
+                answers[read] = given[read]
+                continue
             stored = rewrite.layers.get(read[0])
             known = earlier.get(read)
             if known is None or known[0] is not stored:  # asked in an earlier round of the same blobs

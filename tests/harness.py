@@ -18,6 +18,7 @@ from caffe_bn_merge import merge
 from caffe_bn_merge.graph import build_graph
 from caffe_bn_merge.io import read as caffe_io
 from caffe_bn_merge.pipeline import MergeOptions, MergeResult
+from caffe_bn_merge.synthetic.samples import SAMPLES
 from caffe_bn_merge.synthetic.synth import NetBuilder
 from caffe_bn_merge.verification.compare import BlobError, compare_models
 
@@ -173,3 +174,25 @@ REAL_NETS = {
     "landmark106_mbv2": ("landmark106_mbv2/landmark106.prototxt", "landmark106_mbv2/landmark106.caffemodel", 38),
     "ultraface_rfb320_nobn": ("ultraface_rfb320_nobn/RFB-320.prototxt", "ultraface_rfb320_nobn/RFB-320.caffemodel", 0),
 }
+
+
+def every_rule() -> NetBuilder:
+    """A net where every rule acts and every affine layer type is read: forward folds into a
+    Convolution, Deconvolution and InnerProduct, a backward fold into an unpadded Convolution, a
+    standalone chain, Bias and Power layers, an axis -3 Scale, a Dropout, an in-place Scale that
+    may be the identity."""
+    b = NetBuilder("every_rule", (1, 3, 12, 12), seed=1)
+    x = b.relu(b.scale(b.bn(b.conv("data", 8, name="c1"))))
+    y = b.scale(b.bn(x, top="pre", name="pre_bn"), name="pre_scale")
+    y = b.relu(b.bias(b.conv(y, 8, kernel=1, pad=0, name="c2"), name="c2_bias"))
+    power = b.unary("Power", y, name="power")
+    power.power_param.scale, power.power_param.shift = 0.5, 0.25
+    b.unary("Dropout", y, name="drop")
+    d = b.scale(b.bn(b.conv(y, 4, kernel=2, stride=2, pad=0, deconv=True, name="up")), axis=-3, name="up_scale")
+    p = b.pool(b.relu(d), global_pool=True, name="gpool")
+    s = b.scale(b.bn(p, top="alone", name="alone_bn"), name="alone_scale")
+    b.scale(b.relu(b.scale(b.bn(b.ip(s, 6, name="fc"), name="fc_bn"), name="fc_scale")), name="maybe_identity")
+    return b
+
+
+REPLAY_NETS = {**SAMPLES, "every_rule": every_rule}  # the nets replayed merges are tested on

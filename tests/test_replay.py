@@ -10,37 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from harness import REAL_NETS
+from harness import REAL_NETS, REPLAY_NETS
 
 from caffe_bn_merge.errors import MergeError
 from caffe_bn_merge.io import proto, read
 from caffe_bn_merge.io.emit import write_new_weights
 from caffe_bn_merge.io.layout import Layout
 from caffe_bn_merge.pipeline import MergeOptions, NetCache, merge
-from caffe_bn_merge.synthetic.samples import SAMPLES
-from caffe_bn_merge.synthetic.synth import NetBuilder, weights_for
-
-
-def every_rule() -> NetBuilder:
-    """A net where every rule acts and every affine layer type is read: forward folds into a
-    Convolution, Deconvolution and InnerProduct, a backward fold into an unpadded Convolution, a
-    standalone chain, Bias and Power layers, an axis -3 Scale, a Dropout, an in-place Scale that
-    may be the identity."""
-    b = NetBuilder("every_rule", (1, 3, 12, 12), seed=1)
-    x = b.relu(b.scale(b.bn(b.conv("data", 8, name="c1"))))
-    y = b.scale(b.bn(x, top="pre", name="pre_bn"), name="pre_scale")
-    y = b.relu(b.bias(b.conv(y, 8, kernel=1, pad=0, name="c2"), name="c2_bias"))
-    power = b.unary("Power", y, name="power")
-    power.power_param.scale, power.power_param.shift = 0.5, 0.25
-    b.unary("Dropout", y, name="drop")
-    d = b.scale(b.bn(b.conv(y, 4, kernel=2, stride=2, pad=0, deconv=True, name="up")), axis=-3, name="up_scale")
-    p = b.pool(b.relu(d), global_pool=True, name="gpool")
-    s = b.scale(b.bn(p, top="alone", name="alone_bn"), name="alone_scale")
-    b.scale(b.relu(b.scale(b.bn(b.ip(s, 6, name="fc"), name="fc_bn"), name="fc_scale")), name="maybe_identity")
-    return b
-
-
-NETS = {**{name: make for name, make in SAMPLES.items()}, "every_rule": every_rule}
+from caffe_bn_merge.synthetic.synth import weights_for
 
 
 def _layers(net: object, types: tuple[str, ...]) -> list[str]:
@@ -109,12 +86,12 @@ def _outcome(prototxt: Path, caffemodel: Path, out: Path, cache: NetCache | None
     return result.replayed, pair[0].read_bytes(), pair[1].read_bytes(), described, hosts
 
 
-@pytest.mark.parametrize("name", sorted(NETS))
+@pytest.mark.parametrize("name", sorted(REPLAY_NETS))
 def test_replayed_merges_write_what_fresh_merges_write(name, tmp_path) -> None:
     """Twelve weights of one net through one NetCache, each against a fresh merge: same bytes,
     plan, maps, warnings and folded hosts. The first weights are recorded; every later one whose
     changes keep the rules' answers is replayed, others only when earlier weights got their plan."""
-    builder = NETS[name]()
+    builder = REPLAY_NETS[name]()
     prototxt = tmp_path / "net.prototxt"
     builder.save(prototxt, tmp_path / "first.caffemodel")
     net = read.read_net(prototxt)
@@ -142,7 +119,7 @@ def test_replayed_merges_write_what_fresh_merges_write(name, tmp_path) -> None:
 def test_options_and_layouts_are_told_apart(tmp_path) -> None:
     """The same weights merged with other options, and stored in float64 (another layout): each
     is recorded on its own and replayed only for its own kind."""
-    builder = every_rule()
+    builder = REPLAY_NETS["every_rule"]()
     prototxt = tmp_path / "net.prototxt"
     builder.save(prototxt, tmp_path / "f32.caffemodel")
     builder.save(prototxt, tmp_path / "f64.caffemodel", dtype=np.float64)
@@ -161,7 +138,7 @@ def test_options_and_layouts_are_told_apart(tmp_path) -> None:
 def test_a_caffemodel_of_another_layout_is_refused_as_a_fresh_merge_refuses_it(tmp_path) -> None:
     """A caffemodel whose layer was renamed (same size, one byte differs outside the values) is
     not taken for the known layout: merged afresh, it fails as a fresh merge fails."""
-    builder = every_rule()
+    builder = REPLAY_NETS["every_rule"]()
     prototxt, caffemodel = tmp_path / "net.prototxt", tmp_path / "net.caffemodel"
     builder.save(prototxt, caffemodel)
     cache = NetCache()
@@ -181,7 +158,7 @@ def test_a_layout_matches_exactly_the_caffemodels_that_differ_only_in_values(tmp
     """Any one byte changed outside the values (names, shapes, lengths, tags), or a byte more or
     less, and the layout no longer matches; any values changed, and it still does, and indexes
     them as the caffemodel's own walk does."""
-    builder = NETS[sorted(NETS)[seed]]()
+    builder = REPLAY_NETS[sorted(REPLAY_NETS)[seed]]()
     path = tmp_path / "net.caffemodel"
     builder.save(tmp_path / "net.prototxt", path)
     stored = read.read_weights(path)

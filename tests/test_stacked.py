@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_replay import NETS
+from harness import REPLAY_NETS
 
 from caffe_bn_merge.io import read
 from caffe_bn_merge.io.emit import write_new_weights
@@ -71,7 +71,7 @@ def _recorded(prototxt: Path, caffemodel: Path, options: MergeOptions | None = N
 
 @pytest.mark.parametrize("name", STACKED_NETS)
 def test_stacked_maps_are_the_maps_read_one_layer_at_a_time(name, tmp_path) -> None:
-    builder = NETS[name]()
+    builder = REPLAY_NETS[name]()
     prototxt = tmp_path / "net.prototxt"
     builder.save(prototxt, tmp_path / "first.caffemodel")
     recorded = _recorded(prototxt, tmp_path / "first.caffemodel")
@@ -110,5 +110,5 @@ def test_recordings_that_ask_anything_else_are_not_stacked(tmp_path) -> None:
                           ("mobilenet_ssd", MergeOptions(bn_flavour="nvcaffe"))):  # fmt: skip
         folder = tmp_path / f"{name}_{options.bn_flavour}"
         folder.mkdir()
-        NETS[name]().save(folder / "net.prototxt", folder / "net.caffemodel")
+        REPLAY_NETS[name]().save(folder / "net.prototxt", folder / "net.caffemodel")
         assert _recorded(folder / "net.prototxt", folder / "net.caffemodel", options).stacked is None, name

@@ -22,7 +22,7 @@ from .rules.hosts import DEFAULT_CONV_LIKE, is_host_type, read_host
 from .rules.norms import NORM_TYPES, negative_variance, uses_batch_stats
 from .rules.passes import folded_hosts, run_rules
 from .rules.plan import FoldPlan, Rule
-from .rules.replay import Recording, Round, replay
+from .rules.replay import Given, Recording, Round, replay
 from .rules.rewrite import Rewrite
 from .rules.stacked import Stacked
 
@@ -280,7 +280,7 @@ def _merge(
             return MergeResult(
                 plan,
                 Counter(entry.layer_types),
-                Counter(layer.type for layer in rewrite.net.layer),
+                Counter(recorded.rules.layer_types if recorded else (layer.type for layer in rewrite.net.layer)),
                 output_model if how.write else None,
                 output_weights if how.write else None,
                 find_hosts=lambda: folded_hosts(plan, rewrite, net, options.bn_flavour),
@@ -415,7 +415,7 @@ def _write(
 def _replay(candidates: list[RecordedMerge], stored: read.Weights) -> tuple[RecordedMerge, Rewrite, FoldPlan] | None:
     """The first of the `candidates` that replays for `stored`, with its rewrite and plan."""
     for recorded in candidates:
-        given = recorded.stacked.maps(stored.layers) if recorded.stacked is not None else {}
+        given = recorded.stacked.maps(stored.layers) if recorded.stacked is not None else Given({}, {})
         again = replay(recorded.rules, stored.layers, given) if given is not None else None
         if again is not None:
             return recorded, *again

@@ -1,10 +1,12 @@
 """Questions answered at once (`rules.stacked`): for nets of BVLC BatchNorm and Scale layers and
 weights of every kind the rules meet (NaN and infinite statistics, zero, negative and tiny factors,
 negative variances, identity and scalar Scales), the stacked maps are the maps read one layer at a
-time, bit for bit, they are refused exactly when an answer differs, and the negative variances
-counted at once are those `norms.negative_variance` counts; recordings that ask anything else are
-not stacked (and replay one layer at a time, as tests/test_replay.py checks)."""
+time, bit for bit, and so are the actions' maps composed from them; they are refused exactly when
+an answer differs; the negative variances counted at once are those `norms.negative_variance`
+counts. Recordings that ask anything else are not stacked (and replay one layer at a time, as
+tests/test_replay.py checks)."""
 
+import functools
 import random
 from pathlib import Path
 
@@ -79,7 +81,7 @@ def test_stacked_maps_are_the_maps_read_one_layer_at_a_time(name, tmp_path) -> N
     assert stacked is not None
     net = read.read_net(prototxt)
     by_name = {layer.name: layer for layer in net.layer}
-    refused = 0
+    refused = chained = 0
     for seed in range(40):
         with read.open_weights(_variant(net, tmp_path / f"w{seed}.caffemodel", seed)) as stored:
             read.index_weights(stored)
@@ -91,16 +93,21 @@ def test_stacked_maps_are_the_maps_read_one_layer_at_a_time(name, tmp_path) -> N
                 not isinstance(got, Refusal) and got.is_identity() == q.answer
                 for q, got in zip(questions.values(), one_at_a_time.values(), strict=True)
             )  # fmt: skip
-            maps = stacked.maps(layers)
-            assert (maps is not None) == same, seed
-            refused += maps is None
-            for read_, got in (maps or {}).items():
+            given = stacked.maps(layers)
+            assert (given is not None) == same, seed
+            refused += given is None
+            for read_, got in (given.maps if given else {}).items():
                 expected = one_at_a_time[read_]
                 assert got.scale.tobytes() == expected.scale.tobytes(), (seed, read_)
                 assert got.shift.tobytes() == expected.shift.tobytes(), (seed, read_)
+            for reads, got in (given.chains if given else {}).items():
+                expected = functools.reduce(lambda a, b: a.then(b), (one_at_a_time[r] for r in reads))
+                assert got.scale.tobytes() == expected.scale.tobytes(), (seed, reads)
+                assert got.shift.tobytes() == expected.shift.tobytes(), (seed, reads)
+            chained += len(given.chains) if given else 0
             counts = {n: negative_variance(by_name[n], layers[n], "auto") for n in stacked.batchnorms}
             assert stacked.negative_variance(layers) == {n: c for n, c in counts.items() if c}, seed
-    assert 0 < refused < 40
+    assert 0 < refused < 40 and chained > 0
 
 
 def test_recordings_that_ask_anything_else_are_not_stacked(tmp_path) -> None:

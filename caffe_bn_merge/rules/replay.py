@@ -16,7 +16,9 @@ Anything new the rules learn to read from weights must be read through `Context`
 here), or replaying would miss a decision: tests/test_replay.py compares replayed and fresh merges
 of many nets and weights byte for byte."""
 
+from collections import Counter
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 import numpy as np
 
@@ -79,23 +81,34 @@ class Recording:
     net: object  # the rewritten NetParameter (shared, never changed)
     origin: tuple[int, ...]
 
+    @cached_property
+    def layer_types(self) -> Counter[str]:
+        """The net's layers by type (a replay's caller copies it)."""
+        return Counter(layer.type for layer in self.net.layer)
 
-def replay(
-    recording: Recording, layers: Layers, given: dict[Read, ChannelAffine] | None = None
-) -> tuple[Rewrite, FoldPlan] | None:
+
+@dataclass(frozen=True)
+class Given:
+    """What a caller answered already for the caffemodel (`rules.stacked`): questions' maps (with
+    the recorded answers), and actions' maps composed from them, by the questions they read."""
+
+    maps: dict[Read, ChannelAffine]
+    chains: dict[tuple[Read, ...], ChannelAffine]
+
+
+def replay(recording: Recording, layers: Layers, given: Given | None = None) -> tuple[Rewrite, FoldPlan] | None:
     """The rewrite and plan the rules make for `layers` (a caffemodel of the recording's layout),
-    or None when a question has another answer. `given` answers questions already (their maps,
-    with the recorded answers: `rules.stacked`)."""
+    or None when a question has another answer."""
     rewrite = Rewrite(recording.net, dict(layers), origin=list(recording.origin))
     actions: list[Action] = []
     earlier: dict[Read, tuple[WeightLayer | None, ChannelAffine | Refusal, Answer]] = {}  # and of which blobs
-    given = given or {}
+    given = given or Given({}, {})
     for round_ in recording.rounds:
         answers = {}
         for question in round_.questions:
             read = question.read
-            if read in given:
-                answers[read] = given[read]
+            if read in given.maps:
+                answers[read] = given.maps[read]
                 continue
             stored = rewrite.layers.get(read[0])
             known = earlier.get(read)
@@ -105,18 +118,24 @@ def replay(
             if known[2] != question.answer:
                 return None
             answers[read] = known[1]
-        planned = [_again(action, answers, rewrite.layers, round_.hosts) for action in round_.actions]
+        planned = [_again(action, answers, given.chains, rewrite.layers, round_.hosts) for action in round_.actions]
         rewrite.edit_weights(planned)
         actions += planned
     plan = recording.plan  # its dicts copied: a caller may change what it is given
     return rewrite, replace(plan, actions=tuple(actions), reasons=dict(plan.reasons), types=dict(plan.types))
 
 
-def _again(action: Action, answers: dict[Read, ChannelAffine], layers: Layers, hosts: dict[str, Host]) -> Action:
-    """`action` with its map composed from this caffemodel's answers, and its host's arrays (as
-    the caffemodel and the rounds before left them: the same shapes as recorded)."""
-    affine = None
-    for read in action.reads:
+def _again(
+    action: Action,
+    answers: dict[Read, ChannelAffine],
+    chains: dict[tuple[Read, ...], ChannelAffine],
+    layers: Layers,
+    hosts: dict[str, Host],
+) -> Action:
+    """`action` with its map composed from this caffemodel's answers (or given composed), and its
+    host's arrays (as the caffemodel and the rounds before left them: the same shapes as recorded)."""
+    affine = chains.get(action.reads)
+    for read in action.reads if affine is None else ():
         affine = answers[read] if affine is None else affine.then(answers[read])
     bare = hosts.get(action.target)
     host = None

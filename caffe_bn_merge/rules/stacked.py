@@ -17,7 +17,7 @@ from . import bn_variants
 from .norms import BatchNormMap, ScaleMap, map_reader
 from .plan import Layers, Read
 from .reasons import Refusal
-from .replay import Recording
+from .replay import Given, Recording
 
 _ZERO = np.zeros(1)
 
@@ -35,6 +35,10 @@ class Stacked:
     betas: np.ndarray  # per Scale channel: where its beta is among the betas end to end, then a zero
     starts: np.ndarray  # per question: its first channel among all
     identity: np.ndarray  # per question: whether its map was the identity
+    chains: tuple[tuple[Read, ...], ...]  # the actions' reads of two or more questions ...
+    bounds: tuple[tuple[int, int], ...]  # ... where each one's channels are among theirs end to end
+    first: np.ndarray  # per chain channel: that channel of its first question, among all
+    steps: tuple[tuple[np.ndarray, np.ndarray], ...]  # per further read: which chain channels, from where
 
     @classmethod
     def of(cls, recording: Recording, layers: Layers) -> "Stacked | None":
@@ -59,6 +63,8 @@ class Stacked:
         channels = [reader.channels for _, reader in batchnorms + scales]
         if not channels or min(channels) < 1:
             return None
+        starts = np.cumsum([0, *channels[:-1]], dtype=np.int64)
+        chains = _chains(recording, asked)
         return cls(
             tuple(order),
             tuple(read[0] for read, _ in batchnorms),
@@ -67,20 +73,35 @@ class Stacked:
             np.repeat(np.array(eps, dtype=np.float64), bn_channels),
             _where([layers[read[0]].blobs[0].size for read, _ in scales], scale_channels),
             _where([layers[read[0]].blobs[1].size if r.bias_term else None for read, r in scales], scale_channels),
-            np.cumsum([0, *channels[:-1]], dtype=np.int64),
+            starts,
             np.array([asked[read][1] for read in order], dtype=bool),
+            chains,
+            *_chain_steps(chains, dict(zip(order, starts.tolist(), strict=True))),
         )
 
-    def maps(self, layers: Layers) -> dict[Read, ChannelAffine] | None:
-        """Every question's map for `layers` (a caffemodel of the recording's layout), or None when
-        an answer is not the recorded one (a map not finite, or the identity where it was not)."""
+    def maps(self, layers: Layers) -> Given | None:
+        """Every question's and chain's map for `layers` (a caffemodel of the recording's layout),
+        or None when an answer is not the recorded one (a map not finite, or the identity where it
+        was not)."""
         scale, shift = self._stack(layers)
         finite = np.logical_and.reduceat(np.isfinite(scale) & np.isfinite(shift), self.starts)
         identity = np.logical_and.reduceat((scale == 1.0) & (shift == 0.0), self.starts)
         if not finite.all() or not np.array_equal(identity, self.identity):
             return None
         bounds = zip(self.reads, self.starts.tolist(), [*self.starts[1:].tolist(), scale.size], strict=True)
-        return {read: ChannelAffine(scale[a:b], shift[a:b]) for read, a, b in bounds}
+        maps = {read: ChannelAffine(scale[a:b], shift[a:b]) for read, a, b in bounds}
+        return Given(maps, self._compose(scale, shift))
+
+    def _compose(self, scale: np.ndarray, shift: np.ndarray) -> dict[tuple[Read, ...], ChannelAffine]:
+        """Each chain's map: its questions' maps composed in order (`ChannelAffine.then`)."""
+        chain_scale, chain_shift = scale[self.first], shift[self.first]
+        for which, where in self.steps:
+            chain_shift[which] = scale[where] * chain_shift[which] + shift[where]
+            chain_scale[which] = scale[where] * chain_scale[which]
+        return {
+            reads: ChannelAffine(chain_scale[a:b], chain_shift[a:b])
+            for reads, (a, b) in zip(self.chains, self.bounds, strict=True)
+        }
 
     def negative_variance(self, layers: Layers) -> dict[str, int]:
         """The BatchNorm layers whose stored variance has negative channels, and how many
@@ -105,6 +126,37 @@ class Stacked:
         gammas = _flat([layers[name].blobs[0].reshape(-1) for name, _ in self.scales])
         betas = _flat([*(layers[name].blobs[1].reshape(-1) for name, beta in self.scales if beta), _ZERO])
         return np.concatenate([bn_scale, gammas[self.gammas]]), np.concatenate([bn_shift, betas[self.betas]])
+
+
+def _chains(recording: Recording, asked: dict[Read, object]) -> tuple[tuple[Read, ...], ...]:
+    """The reads of the recording's actions that compose two or more stacked questions of one size."""
+    reads = (action.reads for round_ in recording.rounds for action in round_.actions)
+    chains = {r: None for r in reads if len(r) > 1 and all(q in asked for q in r) and len({q[1] for q in r}) == 1}
+    return tuple(chains)
+
+
+def _chain_steps(
+    chains: tuple[tuple[Read, ...], ...], start: dict[Read, int]
+) -> tuple[tuple[tuple[int, int], ...], np.ndarray, tuple[tuple[np.ndarray, np.ndarray], ...]]:
+    """Where each chain's channels are among all chains' end to end; per chain channel, that
+    channel of its first question; per further read, which chain channels it maps and where that
+    question's channels are."""
+    ends = np.cumsum([chain[0][1] for chain in chains]).tolist()
+    bounds = tuple(zip([0, *ends[:-1]], ends, strict=True))
+    first = _ranges([start[chain[0]] for chain in chains], [chain[0][1] for chain in chains])
+    steps = []
+    for depth in range(1, max(map(len, chains), default=1)):
+        longer = [(chain, bound) for chain, bound in zip(chains, bounds, strict=True) if len(chain) > depth]
+        which = _ranges([a for _, (a, _) in longer], [b - a for _, (a, b) in longer])
+        steps.append(
+            (which, _ranges([start[chain[depth]] for chain, _ in longer], [chain[0][1] for chain, _ in longer]))
+        )
+    return bounds, first, tuple(steps)
+
+
+def _ranges(starts: list[int], counts: list[int]) -> np.ndarray:
+    """`range(start, start + count)` for each, end to end."""
+    return np.concatenate([np.arange(s, s + c) for s, c in zip(starts, counts, strict=True)] or [np.zeros(0, np.int64)])
 
 
 def _flat(arrays: list[np.ndarray]) -> np.ndarray:

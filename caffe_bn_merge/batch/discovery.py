@@ -141,8 +141,12 @@ def _read_head(path: Path) -> bytes | None:
         fd = open_regular(path, "prototxt")
     except InputError:
         return None
-    with open(fd, "rb") as handle:
-        return handle.read(MAX_CLASSIFIED_BYTES + 1)
+    with open(fd, "rb") as handle:  # asking for no more than the file holds: a read allocates what it asks
+        size = os.fstat(fd).st_size
+        head = handle.read(min(size, MAX_CLASSIFIED_BYTES) + 1)
+        if size < len(head) <= MAX_CLASSIFIED_BYTES:  # it grew since
+            head += handle.read(MAX_CLASSIFIED_BYTES + 1 - len(head))
+        return head
 
 
 @dataclass(frozen=True)

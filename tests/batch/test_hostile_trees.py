@@ -148,6 +148,28 @@ def test_discovery_reads_a_bounded_head_of_each_prototxt(tmp_path, monkeypatch, 
     assert extra <= 0 or "not read" in found.why
 
 
+@pytest.mark.parametrize("seen", [0, 1, 2000, 4095])
+@pytest.mark.parametrize("extra", [-1, 0, 1])
+def test_a_prototxt_growing_while_it_is_read_is_read_up_to_the_limit(tmp_path, monkeypatch, seen, extra) -> None:
+    """The size found on opening (`seen` bytes) is smaller than the file has when it is read:
+    classified, and not read beyond the limit, as if it had been that size all along."""
+    limit = 4096
+    monkeypatch.setattr(discovery, "MAX_CLASSIFIED_BYTES", limit)
+    path = tmp_path / "growing.prototxt"
+    deploy = 'layer { name: "data" type: "Input" top: "data" }\n'
+    path.write_text(deploy + "#" * (limit + extra - len(deploy) - 1) + "\n")
+    whole = classify_prototxt(path)
+    fstat = os.fstat
+
+    def earlier(fd: int) -> os.stat_result:
+        found = list(fstat(fd))
+        found[6] = min(found[6], seen)  # st_size
+        return os.stat_result(found)
+
+    monkeypatch.setattr(os, "fstat", earlier)
+    assert classify_prototxt(path) == whole and (whole.kind is Kind.DEPLOY) == (extra <= 0)
+
+
 def test_a_200_mb_prototxt_is_not_read(tmp_path) -> None:
     root = tmp_path / "src"
     _good(root / "ok")

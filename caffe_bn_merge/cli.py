@@ -261,16 +261,33 @@ def main(argv: Sequence[str] | None = None) -> int:
             if argv[:1] == ["batch"]:
                 from .batch.command import main as batch_main
 
-                return batch_main(argv[1:])
-            if argv[:1] == ["batch-report"]:
+                code = batch_main(argv[1:])
+            elif argv[:1] == ["batch-report"]:
                 from .batch.command import report_main
 
-                return report_main(argv[1:])
-            return _main(argv)
+                code = report_main(argv[1:])
+            else:
+                code = _main(argv)
     except Interrupted as signalled:  # also one that came while the handlers were being put back
         clean_up_interrupted()
         print(f"merge-bn: interrupted by {signalled}; no partial output left", file=sys.stderr)
         return signalled.exit_code
+    if whole_process:
+        _exit_now(code)
+    return code
+
+
+def _exit_now(code: int) -> None:
+    """End the process with `code` without tearing down numpy, protobuf and the rest (40-70 ms),
+    once every file it wrote is closed and the logs and standard streams are flushed; returns when
+    a stream cannot be flushed (a closed pipe), leaving it to Python's own exit."""
+    logging.shutdown()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        return
+    os._exit(code)
 
 
 def _main(argv: list[str]) -> int:

@@ -44,16 +44,9 @@ class Stacked:
     def of(cls, recording: Recording, layers: Layers) -> "Stacked | None":
         """The stacking of `recording`'s questions (`layers`: the caffemodel it was made with), or
         None when a question is not one this module answers."""
-        edited = {action.target for round_ in recording.rounds for action in round_.actions}
-        asked: dict[Read, tuple[object, bool]] = {}
-        for question in (q for round_ in recording.rounds for q in round_.questions):
-            if isinstance(question.reader, Refusal):
-                continue  # decided by parameters and shapes: the same for the whole layout
-            reader = map_reader(question.reader)
-            plain = isinstance(reader, ScaleMap) or (isinstance(reader, BatchNormMap) and reader.variant == "bvlc")
-            if question.read[0] in edited or not plain or not isinstance(question.answer, bool):
-                return None
-            asked[question.read] = reader, question.answer
+        asked = _asked(recording)
+        if asked is None:
+            return None
         order = sorted(asked, key=lambda read: isinstance(asked[read][0], ScaleMap))
         batchnorms = [(read, asked[read][0]) for read in order if isinstance(asked[read][0], BatchNormMap)]
         scales = [(read, asked[read][0]) for read in order if isinstance(asked[read][0], ScaleMap)]
@@ -126,6 +119,22 @@ class Stacked:
         gammas = _flat([layers[name].blobs[0].reshape(-1) for name, _ in self.scales])
         betas = _flat([*(layers[name].blobs[1].reshape(-1) for name, beta in self.scales if beta), _ZERO])
         return np.concatenate([bn_scale, gammas[self.gammas]]), np.concatenate([bn_shift, betas[self.betas]])
+
+
+def _asked(recording: Recording) -> dict[Read, tuple[BatchNormMap | ScaleMap, bool]] | None:
+    """The questions the recording's answers depend on the values for (how each is read, whether
+    its map was the identity), or None when one is not for `Stacked`."""
+    edited = {action.target for round_ in recording.rounds for action in round_.actions}
+    asked = {}
+    for question in (q for round_ in recording.rounds for q in round_.questions):
+        if isinstance(question.reader, Refusal):
+            continue  # decided by parameters and shapes: the same for the whole layout
+        reader = map_reader(question.reader)
+        plain = isinstance(reader, ScaleMap) or (isinstance(reader, BatchNormMap) and reader.variant == "bvlc")
+        if question.read[0] in edited or not plain or not isinstance(question.answer, bool):
+            return None
+        asked[question.read] = reader, question.answer
+    return asked
 
 
 def _chains(recording: Recording, asked: dict[Read, object]) -> tuple[tuple[Read, ...], ...]:

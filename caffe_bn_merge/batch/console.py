@@ -3,11 +3,16 @@ a progress bar, the final table (fitted to the terminal, down to 80 columns) and
 
 from collections import Counter
 from collections.abc import Sequence
+from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..display import live_log, make_console, message
 from ..fitting import fold_name
 from .pool import ItemResult, Status
+
+if TYPE_CHECKING:
+    from rich.console import Console as RichConsole
 
 
 class Console:
@@ -15,7 +20,14 @@ class Console:
 
     def __init__(self, quiet: bool) -> None:
         self.quiet = quiet
-        self.out, self.err = make_console(), make_console(stderr=True)
+
+    @cached_property
+    def out(self) -> "RichConsole":  # rich loads when first printed to: a quiet run may never load it
+        return make_console()
+
+    @cached_property
+    def err(self) -> "RichConsole":
+        return make_console(stderr=True)
 
     def note(self, text: str) -> None:
         """A line on stderr, unless quiet."""

@@ -342,8 +342,8 @@ def _warn_negative_variance(
     for a replay whose questions were `stacked`: every BatchNorm folded was read there)."""
     folded = {name for action in plan.actions for name in action.layers}
     counts = stacked.negative_variance(stored.layers) if stacked is not None else None
-    if counts == {}:
-        return
+    if counts is not None and not counts:
+        return  # the common case: nothing negative, no need to walk the net
     for layer in net.layer:
         if layer.name not in folded:
             continue

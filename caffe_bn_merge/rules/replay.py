@@ -135,8 +135,9 @@ def _again(
     """`action` with its map composed from this caffemodel's answers (or given composed), and its
     host's arrays (as the caffemodel and the rounds before left them: the same shapes as recorded)."""
     affine = chains.get(action.reads)
-    for read in action.reads if affine is None else ():
-        affine = answers[read] if affine is None else affine.then(answers[read])
+    if affine is None:
+        for read in action.reads:
+            affine = answers[read] if affine is None else affine.then(answers[read])
     bare = hosts.get(action.target)
     host = None
     if bare is not None:

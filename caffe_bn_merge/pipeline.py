@@ -22,7 +22,7 @@ from .rules.hosts import DEFAULT_CONV_LIKE, is_host_type, read_host
 from .rules.norms import NORM_TYPES, negative_variance, uses_batch_stats
 from .rules.passes import folded_hosts, run_rules
 from .rules.plan import FoldPlan, Rule
-from .rules.replay import Given, Recording, Round, replay
+from .rules.replay import Recording, Round, replay
 from .rules.rewrite import Rewrite
 from .rules.stacked import Stacked
 
@@ -415,8 +415,10 @@ def _write(
 def _replay(candidates: list[RecordedMerge], stored: read.Weights) -> tuple[RecordedMerge, Rewrite, FoldPlan] | None:
     """The first of the `candidates` that replays for `stored`, with its rewrite and plan."""
     for recorded in candidates:
-        given = recorded.stacked.maps(stored.layers) if recorded.stacked is not None else Given({}, {})
-        again = replay(recorded.rules, stored.layers, given) if given is not None else None
+        given = recorded.stacked.maps(stored.layers) if recorded.stacked is not None else None
+        if recorded.stacked is not None and given is None:
+            continue  # an answer is not the recorded one
+        again = replay(recorded.rules, stored.layers, given)
         if again is not None:
             return recorded, *again
     return None
@@ -460,8 +462,10 @@ def _recorded(stored: read.Weights, rules: Recording, staged: Written) -> Record
     written = read.read_weights(staged.weights) if layout is not None else None
     merged = Layout.of(written) if written is not None else None
     rules = replace(rules, plan=replace(rules.plan, actions=()))
+    if merged is None:
+        return None
     stacked = Stacked.of(rules, stored.layers)
-    again = replay(rules, stored.layers, stacked.maps(stored.layers) if stacked else None) if merged else None
+    again = replay(rules, stored.layers, stacked.maps(stored.layers) if stacked else None)
     if again is None:
         return None
     rewrite = again[0]

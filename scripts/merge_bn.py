@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from caffe_bn_merge.cli import main
+from caffe_bn_merge.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -2,6 +2,8 @@
 
 import hashlib
 import re
+import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -131,26 +133,40 @@ def test_readme_first_command_runs_twice(tmp_path) -> None:
 
 
 TEARDOWN = "import atexit, sys; atexit.register(print, 'torn down', file=sys.stderr)"
+COMMANDS = {
+    "merge": (["--model", "net.prototxt", "--weights", "net.caffemodel"], 0, "net_merged.caffemodel"),
+    "error": (["--model", "missing.prototxt", "--weights", "net.caffemodel"], 2, "merge-bn: error: "),
+    "batch": (["batch", ".", "--out", "out", "--jobs", "2"], 0, "converted"),
+}
 
 
-@pytest.mark.parametrize(
-    ("args", "code", "shown"),
-    [
-        (["--model", "net.prototxt", "--weights", "net.caffemodel"], 0, "net_merged.caffemodel"),
-        (["--model", "missing.prototxt", "--weights", "net.caffemodel"], 2, "merge-bn: error: "),
-        (["batch", ".", "--out", "out"], 0, "converted"),
-    ],
-    ids=["merge", "error", "batch"],
-)
-def test_the_command_ends_without_tearing_down_and_loses_no_output(args, code, shown, tmp_path) -> None:
-    """Run as a whole process, merge-bn ends once its work is done and its output flushed,
-    without Python's teardown (tens of ms with numpy loaded; an atexit hook does not run), its
-    piped output and exit status whole."""
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_the_command_ends_without_tearing_down_and_loses_no_output(name, tmp_path) -> None:
+    """`merge-bn` (`cli.run`) ends once its work is done and its output flushed, without Python's
+    teardown (tens of ms with numpy loaded; an atexit hook does not run): its piped output and
+    exit status whole, and the same with standard output or error closed from the start."""
+    args, code, shown = COMMANDS[name]
     copy_sample(tmp_path)
-    program = f"{TEARDOWN}; from caffe_bn_merge.cli import main; sys.exit(main())"
+    program = f"{TEARDOWN}; from caffe_bn_merge.cli import run; run()"
     done = subprocess.run([sys.executable, "-c", program, *args], cwd=tmp_path, capture_output=True, text=True)
     assert done.returncode == code, done.stderr
     assert shown in done.stdout + done.stderr and "torn down" not in done.stderr
-    called = subprocess.run([sys.executable, "-c", f"{TEARDOWN}; from caffe_bn_merge.cli import main; main({args!r})"],
-                            cwd=tmp_path, capture_output=True, text=True)  # fmt: skip
-    assert "torn down" in called.stderr  # a call from Python returns, and the process ends as usual
+    for closed in (1, 2):
+        shutil.rmtree(tmp_path / "out", ignore_errors=True)
+        for merged in tmp_path.glob("*_merged.*"):
+            merged.unlink()
+        command = [sys.executable, "-c", program, *args]
+        shell = f"{shlex.join(command)} {closed}>&-"
+        alone = subprocess.run(["bash", "-c", shell], cwd=tmp_path, capture_output=True, text=True)
+        assert alone.returncode == code and "Traceback" not in alone.stdout + alone.stderr, (closed, alone.stderr)
+
+
+def test_main_called_from_python_returns(tmp_path) -> None:
+    """`cli.main`, with arguments or (a wrapper setting `sys.argv`) without, returns its exit code
+    to the caller, whose process then ends as usual."""
+    copy_sample(tmp_path)
+    args = COMMANDS["merge"][0]
+    for call in (f"main({args!r})", f"sys.argv[1:] = {args!r}; main()"):
+        program = f"{TEARDOWN}; from caffe_bn_merge.cli import main; {call}; print('returned')"
+        done = subprocess.run([sys.executable, "-c", program], cwd=tmp_path, capture_output=True, text=True)
+        assert done.returncode == 0 and "returned" in done.stdout and "torn down" in done.stderr, call

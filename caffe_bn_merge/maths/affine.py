@@ -27,6 +27,8 @@ def batchnorm_affine(mean_sum: np.ndarray, var_sum: np.ndarray, factor: float, e
 
     f = 0 if s == 0 else 1/s;  mean = mean_sum*f;  var = var_sum*f
     y = (x - mean) / sqrt(var + eps)  ->  scale = 1/sqrt(var + eps),  shift = -mean*scale
+
+    `rules.stacked` computes the same for many layers at once, in the same order: change both.
     """
     f = 0.0 if factor == 0 else 1.0 / factor
     mean = np.asarray(mean_sum, np.float64).ravel() * f
@@ -37,7 +39,8 @@ def batchnorm_affine(mean_sum: np.ndarray, var_sum: np.ndarray, factor: float, e
 
 
 def scale_affine(gamma: np.ndarray, beta: np.ndarray | None, channels: int) -> ChannelAffine:
-    """Scale (gamma, optional beta) broadcast to `channels`; gamma of size 1 is one scalar."""
+    """Scale (gamma, optional beta) broadcast to `channels`; gamma of size 1 is one scalar
+    (`rules.stacked` reads many at once the same way)."""
     shift = np.zeros(channels) if beta is None else _per_channel(beta, channels)
     return ChannelAffine(_per_channel(gamma, channels), shift)
 

@@ -154,7 +154,7 @@ def _batchnorm(layer: object, stored: WeightLayer, channels: int, flavour: str) 
 
 def negative_variance(layer: object, stored: WeightLayer | None, flavour: str) -> int:
     """How many channels of a BatchNorm / BN layer's stored variance are negative (0 for other
-    layers and layouts we do not read)."""
+    layers and layouts we do not read; `Stacked.negative_variance` counts many at once)."""
     if layer.type not in ("BatchNorm", "BN") or stored is None:
         return 0
     variant = bn_variants.detect(layer, stored.blobs, flavour)

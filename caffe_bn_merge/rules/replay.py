@@ -98,7 +98,8 @@ class Given:
 
 def replay(recording: Recording, layers: Layers, given: Given | None = None) -> tuple[Rewrite, FoldPlan] | None:
     """The rewrite and plan the rules make for `layers` (a caffemodel of the recording's layout),
-    or None when a question has another answer."""
+    or None when a question has another answer. Questions `given` are not asked again: the caller
+    has checked their answers."""
     rewrite = Rewrite(recording.net, dict(layers), origin=list(recording.origin))
     actions: list[Action] = []
     earlier: dict[Read, tuple[WeightLayer | None, ChannelAffine | Refusal, Answer]] = {}  # and of which blobs

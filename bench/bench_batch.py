@@ -60,9 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--widths",
         type=widths,
         default=FLEET_WIDTHS,
-        help="MobileNet-SSD widths, comma-separated (default: 0.1875,0.25,0.3125)",
+        help=f"MobileNet-SSD widths, comma-separated (default: {','.join(map(str, FLEET_WIDTHS))})",
     )
-    parser.add_argument("--repeat", type=int, default=5, help="rounds of cp / jobs 1 / jobs 2 (default 5)")
+    parser.add_argument("--repeat", type=int, default=5, help="rounds of cp / jobs 1 / jobs 2 (default %(default)s)")
     parser.add_argument("--verify", action="store_true", help="also verify every output on OpenCV in the batch runs")
     parser.add_argument("--keep", type=Path, metavar="DIR", help="build the fleet in DIR and keep it, with the reports")
     return parser

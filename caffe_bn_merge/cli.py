@@ -276,9 +276,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run() -> None:
-    """The `merge-bn` command (and `python -m caffe_bn_merge`): `main` on the command line, then
-    the process ends with its exit code at once, without Python tearing down numpy, protobuf and
-    the rest (40-70 ms): every file written is closed by then, and the logs and standard streams
+    """The `merge-bn` command (and `python -m caffe_bn_merge`): `main` on the command line, then the
+    process ends with its exit code at once, without Python tearing down numpy, protobuf and the
+    rest (0-45 ms measured): every file written is closed by then, and the logs and standard streams
     are flushed first. atexit hooks do not run (a --layer-plugin's included). When a stream cannot
     be flushed (a closed pipe), Python's own exit reports it, as without this. A standard stream
     closed when the command started (Python's None) writes to os.devnull."""

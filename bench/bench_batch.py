@@ -12,9 +12,13 @@ cleared of the earlier commands' outputs:
 
 1. `cp -r` of the fleet (the floor: the bytes read and written);
 2. `merge-bn batch --jobs 1` and `merge-bn batch --jobs 2`, each a new process as a user runs it
-   (interpreter start, discovery, workers, the JSON report included).
+   (interpreter start, discovery, workers, the JSON report included);
+3. the machine's own scaling: a pure-Python loop (no files, little memory) run twice in one process,
+   then once in each of two processes side by side. Two free cores give 2x; what this machine gives
+   in that round bounds what `--jobs 2` can gain over `--jobs 1` (this machine's 2 cores are
+   shared: the loop has measured 1.2-2.25x).
 
-Each ratio is taken within one round (the same machine load for the three), and the median round
+Each ratio is taken within one round (the same machine load for all its commands), and the median round
 is shown with the spread, with the CPU time of all processes of each run (less sensitive to other
 work on the machine than wall time), and the seconds each run spends outside converting (its wall
 time less the deployments' own seconds over its processes: what keeps --jobs 2 from halving
@@ -23,8 +27,9 @@ the `--jobs 1` reports: the median `seconds` (and `cpu_seconds`) of rows with `n
 their read / plan / write breakdown, next to the time `cp` takes per deployment.
 
 Targets (issue 19): --jobs 2 wall <= 10x cp -r; --jobs 1 / --jobs 2 >= 1.8x; a repeated
-architecture <= 5 ms + its copy time. Other work on the machine skews all of this: read the
-load average printed with the figures.
+architecture <= 5 ms + its copy time. The jobs ratio is also shown over the machine's scaling of
+the same round (1.0: --jobs 2 gains what two processes of pure computation gain). Other work on the
+machine skews all of this: read the load average printed with the figures.
 """
 
 import argparse
@@ -87,21 +92,30 @@ def child_environment(root: Path) -> dict[str, str]:
     return env | {"PYTHONPATH": str(ROOT), "PYTHONPYCACHEPREFIX": str(root / "pycache")}
 
 
-def timed_run(command: list[str], env: dict[str, str]) -> tuple[float, float]:
-    """Wall and CPU (user + system, all processes) seconds of `command`, which must succeed. The
-    data written before are flushed to disk first, so that no command pays for another's writing."""
+def timed_run(command: list[str], env: dict[str, str], copies: int = 1) -> tuple[float, float]:
+    """Wall and CPU (user + system, all processes) seconds of `copies` processes of `command` side
+    by side, which must succeed. The data written before are flushed to disk first, so that no
+    command pays for another's writing."""
     os.sync()
     start, before = time.perf_counter(), os.times()
-    subprocess.run(command, check=True, env=env)
+    processes = [subprocess.Popen(command, env=env) for _ in range(copies)]
+    if any([process.wait() for process in processes]):
+        raise SystemExit(f"failed: {shlex.join(command)}")
     after = os.times()
     cpu = after.children_user + after.children_system - before.children_user - before.children_system
     return time.perf_counter() - start, cpu
 
 
+# The machine's scaling: `LOOP_COUNT` steps of a pure-Python loop, ~0.6 s on this machine
+LOOP = "s = 0\nfor i in range({}):\n    s += i * i"
+LOOP_COUNT = 5_000_000
+
+
 def one_round(root: Path, fleet: Path, number: int, verify: bool) -> dict[str, tuple[float, float]]:
-    """cp -r, batch --jobs 1, batch --jobs 2 of the fleet, one after the other: (wall, CPU) seconds.
-    Each command writes into a file system as it found it: the copy and the outputs are removed
-    after it (the page cache filling up with earlier rounds' files made `cp -r` 5x slower)."""
+    """cp -r, batch --jobs 1, batch --jobs 2 of the fleet, then the loop twice in one process and
+    once in each of two side by side, one after the other: (wall, CPU) seconds. Each command
+    writes into a file system as it found it: the copy and the outputs are removed after it (the
+    page cache filling up with earlier rounds' files made `cp -r` 5x slower)."""
     env = child_environment(root)
     times = {"cp": timed_run(["cp", "-r", str(fleet), str(root / "copy")], env)}
     shutil.rmtree(root / "copy")
@@ -110,6 +124,8 @@ def one_round(root: Path, fleet: Path, number: int, verify: bool) -> dict[str, t
         args = [str(fleet), "--out", str(out), "--jobs", str(jobs), "--report", str(report), "-q"]
         times[f"jobs{jobs}"] = timed_run([*MERGE_BN, "batch", *args, *(["--verify"] if verify else [])], env)
         shutil.rmtree(out)
+    times["loop1"] = timed_run([sys.executable, "-c", LOOP.format(2 * LOOP_COUNT)], env)
+    times["loop2"] = timed_run([sys.executable, "-c", LOOP.format(LOOP_COUNT)], env, copies=2)
     return times
 
 
@@ -144,6 +160,7 @@ def run(root: Path, args: argparse.Namespace) -> list[tuple[str, str]]:
     cpu = {k: statistics.median(r[k][1] for r in rounds) for k in ("cp", "jobs1", "jobs2")}
     to_cp = [r["jobs2"][0] / r["cp"][0] for r in rounds]
     speedup = [r["jobs1"][0] / r["jobs2"][0] for r in rounds]
+    machine = [r["loop1"][0] / r["loop2"][0] for r in rounds]
     start_end = {
         jobs: [outside(r[f"jobs{jobs}"][0], root / f"report{i}_{jobs}.json", jobs) for i, r in enumerate(rounds)]
         for jobs in (1, 2)
@@ -167,11 +184,26 @@ def run(root: Path, args: argparse.Namespace) -> list[tuple[str, str]]:
         ("jobs 2 / cp -r", median_spread(to_cp) + "x  (target <= 10x)"),
         ("jobs 1 / jobs 2", median_spread(speedup) + "x  (target >= 1.8x)"),
         (
+            "machine, 1 / 2 processes",
+            median_spread(machine) + "x  (the loop twice in one process / once in each of two side by side)",
+        ),
+        (
+            "jobs ratio / machine's",
+            median_spread([s / m for s, m in zip(speedup, machine, strict=True)])
+            + "  (per round; 1: all that two processes gain here)",
+        ),
+        (
             "outside converting, s",
             f"jobs 1 {median_spread(start_end[1])}, jobs 2 {median_spread(start_end[2])}  (wall less the "
             "deployments' seconds / jobs: start, discovery, workers' start, end)",
         ),
-        ("each round", "; ".join(f"cp {r['cp'][0]:.2f} j1 {r['jobs1'][0]:.2f} j2 {r['jobs2'][0]:.2f}" for r in rounds)),
+        (
+            "each round",
+            "; ".join(
+                f"cp {r['cp'][0]:.2f} j1 {r['jobs1'][0]:.2f} j2 {r['jobs2'][0]:.2f} loop {m:.2f}x"
+                for r, m in zip(rounds, machine, strict=True)
+            ),
+        ),
         (
             "warm, repeated architecture",
             f"{warm_ms['seconds']:.1f} ms per deployment, CPU {warm_ms['cpu_seconds']:.1f} (median of {len(warm)}): "

@@ -97,8 +97,7 @@ def _check_report(report: Path, work: WorkList) -> None:
     from ..errors import OutputError
     from ..io.outputs import Output, check_outputs, file_key
 
-    taken = {file_key(p) for p in work.protected} | {file_key(p) for p in work.outputs}
-    if file_key(report) in taken:
+    if file_key(report) in work.taken:
         raise UsageError(f"{report}: the report would overwrite a source file or an output")
     try:
         check_outputs([], [Output(report, "--report", replaceable=True)], overwrite=True)

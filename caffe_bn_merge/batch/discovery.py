@@ -12,7 +12,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from ..errors import InputError, UsageError
-from ..io.files import net_digest, open_regular
+from ..io.files import RealPaths, net_digest, open_regular
 
 PROTOTXT_SUFFIX, CAFFEMODEL_SUFFIX = ".prototxt", ".caffemodel"
 
@@ -260,7 +260,8 @@ def walk(root: Path, ignore: Iterable[Path] = ()) -> Discovery:
     what it finds: a folder it cannot list, and a .prototxt / .caffemodel it cannot reach (symlink
     loop, broken link), go to `unread`; one that is not a regular file (a FIFO...) to `notes`."""
     root = Path(root)
-    ignored = {_resolved(Path(p)) for p in ignore} - {None}
+    real = RealPaths()
+    ignored = {_resolved(Path(p), real) for p in ignore} - {None}
     found = Discovery(root)
 
     def folder_error(err: OSError) -> None:
@@ -268,11 +269,11 @@ def walk(root: Path, ignore: Iterable[Path] = ()) -> Discovery:
 
     for folder, subfolders, names in os.walk(root, onerror=folder_error):
         here = Path(folder)
-        subfolders[:] = sorted(d for d in subfolders if _resolved(here / d) not in ignored)
+        subfolders[:] = sorted(d for d in subfolders if _resolved(here / d, real) not in ignored)
         inputs: dict[str, list[Path]] = {PROTOTXT_SUFFIX: [], CAFFEMODEL_SUFFIX: []}
         for name in sorted(names):
             path = here / name
-            resolved = _resolved(path)
+            resolved = _resolved(path, real)
             if resolved is not None:
                 found.files.add(resolved)
             if path.suffix.lower() in inputs:
@@ -294,10 +295,10 @@ def pair(found: Discovery, only: Container[Path] | None = None) -> Discovery:
     return found
 
 
-def _resolved(path: Path) -> Path | None:
+def _resolved(path: Path, real: RealPaths) -> Path | None:
     """`path` resolved, or None when it cannot be (a symlink loop)."""
     try:
-        return path.resolve()
+        return real.resolve(path)
     except (OSError, RuntimeError):  # RuntimeError: pathlib's "Symlink loop"
         return None
 

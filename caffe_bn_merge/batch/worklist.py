@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from ..errors import UsageError
+from ..io.files import RealPaths
 from ..io.outputs import file_key
 from .discovery import CAFFEMODEL_SUFFIX, PROTOTXT_SUFFIX, Discovery, ManifestEntry, pair, read_manifest, walk
 
@@ -58,10 +59,10 @@ def plan_discovered(discoveries: Sequence[Discovery], outdir: Path) -> list[Work
     by the SRC folder's name when there are several): `<folder>/<caffemodel stem>.{prototxt,caffemodel}`.
     A caffemodel found under several roots is kept once (first root). Sorted by key. Keys depend on
     paths alone: no prototxt is paired yet (`with_pairings` does that for the items kept)."""
-    items, seen = [], set()
+    items, seen, real = [], set(), RealPaths()
     for found, prefix in zip(discoveries, source_prefixes([d.root for d in discoveries]), strict=True):
         for caffemodel in found.caffemodels:
-            resolved = caffemodel.resolve()
+            resolved = real.resolve(caffemodel)
             if resolved in seen:
                 continue
             seen.add(resolved)
@@ -103,18 +104,19 @@ def plan_manifest(entries: Sequence[ManifestEntry], manifest: Path, outdir: Path
     return sorted(items, key=lambda item: item.key)
 
 
-def check_outputs(items: Sequence[WorkItem], protected: Iterable[Path] = ()) -> set[Path]:
+def check_outputs(items: Sequence[WorkItem], protected: Iterable[Path] = ()) -> set[tuple[object, ...]]:
     """Refuse (UsageError) two items writing the same file, and any output that is an input of
     an item or one of the `protected` source files (the same file by device and inode when it
     exists: hard links and bind mounts too), or that exists and is not a regular file; return the
-    outputs, resolved."""
-    sources = {file_key(p) for p in protected}
+    `file_key`s of those sources and of the outputs: what no other file of the run may be."""
+    real = RealPaths()
+    sources = {file_key(p, real) for p in protected}
     for item in items:
-        sources.update(file_key(p) for p in (item.prototxt, item.caffemodel) if p is not None)
+        sources.update(file_key(p, real) for p in (item.prototxt, item.caffemodel) if p is not None)
     writers: dict[tuple[object, ...], str] = {}
     for item in items:
         for out in (item.out_prototxt, item.out_caffemodel):
-            key = file_key(out)
+            key = file_key(out, real)
             if key in sources:
                 raise UsageError(f"{out}: would overwrite a source file; choose an OUTDIR outside the sources")
             if key in writers:
@@ -122,7 +124,7 @@ def check_outputs(items: Sequence[WorkItem], protected: Iterable[Path] = ()) -> 
             if key[0] == "file" and not out.is_file():
                 raise UsageError(f"{out}: exists and is not a regular file; refusing to replace it, even with --force")
             writers[key] = item.key
-    return {out.resolve() for item in items for out in (item.out_prototxt, item.out_caffemodel)}
+    return sources | writers.keys()
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -203,10 +205,9 @@ class WorkList:
 
     items: list[WorkItem]  # this shard's (all when not sharded)
     notes: list[str]
-    protected: set[Path] = field(default_factory=set)  # source files (resolved): never written
     unread: list[str] = field(default_factory=list)  # folders and inputs discovery could not read
     total: int = 0  # items in the whole work list, of all shards
-    outputs: set[Path] = field(default_factory=set)  # every output of the whole work list (resolved)
+    taken: set[tuple[object, ...]] = field(default_factory=set)  # `check_outputs`: sources and outputs, of all shards
 
 
 def build_work_list(
@@ -219,9 +220,8 @@ def build_work_list(
         if sources:
             raise UsageError("give SRC folders or --manifest, not both")
         every = plan_manifest(read_manifest(manifest), manifest, outdir)
-        protected = {Path(manifest).resolve()} | _inputs(every)
-        outputs = check_outputs(every, protected)
-        return WorkList(shard(every, *part) if part else every, [], protected, [], len(every), outputs)
+        taken = check_outputs(every, {Path(manifest).resolve()} | _inputs(every))
+        return WorkList(shard(every, *part) if part else every, [], total=len(every), taken=taken)
     if not sources:
         raise UsageError("no SRC folder given (or --manifest)")
     for source in sources:
@@ -236,12 +236,12 @@ def build_work_list(
     if not every:
         also = f" ({len(unread)} not read, e.g. {unread[0]})" if unread else ""
         raise UsageError(f"found no caffemodel under {', '.join(map(str, roots))}{also}")
-    protected = set().union(*(d.files for d in discoveries))
-    outputs = check_outputs(every, protected)
+    taken = check_outputs(every, set().union(*(d.files for d in discoveries)))
     items = with_pairings(shard(every, *part) if part else every, discoveries)
     notes = [note for d in discoveries for note in d.notes]
-    return WorkList(items, notes, protected, unread, len(every), outputs)
+    return WorkList(items, notes, unread, len(every), taken)
 
 
 def _inputs(items: Iterable[WorkItem]) -> set[Path]:
-    return {p.resolve() for item in items for p in (item.prototxt, item.caffemodel) if p is not None}
+    real = RealPaths()
+    return {real.resolve(p) for item in items for p in (item.prototxt, item.caffemodel) if p is not None}

@@ -1,7 +1,8 @@
 """Opening input files safely, with the standard library only (batch discovery uses it without
-loading numpy): regular files only, a FIFO never waited on, a device never read; and what tells
-two prototxts apart (`net_digest`)."""
+loading numpy): regular files only, a FIFO never waited on, a device never read; what tells two
+prototxts apart (`net_digest`); and resolving the paths of a whole tree (`RealPaths`)."""
 
+import errno
 import hashlib
 import os
 import stat
@@ -30,3 +31,53 @@ def open_regular(path: Path, flag: str) -> int:
 def net_digest(content: bytes) -> bytes:
     """What tells two prototxts apart: the hash of their bytes (batch runs and `NetCache` alike)."""
     return hashlib.blake2b(content, digest_size=20).digest()
+
+
+class RealPaths:
+    """`os.path.realpath` and `Path.resolve` for the many files of a few folders (one batch work
+    list): each folder is resolved once, and a name that is not a symbolic link in the resolved
+    folder resolves to the two joined, which is what realpath finds component by component, for
+    one lstat. For one pass over a tree: a folder relinked meanwhile is not looked at again."""
+
+    def __init__(self) -> None:
+        self._folders: dict[str, tuple[str, bool]] = {}  # folder -> its realpath, whether that loops
+
+    def realpath(self, path: str | os.PathLike[str]) -> str:
+        """`os.path.realpath(path)`."""
+        return self._lookup(os.fspath(path))[0]
+
+    def resolve(self, path: Path) -> Path:
+        """`path.resolve()`, and as in Python 3.11, RuntimeError when it ends in a symlink loop."""
+        resolved, loops = self._lookup(os.fspath(path))
+        if loops:
+            raise RuntimeError(f"Symlink loop from {str(path)!r}")
+        return Path(resolved)
+
+    def _lookup(self, text: str) -> tuple[str, bool]:
+        folder, name = os.path.split(text)
+        if name in ("", os.curdir, os.pardir):
+            return _realpath_loops(text)
+        if folder not in self._folders:
+            self._folders[folder] = _realpath_loops(folder)
+        real, loops = self._folders[folder]
+        path = os.path.join(real, name)
+        return _realpath_loops(text) if _is_link(path) else (path, loops)
+
+
+def _is_link(path: str) -> bool:
+    """Whether realpath, having resolved the folder of `path`, follows its name."""
+    try:
+        return stat.S_ISLNK(os.lstat(path).st_mode)
+    except OSError:
+        return False  # as realpath takes it: nothing to follow
+
+
+def _realpath_loops(text: str) -> tuple[str, bool]:
+    """realpath of `text`, and whether following it ends in a symlink loop (what `Path.resolve`
+    checks with a stat of the result)."""
+    real = os.path.realpath(text)
+    try:
+        os.stat(real)
+    except OSError as err:
+        return real, err.errno == errno.ELOOP
+    return real, False

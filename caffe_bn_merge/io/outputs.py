@@ -25,6 +25,7 @@ from functools import partial
 from pathlib import Path
 
 from ..errors import OutputError
+from .files import RealPaths
 
 TERMINATING = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # handled: cleaned up, exit 128 + signal
 TEMPORARY: set[Path] = set()  # temporary files of this process not yet published or removed
@@ -119,12 +120,13 @@ def _identity(path: Path) -> tuple[object, ...] | None:
     return ("new", folder.st_dev, folder.st_ino, path.name)
 
 
-def file_key(path: Path) -> tuple[object, ...]:
-    """What names one file: its (device, inode) when it exists, else its resolved path."""
+def file_key(path: Path, real: RealPaths | None = None) -> tuple[object, ...]:
+    """What names one file: its (device, inode) when it exists, else its resolved path (by `real`,
+    when given, for the many paths of one tree)."""
     try:
         info = os.stat(path)
-    except OSError:
-        return ("path", Path(os.path.realpath(path)))  # realpath, unlike resolve, accepts symlink loops
+    except OSError:  # realpath, unlike resolve, accepts symlink loops
+        return ("path", Path(real.realpath(path) if real is not None else os.path.realpath(path)))
     return ("file", info.st_dev, info.st_ino)
 
 

@@ -4,6 +4,7 @@
 import argparse
 import importlib.util
 import os
+import sys
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -20,7 +21,8 @@ from .worklist import WorkItem, WorkList, auto_shard, build_work_list, is_up_to_
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run `merge-bn batch`; return the exit status (0 all converted or skipped, 1 some failed or
-    some file or folder could not be read, 2 usage, 128 + N after signal N)."""
+    some file or folder could not be read, 2 usage or a standard stream closed, 128 + N after
+    signal N)."""
     with signals_raise():
         try:
             return _main(argv)
@@ -30,6 +32,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"merge-bn batch: interrupted by {signalled}; deployments not finished left no files"
             )
             return signalled.exit_code
+        except BrokenPipeError:  # the workers are ended already, as for a signal
+            _closed_stream()
+            return 2
+
+
+def _closed_stream() -> None:
+    """Say in one line on stderr that a standard stream was closed (when stderr is not the one),
+    and send what is left of both to os.devnull, so that the exit writes nothing more."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    try:
+        Console(quiet=False).error(
+            "merge-bn batch: error: an output stream was closed (broken pipe); deployments not finished "
+            "left no files (--skip-existing resumes the rest)"
+        )
+    except BrokenPipeError:
+        os.dup2(devnull, sys.stderr.fileno())
+    os.close(devnull)
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -49,14 +69,14 @@ def _main(argv: Sequence[str] | None) -> int:
             console.error(f"merge-bn batch: not read: {line}")
         results = _convert(args, settings, console, items, workers)
     seconds = time.perf_counter() - start
-    console.table(results, every=args.verbose or len(results) <= EVERY_ROW_UP_TO)
-    if args.report is not None:
+    if args.report is not None:  # before the table: a reader of stdout gone leaves the report
         try:
             report = make_report(results, work.notes, seconds, unread=work.unread, **_run_settings(args, work))
             write_report(args.report, report)
         except UsageError as err:
             console.error(f"merge-bn batch: error: {err}")
             return 2
+    console.table(results, every=args.verbose or len(results) <= EVERY_ROW_UP_TO)
     console.summary(results, seconds, args.report, len(work.unread))
     for line in fleet_lines(fleet_totals(results)):
         console.note(line)

@@ -33,23 +33,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return signalled.exit_code
         except BrokenPipeError:  # the workers are ended already, as for a signal
-            _closed_stream()
-            return 2
+            return _closed_stream(
+                "merge-bn batch: error: an output stream was closed (broken pipe); deployments not "
+                "finished left no files (--skip-existing resumes the rest)"
+            )
 
 
-def _closed_stream() -> None:
-    """Say in one line on stderr that a standard stream was closed (when stderr is not the one),
-    and send what is left of both to os.devnull, so that the exit writes nothing more."""
+def _closed_stream(line: str) -> int:
+    """Say `line` on stderr (unless stderr is the stream that was closed), send what is left of
+    both standard streams to os.devnull, so that the exit writes nothing more; return 2."""
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
     try:
-        Console(quiet=False).error(
-            "merge-bn batch: error: an output stream was closed (broken pipe); deployments not finished "
-            "left no files (--skip-existing resumes the rest)"
-        )
+        Console(quiet=False).error(line)
     except BrokenPipeError:
         os.dup2(devnull, sys.stderr.fileno())
     os.close(devnull)
+    return 2
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -177,7 +177,14 @@ def _run_settings(args: argparse.Namespace, work: WorkList) -> dict[str, object]
 
 def report_main(argv: Sequence[str] | None = None) -> int:
     """Run `merge-bn batch-report`: merge shard reports; return the exit status (0 complete and
-    nothing failed, 1 shards missing or failures, 2 usage)."""
+    nothing failed, 1 shards missing or failures, 2 usage or a standard stream closed)."""
+    try:
+        return _report_main(argv)
+    except BrokenPipeError:  # the merged report is written before anything is said
+        return _closed_stream("merge-bn batch-report: error: an output stream was closed (broken pipe)")
+
+
+def _report_main(argv: Sequence[str] | None) -> int:
     args = build_report_parser().parse_args(argv)
     console = Console(args.quiet)
     try:

@@ -1,10 +1,12 @@
 """`merge-bn batch` with stdout or stderr a pipe its reader closed (`merge-bn batch ... | head`),
 from the start or after a few bytes: one line on stderr (when stderr is not the closed one), exit 2
 once a write has failed, no traceback, no temporary file, every output pair whole or absent, the
-inputs untouched, and the report written when only stdout went."""
+inputs untouched, and the report written when only stdout went; `merge-bn batch-report` with
+stderr closed writes the merged report, then exits 2."""
 
 import hashlib
 import itertools
+import json
 import os
 import subprocess
 import sys
@@ -91,3 +93,26 @@ def test_a_closed_stream_ends_the_run_in_one_line(tmp_path: Path, stream: str, j
     assert written == sorted(f"{pair}.{suffix}" for pair in pairs for suffix in ("caffemodel", "prototxt")), written
     assert all(name.startswith(("d0/", "d1/", "d2/", "d3/", "d4/")) for name in written), written
     assert all((out / name).stat().st_size > 0 for name in written)
+
+
+@pytest.mark.parametrize(("quiet", "shards"), list(itertools.product([False, True], [(1, 2), (1,)])))
+def test_batch_report_with_stderr_closed_still_writes_the_merged_report(tmp_path: Path, quiet: bool, shards: tuple):
+    """`merge-bn batch-report` says only on stderr (failures, missing shards, its summary): with
+    stderr closed it writes the merged report, then exits 2 without a traceback."""
+    fleet, env = _fleet(tmp_path / "fleet"), {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "caffe_bn_merge"]
+    for i in shards:
+        args = [str(fleet), "--out", str(tmp_path / "out"), "--shard", f"{i}/2"]
+        args += ["--report", str(tmp_path / f"{i}.json")]
+        subprocess.run([*command, "batch", *args, "-q"], env=env, check=False, capture_output=True)
+    reports = [str(tmp_path / f"{i}.json") for i in shards]
+    merged = tmp_path / "fleet.json"
+    read, write = os.pipe()
+    os.close(read)
+    done = subprocess.run(
+        [*command, "batch-report", *reports, "-o", str(merged), *(["-q"] if quiet else [])],
+        env=env, stdout=subprocess.PIPE, stderr=write, check=False,
+    )  # fmt: skip
+    os.close(write)
+    assert done.returncode == 2 and done.stdout == b""
+    assert json.loads(merged.read_text())["counts"]["total"] == 3 * len(shards)  # each shard has 3 of the 6

@@ -216,6 +216,10 @@ def build_work_list(
     """Discover (or read the manifest), plan outputs and check them for the whole fleet; keep shard
     `part` (i, n) of it, if given, pairing only its caffemodels with their prototxts. Raises UsageError."""
     outdir = Path(outdir)
+    try:
+        outdir.resolve()
+    except RuntimeError:  # pathlib's "Symlink loop"
+        raise UsageError(f"{outdir}: OUTDIR cannot be reached (a symlink loop); choose another --out") from None
     if manifest is not None:
         if sources:
             raise UsageError("give SRC folders or --manifest, not both")

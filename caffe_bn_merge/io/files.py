@@ -37,7 +37,8 @@ class RealPaths:
     """`os.path.realpath` and `Path.resolve` for the many files of a few folders (one batch work
     list): each folder is resolved once, and a name that is not a symbolic link in the resolved
     folder resolves to the two joined, which is what realpath finds component by component, for
-    one lstat. For one pass over a tree: a folder relinked meanwhile is not looked at again."""
+    one lstat. For one pass over a tree from one working folder: a folder relinked meanwhile is not
+    looked at again, and relative paths are taken from the working folder they were first seen in."""
 
     def __init__(self) -> None:
         self._folders: dict[str, tuple[str, bool]] = {}  # folder -> its realpath, whether that loops
@@ -61,15 +62,19 @@ class RealPaths:
             self._folders[folder] = _realpath_loops(folder)
         real, loops = self._folders[folder]
         path = os.path.join(real, name)
-        return _realpath_loops(text) if _is_link(path) else (path, loops)
+        return (path, loops) if _is_link(path) is False else _realpath_loops(text)
 
 
-def _is_link(path: str) -> bool:
-    """Whether realpath, having resolved the folder of `path`, follows its name."""
+def _is_link(path: str) -> bool | None:
+    """Whether realpath, having resolved the folder of `path`, follows its name; None when that
+    cannot be told from `path` (an unreadable or overlong absolute path, a loop: realpath may look
+    at a relative one)."""
     try:
         return stat.S_ISLNK(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False  # a new name: nothing to follow
     except OSError:
-        return False  # as realpath takes it: nothing to follow
+        return None
 
 
 def _realpath_loops(text: str) -> tuple[str, bool]:

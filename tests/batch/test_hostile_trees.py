@@ -75,6 +75,26 @@ def test_a_run_with_loops_converts_the_rest_and_exits_1(tmp_path, capsys) -> Non
     assert data["counts"]["converted"] == 1 and len(data["unread"]) == 2
 
 
+@pytest.mark.parametrize(
+    ("loop", "manifest"), [(loop, m) for loop in ("self", "self/o", "pair/o", "up/self") for m in (False, True)]
+)
+def test_an_outdir_in_a_symlink_loop_is_one_line_and_exit_2(tmp_path, capsys, loop, manifest) -> None:
+    """--out through a symlink loop (itself, below one, through a pair, or a link to a loop)."""
+    root = tmp_path / "src"
+    _good(root / "ok")
+    (tmp_path / "self").symlink_to("self")
+    (tmp_path / "pair").symlink_to("mate")
+    (tmp_path / "mate").symlink_to("pair")
+    (tmp_path / "up").symlink_to(tmp_path, target_is_directory=True)
+    if manifest:
+        (tmp_path / "m.csv").write_text("prototxt,caffemodel\nsrc/ok/net.prototxt,src/ok/net.caffemodel\n")
+    before = sorted(tmp_path.rglob("*"))
+    source = ["--manifest", str(tmp_path / "m.csv")] if manifest else [str(root)]
+    code, err, _ = _run([*source, "--out", str(tmp_path / loop), "--jobs", "1"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "symlink loop" in err, err
+    assert sorted(tmp_path.rglob("*")) == before
+
+
 def _deny(monkeypatch: pytest.MonkeyPatch, denied: set[Path]) -> None:
     """os.scandir fails with EACCES on the `denied` folders (as for a non-root user without x/r)."""
     scandir = os.scandir

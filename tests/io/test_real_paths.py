@@ -1,6 +1,7 @@
 """`io.files.RealPaths` resolves every path as `os.path.realpath` and `Path.resolve` do, on random
 trees of folders, files and symbolic links (to files and folders, relative and absolute, dangling,
-looping, through `..`), with one instance for all the paths of a tree, as batch discovery uses it."""
+looping, through `..`), with one instance for all the paths of a tree, as batch discovery uses it;
+and strings spelled with `//`, `/.` and a trailing `/` as `os.path.realpath` takes them."""
 
 import os
 import random
@@ -77,6 +78,17 @@ def test_real_paths_resolve_as_the_standard_library(tmp_path: Path, seed: int, m
         except RuntimeError:
             got = "symlink loop"
         assert got == _resolved(query), query
+    for text in _spellings(queries, rng):  # strings keep what Path tidies away
+        assert real.realpath(text) == os.path.realpath(text), text
+
+
+def _spellings(queries: list[Path], rng: random.Random) -> list[str]:
+    """Each query as a string with a doubled separator, a trailing `/` or `/.`, or `./` inside."""
+    texts = []
+    for query in map(str, queries):
+        cut = rng.choice([i for i, c in enumerate(query) if c == "/"] or [0])
+        texts += [query[:cut] + "/" + query[cut:], query + "/", query + "/.", query[:cut] + "/." + query[cut:]]
+    return texts
 
 
 def test_the_variants_reach_links_and_loops(tmp_path: Path):

@@ -306,9 +306,9 @@ def _main(argv: list[str]) -> int:
         print(one_line(f"merge-bn: error: {err}"), file=sys.stderr)
         return err.exit_code
     except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
-        print("merge-bn: error: standard output was closed (broken pipe); nothing written", file=sys.stderr)
-        return 2
+        from .display import end_on_closed_stream
+
+        return end_on_closed_stream("merge-bn: error: standard output was closed (broken pipe); nothing written")
     except Exception as err:  # a bug of ours: say so in one line, keep the traceback behind --debug
         from .io.outputs import raise_interrupted_within  # loaded already, by `main`
 

@@ -6,6 +6,7 @@ work that takes more than a second (terminals only). Tables themselves are built
 
 import logging
 import os
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,6 +38,20 @@ def make_console(stderr: bool = False) -> "Console":
     if probe.is_terminal:
         return probe
     return PipeConsole(stderr=stderr, width=_columns() or TABLE_WIDTH)
+
+
+def end_on_closed_stream(line: str) -> int:
+    """After a write to a closed pipe (`merge-bn ... | head`): `line` on stderr, unless stderr is
+    the closed one, and both standard streams sent to os.devnull, so that the exit writes nothing
+    more; returns 2, the exit status."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except BrokenPipeError:
+        os.dup2(devnull, sys.stderr.fileno())
+    os.close(devnull)
+    return 2
 
 
 def _columns() -> int | None:

@@ -4,12 +4,12 @@
 import argparse
 import importlib.util
 import os
-import sys
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
 
+from ..display import end_on_closed_stream
 from ..errors import UsageError
 from ..io.outputs import Interrupted, clean_up_interrupted, pause_point, signals_raise
 from .args import build_parser, build_report_parser
@@ -33,23 +33,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return signalled.exit_code
         except BrokenPipeError:  # the workers are ended already, as for a signal
-            return _closed_stream(
+            return end_on_closed_stream(
                 "merge-bn batch: error: an output stream was closed (broken pipe); deployments not "
                 "finished left no files (--skip-existing resumes the rest)"
             )
-
-
-def _closed_stream(line: str) -> int:
-    """Say `line` on stderr (unless stderr is the stream that was closed), send what is left of
-    both standard streams to os.devnull, so that the exit writes nothing more; return 2."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    try:
-        Console(quiet=False).error(line)
-    except BrokenPipeError:
-        os.dup2(devnull, sys.stderr.fileno())
-    os.close(devnull)
-    return 2
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -181,7 +168,7 @@ def report_main(argv: Sequence[str] | None = None) -> int:
     try:
         return _report_main(argv)
     except BrokenPipeError:  # the merged report is written before anything is said
-        return _closed_stream("merge-bn batch-report: error: an output stream was closed (broken pipe)")
+        return end_on_closed_stream("merge-bn batch-report: error: an output stream was closed (broken pipe)")
 
 
 def _report_main(argv: Sequence[str] | None) -> int:

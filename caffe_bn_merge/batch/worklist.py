@@ -217,7 +217,7 @@ def build_work_list(
     `part` (i, n) of it, if given, pairing only its caffemodels with their prototxts. Raises UsageError."""
     outdir = Path(outdir)
     try:
-        outdir.resolve()
+        resolved_out = outdir.resolve()
     except RuntimeError:  # pathlib's "Symlink loop"
         raise UsageError(f"{outdir}: OUTDIR cannot be reached (a symlink loop); choose another --out") from None
     if manifest is not None:
@@ -231,7 +231,7 @@ def build_work_list(
     for source in sources:
         if not Path(source).is_dir():
             raise UsageError(f"{source}: not a folder")
-        if Path(source).resolve() == outdir.resolve():
+        if Path(source).resolve() == resolved_out:
             raise UsageError(f"{source}: OUTDIR is a source folder; choose another --out")
     roots = list(dict.fromkeys(Path(s) for s in sources))
     discoveries = [walk(root, ignore=[outdir]) for root in roots]

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from .defaults import TABLE_WIDTH
+from .io.outputs import signals_held
 from .logs import LOGGER
 
 if TYPE_CHECKING:
@@ -143,13 +144,14 @@ class StepProgress:
 
     def __enter__(self) -> "StepProgress":
         if self.bar is not None:
-            self._timer.start()
+            with signals_held():  # starting a thread waits on a Python-level lock
+                self._timer.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self.bar is None:
             return
-        with self._lock:
+        with self._lock, signals_held():  # as do ending the timer and the bar's own thread
             self._closed = True
             self._timer.cancel()
             if self._shown:

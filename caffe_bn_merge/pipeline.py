@@ -234,7 +234,11 @@ def _merge(
     model: Path, weights: Path, pair: tuple[Path, Path], options: MergeOptions, how: Writing, cache: NetCache | None
 ) -> MergeResult:
     output_model, output_weights = pair
-    on_step = how.on_step
+
+    def on_step(name: str) -> None:  # a signal not raised yet where it came ends the merge here
+        outputs.raise_pending_signal()
+        how.on_step(name)
+
     on_step("reading")
     entry = _parsed(model, options, cache)
     net_text, graph = entry.net_text, entry.graph

@@ -9,20 +9,27 @@ import pickle
 import signal
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from multiprocessing.context import BaseContext
 from pathlib import Path
+from types import TracebackType
 from typing import TYPE_CHECKING
 
 from ..defaults import DEFAULT_TOLERANCE
 from ..errors import MergeError, VerifyError
 from ..io.files import net_digest, open_regular
-from ..io.outputs import TERMINATING, raise_interrupted_within, remove_temporaries, signals_blocked
+from ..io.outputs import (
+    TERMINATING,
+    raise_interrupted_within,
+    remove_temporaries,
+    signals_blocked,
+    signals_held,
+)
 from .worklist import WorkItem
 
 if TYPE_CHECKING:
@@ -244,6 +251,22 @@ class Workers(ProcessPoolExecutor):
         os.set_blocking(self._reader.fileno(), False)
         self._unread = bytearray()
 
+    def __exit__(self, kind: type | None, error: BaseException | None, trace: TracebackType | None) -> None:
+        """Shut the pool down. After an error or a signal, or a signal while it shuts down, its
+        processes are ended first (each removes its temporary files): never left running. Then
+        the pool's own thread ends, which sees them gone: left running, it would keep the pool's
+        semaphores past the exit (multiprocessing's resource tracker warns of each on stderr) and
+        close its wake-up pipe while the interpreter's exit writes to it (a traceback)."""
+        try:
+            if error is not None:
+                _end_workers()
+            self.shutdown(wait=True, cancel_futures=True)
+        except BaseException:
+            _end_workers()
+            with signals_held():  # a further signal waits until it is done
+                self.shutdown(wait=True, cancel_futures=True)
+            raise
+
     def received(self) -> Iterator[str | ItemResult]:
         """What the workers sent that this process has not read yet, whole messages only. The pipe
         is read without waiting: a worker ended halfway through a message leaves a part that is
@@ -358,9 +381,12 @@ def start_workers(jobs: int, settings: Settings) -> Workers:
     context = multiprocessing.get_context(START_METHOD)
     _start_resource_tracker()
     pool = Workers(jobs, context, opencv=settings.verify or settings.readiness.benchmark > 0)
-    with signals_blocked():  # and so in the workers started now
-        for _ in range(jobs):  # a pool that does not fork starts a process per task while none is idle
-            pool.submit(int)
+    with ExitStack() as if_raised:
+        if_raised.push(pool)  # a signal raised here ends the workers started so far
+        with signals_blocked(), signals_held():  # blocked in the workers started now; held for submit
+            for _ in range(jobs):  # a pool that does not fork starts a process per task while none is idle
+                pool.submit(int)
+        if_raised.pop_all()
     return pool
 
 
@@ -411,12 +437,11 @@ def _run_pool(
     """Run `items` on `workers`, else on a pool of `jobs` processes of its own, each result passed
     to `done` as it arrives. Returns what a worker's death left unfinished (else nothing): the
     deployments being converted then, and those not started (all as the first when none was being
-    converted). Interrupted (a signal), it ends the workers (each removes its temporary files)
-    before passing it on.
+    converted). Interrupted (a signal) or failing, it ends with the pool (`Workers.__exit__`).
 
-    It waits by sleeping, not in `concurrent.futures.wait`: a signal handler raises `Interrupted`
-    wherever this thread is, and one raised while `wait` holds a future's or its waiter's lock
-    leaves the lock held, and the pool's thread hangs on it."""
+    It waits by sleeping, and asks the pool and its futures with the signals held back
+    (`signals_held`): their locks are Python code, and an `Interrupted` raised inside one leaves it
+    held, on which the pool's thread hangs for ever."""
     started: set[str] = set()
     finished: set[str] = set()
 
@@ -429,37 +454,32 @@ def _run_pool(
                 done(message)
 
     with nullcontext(workers) if workers is not None else start_workers(jobs, settings) as pool:
-        try:
+        with signals_held():
             pending = {pool.submit(_convert_in_worker, run, settings): run for run in chunks(items, jobs)}
-            while pending:
-                time.sleep(POLL_SECONDS)
-                ended = [future for future in pending if future.done()]
-                if any(_broken(future) for future in ended):
-                    pool.shutdown(wait=True, cancel_futures=True)  # every worker ended: all they sent is here
-                    receive(pool)
-                    unfinished = [item for run in pending.values() for item in run if item.key not in finished]
-                    suspects = [item for item in unfinished if item.key in started]
-                    return (suspects, [i for i in unfinished if i.key not in started]) if suspects else (unfinished, [])
-                receive(pool)  # an ended run sent all it had to send before it ended
-                for future in ended:
-                    unfinished = [item for item in pending.pop(future) if item.key not in finished]
-                    error = future.exception()
-                    if error is not None:  # e.g. a run that could not be sent to the worker
-                        reason = _one_line(f"internal error: {type(error).__name__}: {error}")
-                        for item in unfinished:
-                            done(item_result(item, Status.FAILED, reason))
-        except BaseException:
-            _end_workers()
-            # then the pool's own thread, which sees its workers gone: left running, it would close
-            # its wake-up pipe while the interpreter's exit writes to it (a traceback on stderr)
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
+        while pending:
+            time.sleep(POLL_SECONDS)
+            ended = _ended(pending)
+            if any(isinstance(error, BrokenProcessPool) for error in ended.values()):
+                pool.shutdown(wait=True, cancel_futures=True)  # every worker ended: all they sent is here
+                receive(pool)
+                unfinished = [item for run in pending.values() for item in run if item.key not in finished]
+                suspects = [item for item in unfinished if item.key in started]
+                return (suspects, [i for i in unfinished if i.key not in started]) if suspects else (unfinished, [])
+            receive(pool)  # an ended run sent all it had to send before it ended
+            for future, error in ended.items():
+                unfinished = [item for item in pending.pop(future) if item.key not in finished]
+                if error is not None:  # e.g. a run that could not be sent to the worker
+                    reason = _one_line(f"internal error: {type(error).__name__}: {error}")
+                    for item in unfinished:
+                        done(item_result(item, Status.FAILED, reason))
     return [], []
 
 
-def _broken(future: Future) -> bool:
-    """Whether `future` (done) ended with its pool broken: a worker process died."""
-    return not future.cancelled() and isinstance(future.exception(), BrokenProcessPool)
+def _ended(futures: Iterable[Future]) -> dict[Future, BaseException | None]:
+    """The done ones of `futures`, each with its error (None: none; BrokenProcessPool: a worker
+    process died)."""
+    with signals_held():
+        return {future: None if future.cancelled() else future.exception() for future in futures if future.done()}
 
 
 def _start_resource_tracker() -> None:
@@ -478,7 +498,8 @@ def _start_resource_tracker() -> None:
 def _end_workers() -> None:
     """Send SIGTERM to every worker process still running and wait for it to end."""
     workers = multiprocessing.active_children()
-    for worker in workers:
-        worker.terminate()
+    with signals_held():  # each one is sent its signal
+        for worker in workers:
+            worker.terminate()
     for worker in workers:
         worker.join()

@@ -7,8 +7,9 @@ Publishing without `overwrite` links each temporary file to its final name (`os.
 name exists, so of two processes writing the same outputs exactly one wins); with `overwrite` it
 renames over. The termination signals are held back while a group is published, so a handled
 signal never leaves one file of a pair without the other (the window left: SIGKILL or power loss
-between two `link` calls). `signals_raise` turns SIGINT, SIGTERM and SIGHUP into `Interrupted`;
-`pause_point` is the hook the signal tests use to stop the writer at a chosen point.
+between two `link` calls). `signals_raise` turns SIGINT, SIGTERM and SIGHUP into `Interrupted`,
+held back (`signals_held`) where raising it would leave a lock held; `pause_point` is the hook the
+signal tests use to stop the writer at a chosen point.
 """
 
 import errno
@@ -16,13 +17,15 @@ import os
 import shutil
 import signal
 import stat
+import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from types import FrameType, TracebackType
 
 from ..errors import OutputError
 from .files import RealPaths
@@ -201,6 +204,7 @@ class Staged:
         Without `overwrite` an existing final name (another process was faster) is an
         OutputError and the files published so far are taken back."""
         published: list[tuple[Path, Path]] = []
+        raise_pending_signal()  # one that Python dropped on the way here publishes nothing
         with deferred_signals():
             try:
                 for index, (temporary, final, replaceable) in enumerate(self.files):
@@ -285,8 +289,66 @@ class Interrupted(BaseException):
         return 128 + self.signum
 
 
-def _interrupt(signum: int, frame: object) -> None:
+_pending: int | None = None  # a signal held back, or whose Interrupted Python dropped: not raised yet
+_IMPORT_SYSTEM = ("importlib._bootstrap", "importlib._bootstrap_external")
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    """`signals_raise`'s handler: raise Interrupted where the main thread is, unless it is within
+    `signals_held` or in the import system (whose module locks and weakref callbacks an exception
+    leaves held or drops): then the signal is noted and raised at the next check."""
+    global _pending
+    if _HELD.depth or (frame is not None and frame.f_globals.get("__name__") in _IMPORT_SYSTEM):
+        _pending = signum
+        return
     raise Interrupted(signum)
+
+
+def raise_pending_signal() -> None:
+    """Raise the Interrupted of a signal not raised yet: one that came while held back (see
+    `_interrupt`), or whose Interrupted Python dropped where it cannot pass exceptions on (a weakref
+    callback, a `__del__`). Outside `signals_held` blocks only."""
+    global _pending
+    if _pending is not None and not _HELD.depth:
+        signum, _pending = _pending, None
+        raise Interrupted(signum)
+
+
+class _SignalsHeld:
+    """See `signals_held`."""
+
+    depth = 0  # blocks entered and not left, in the main thread (where signal handlers run)
+
+    def __enter__(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self.depth += 1
+
+    def __exit__(self, kind: type | None, error: BaseException | None, trace: TracebackType | None) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self.depth -= 1
+            raise_pending_signal()
+
+
+_HELD = _SignalsHeld()
+
+
+def signals_held() -> _SignalsHeld:
+    """A block (reentrant, cheap; as it is outside the main thread) in which `signals_raise`'s
+    handler only notes a termination signal, raised at the end of the outermost such block. For
+    calls into Python-level locks (threading.Condition and what is built on it: concurrent.futures'
+    Future and submit, queue.Queue, Event, Thread.start): raised inside one, between its acquire
+    and release, the Interrupted leaves the lock held, and a thread that needs it hangs for ever."""
+    return _HELD
+
+
+def _keep_signal(previous: Callable[[object], object], unraisable: "sys.UnraisableHookArgs") -> None:
+    """sys.unraisablehook: an Interrupted Python could not pass on is not printed; its signal is
+    raised at the next check (`raise_pending_signal`)."""
+    global _pending
+    if isinstance(unraisable.exc_value, Interrupted):
+        _pending = unraisable.exc_value.signum
+    else:
+        previous(unraisable)
 
 
 def raise_interrupted_within(error: BaseException) -> None:
@@ -304,16 +366,23 @@ def raise_interrupted_within(error: BaseException) -> None:
 
 @contextmanager
 def signals_raise(restore: bool = True, program: str = "merge-bn") -> Iterator[None]:
-    """Within the block SIGINT, SIGTERM and SIGHUP raise Interrupted (in the main thread). After
-    it the previous handlers come back, or (`restore` False: the process ends once the block is
-    done, with nothing left to clean) a signal ends the process at once with 128 + signal and one
-    line on stderr naming `program` and the signal."""
+    """Within the block SIGINT, SIGTERM and SIGHUP raise Interrupted in the main thread, where it is
+    or at the next check (`_interrupt`, `raise_pending_signal`; at the latest when the block ends);
+    an Interrupted that Python drops is not printed (`_keep_signal`). After the block the previous
+    handlers come back, or (`restore` False: the process ends once the block is done, with nothing
+    left to clean) a signal ends the process at once with 128 + signal and one line on stderr
+    naming `program` and the signal."""
     previous = {signum: signal.getsignal(signum) for signum in TERMINATING}
     for signum in TERMINATING:
         signal.signal(signum, _interrupt)
+    sys.unraisablehook = partial(_keep_signal, unraisable_hook := sys.unraisablehook)
     try:
-        yield
+        try:
+            yield
+        finally:
+            raise_pending_signal()
     finally:
+        sys.unraisablehook = unraisable_hook
         pause_point("restoring")
         with signals_blocked():  # all three handlers change at once
             for signum, handler in previous.items():
@@ -339,8 +408,10 @@ def _exit_at_once(program: str, signum: int, frame: object) -> None:
 def clean_up_interrupted() -> None:
     """After an Interrupted: ignore further signals (the clean-up must finish; `signals_raise`
     restores the handlers) and remove every temporary file of this process."""
+    global _pending
     for signum in TERMINATING:
         signal.signal(signum, signal.SIG_IGN)
+    _pending = None
     remove_temporaries()
 
 

@@ -10,6 +10,8 @@ from functools import partial
 from types import TracebackType
 from typing import BinaryIO
 
+from .outputs import signals_held
+
 CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 WORKERS = min(4, CPUS)
 AHEAD = 2 * WORKERS  # blocks computed or being computed but not yet written, at most
@@ -66,7 +68,8 @@ class OrderedWriter:
     def compute(self, size: int, fill: Callable[[memoryview], object]) -> None:
         """Write `size` bytes that `fill(buffer)` puts into `buffer`; it runs on a worker thread."""
         buffer = self._buffer(size)
-        self._queue.append(self._pool.submit(_filled, fill, memoryview(buffer)[:size], buffer))
+        with signals_held():  # the pool and its futures take Python-level locks
+            self._queue.append(self._pool.submit(_filled, fill, memoryview(buffer)[:size], buffer))
 
     def then(self, action: Callable[[], None]) -> None:
         """Run `action` once everything queued before it is written."""
@@ -78,7 +81,7 @@ class OrderedWriter:
 
     def _write_ready(self) -> None:
         """Write what is queued up to the first block not computed yet."""
-        while self._queue and not (isinstance(self._queue[0], Future) and not self._queue[0].done()):
+        while self._queue and _ready(self._queue[0]):
             self._flush_one()
 
     def _buffer(self, size: int) -> bytearray:
@@ -97,7 +100,8 @@ class OrderedWriter:
         self._check()
         item = self._queue.popleft()
         if isinstance(item, Future):
-            view, buffer = item.result()
+            with signals_held():
+                view, buffer = item.result()
             self._handle.write(view)
             self._free.append(buffer)
         elif callable(item):
@@ -115,8 +119,15 @@ class OrderedWriter:
                 while self._queue:
                     self._flush_one()
         finally:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            _join(self._pool)
+            with signals_held():  # raised once the threads are gone
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                _join(self._pool)
+
+
+def _ready(item: object) -> bool:
+    """Whether a queued `item` can be written now: anything but a block still being computed."""
+    with signals_held():
+        return not isinstance(item, Future) or item.done()
 
 
 def _join(pool: ThreadPoolExecutor) -> None:

@@ -4,10 +4,12 @@ import fcntl
 import os
 import pty
 import re
+import signal
 import struct
 import subprocess
 import sys
 import termios
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,6 +157,34 @@ def run_in_terminal(args: list[str], columns: int, cwd: Path) -> str:
     os.close(leader)
     assert child.wait(timeout=300) in (0, 1)
     return ANSI.sub("", b"".join(chunks).decode()).replace("\r\n", "\n")
+
+
+def start_in_session(command: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen:
+    """`command` in a session of its own (a test can signal its process group), stdout discarded,
+    stderr read as text."""
+    return subprocess.Popen(
+        command,
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def group_gone(pgid: int, seconds: float = 10) -> bool:
+    """Whether every process of group `pgid` (a command and its workers) has ended, waiting up to
+    `seconds`; when some are left, they are killed and the answer is False."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    os.killpg(pgid, signal.SIGKILL)
+    return False
 
 
 # The weighted real nets of ../shared/real_nets: name -> (prototxt, caffemodel, forward folds expected).

@@ -10,11 +10,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from harness import copy_sample
+from harness import copy_sample, group_gone, start_in_session
 
 ROOT = Path(__file__).resolve().parent.parent
 TRACER = Path(__file__).with_name("signal_tracer.py")
@@ -45,15 +44,7 @@ def _run(args: list[str], folder: Path, where: tuple[str, list[str], int], index
     fired = folder / "fired"
     spec = {"start": start, "modules": modules, "index": index, "signal": int(signal.SIGTERM), "fired": str(fired)}
     env = {**os.environ, "PYTHONPATH": str(ROOT), "SIGNAL_AT": json.dumps(spec)}
-    process = subprocess.Popen(
-        [sys.executable, str(TRACER), *args],
-        cwd=folder,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    process = start_in_session([sys.executable, str(TRACER), *args], folder, env)
     try:
         _, stderr = process.communicate(timeout=SECONDS)
         code = process.returncode
@@ -61,20 +52,8 @@ def _run(args: list[str], folder: Path, where: tuple[str, list[str], int], index
         os.killpg(process.pid, signal.SIGKILL)
         _, stderr = process.communicate()
         code = None
-    assert _group_gone(process.pid), "a worker outlived the run"
+    assert group_gone(process.pid), "a worker outlived the run"
     return code, stderr, fired.exists()
-
-
-def _group_gone(pgid: int) -> bool:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.05)
-    os.killpg(pgid, signal.SIGKILL)
-    return False
 
 
 def _check_ending(code: int | None, stderr: str, fired: bool) -> None:

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from harness import copy_sample
+from harness import copy_sample, group_gone, start_in_session
 
 from caffe_bn_merge import cli, pipeline
 from caffe_bn_merge.batch import pool
@@ -30,16 +30,7 @@ def _start(args: list[str], cwd: Path, pause: str | None = None, tag: str = "") 
     marker = cwd / f"paused-{pause}{tag}"
     Path(f"{marker}.claimed").unlink(missing_ok=True)  # left by an earlier run in this folder
     env = {**os.environ, "PYTHONPATH": str(ROOT), PAUSE_ENV: f"{pause}={marker}" if pause else ""}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "caffe_bn_merge", *args],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    return process, marker
+    return start_in_session([sys.executable, "-m", "caffe_bn_merge", *args], cwd, env), marker
 
 
 def _wait_for(marker: Path, process: subprocess.Popen) -> None:
@@ -204,17 +195,6 @@ def _batch_pairs(out: Path, count: int) -> int:
     return done
 
 
-def _group_gone(pgid: int) -> bool:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.05)
-    return False
-
-
 BATCH_CASES = [  # every signal to the group, SIGTERM to the parent alone; the publish point with SIGTERM
     (point, signum, group)
     for point in ("written", "publish")
@@ -245,7 +225,7 @@ def test_batch_signal_while_workers_write(point: str, signum: int, group: bool, 
     _expect_signalled(code, stderr, signum)
     _batch_pairs(out, 3)
     assert not _temporaries(out)
-    assert _group_gone(process.pid), "a worker outlived the batch"
+    assert group_gone(process.pid), "a worker outlived the batch"
 
 
 @pytest.mark.parametrize("delay", [0.0, 0.03, 0.08, 0.15])
@@ -263,7 +243,7 @@ def test_batch_signal_while_workers_load(signum: int, delay: float, tmp_path) ->
     marker.unlink()
     code, stderr = _finish(process)
     _expect_signalled(code, stderr, signum)
-    assert _group_gone(process.pid), "a worker outlived the batch"
+    assert group_gone(process.pid), "a worker outlived the batch"
 
 
 def test_batch_sigterm_to_the_group_after_random_delays(tmp_path) -> None:
@@ -284,7 +264,7 @@ def test_batch_sigterm_to_the_group_after_random_delays(tmp_path) -> None:
         else:
             _expect_signalled(code, stderr, signal.SIGTERM)
         assert not _temporaries(out) if out.exists() else True
-        assert _group_gone(process.pid)
+        assert group_gone(process.pid)
 
 
 def _two_nets(folder: Path) -> dict[str, dict[str, bytes]]:

@@ -106,13 +106,12 @@ def test_a_signal_in_the_import_system_is_raised_once_the_import_is_done(tmp_pat
     (tmp_path / "freshly_loaded.py").write_text("VALUE = 1\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     importlib.import_module("freshly_loaded")  # the folder's finder made: each import below is alike
-    events = _import_system_events("freshly_loaded")
+    events = _import_traced("freshly_loaded")
     assert events > 20
     for index in range(1, events + 1, max(1, events // 40)):
-        sys.modules.pop("freshly_loaded", None)
         loaded = []
         with pytest.raises(Interrupted), signals_raise():
-            _import_with_signal_at("freshly_loaded", index)
+            assert _import_traced("freshly_loaded", signal_at=index) >= index, "the signal was not delivered"
             loaded.append(sys.modules["freshly_loaded"].VALUE)
             raise_pending_signal()
         assert loaded == [1], f"raised inside the import, at its event {index}"
@@ -121,15 +120,22 @@ def test_a_signal_in_the_import_system_is_raised_once_the_import_is_done(tmp_pat
 IMPORT_SYSTEM = ("importlib._bootstrap", "importlib._bootstrap_external")
 
 
-def _import_system_events(module: str) -> int:
+def _import_traced(module: str, signal_at: int | None = None) -> int:
+    """Import `module` afresh and count its events (call, line, return) in the import system's
+    frames; at the `signal_at`-th, SIGTERM's handler is called with that frame, as Python calls it
+    when the signal lands there. Returns the count."""
     count = 0
 
     def trace(frame, event, arg):
         nonlocal count
-        if frame.f_globals.get("__name__") in IMPORT_SYSTEM:
-            count += 1
-            return trace
-        return None
+        if frame.f_globals.get("__name__") not in IMPORT_SYSTEM:
+            return None
+        count += 1
+        if count == signal_at:
+            sys.settrace(None)
+            signal.getsignal(signal.SIGTERM)(signal.SIGTERM, frame)
+            return None
+        return trace
 
     sys.modules.pop(module, None)
     importlib.invalidate_caches()
@@ -139,28 +145,3 @@ def _import_system_events(module: str) -> int:
     finally:
         sys.settrace(None)
     return count
-
-
-def _import_with_signal_at(module: str, index: int) -> None:
-    """Import `module` with SIGTERM's handler called at its `index`-th event in the import system
-    (as Python calls it when the signal lands there)."""
-    count = 0
-
-    def trace(frame, event, arg):
-        nonlocal count
-        if frame.f_globals.get("__name__") not in IMPORT_SYSTEM:
-            return None
-        count += 1
-        if count == index:
-            sys.settrace(None)
-            signal.getsignal(signal.SIGTERM)(signal.SIGTERM, frame)
-            return None
-        return trace
-
-    importlib.invalidate_caches()
-    sys.settrace(trace)
-    try:
-        importlib.import_module(module)
-    finally:
-        sys.settrace(None)
-    assert count >= index, "the signal was not delivered"

@@ -17,18 +17,34 @@ from harness import copy_sample, group_gone, start_in_session
 
 ROOT = Path(__file__).resolve().parent.parent
 TRACER = Path(__file__).with_name("signal_tracer.py")
-POOLS = ["threading", "queue", "concurrent.futures._base", "concurrent.futures.process", "concurrent.futures.thread"]
-IMPORTS = ["importlib._bootstrap", "importlib._bootstrap_external"]
+POOLS = ("threading", "queue", "concurrent.futures._base", "concurrent.futures.process", "concurrent.futures.thread")
+IMPORTS = ("importlib._bootstrap", "importlib._bootstrap_external")
+PROCESSES = tuple(
+    f"multiprocessing.{name}"
+    for name in [
+        "context",
+        "process",
+        "popen_spawn_posix",
+        "spawn",
+        "util",
+        "synchronize",
+        "resource_tracker",
+        "connection",
+        "queues",
+    ]
+)
 SECONDS = 60  # a run takes 1-2 s: longer is a hang
 OUTPUTS = ("net_merged.prototxt", "net_merged.caffemodel")
 
 # (start, modules, events): the events counted from `start` in a run without the signal (measured:
-# ~950, ~70, 2,200-4,500, ~185,000); a point past the end is not reached, and the run must then
-# succeed.
+# ~950, ~4,300, ~70, 2,200-4,500, ~185,000); a point past the end is not reached, and the run must
+# then succeed.
 BATCH = ("_run_pool", POOLS, 1000)
+LIFE = ("start_workers", POOLS + PROCESSES, 4300)  # the pool's whole life: made, used, shut, freed
 SHUTDOWN = ("shutdown", POOLS, 70)  # the pool's, once every deployment is done
 MERGE = ("_merge", POOLS, 2200)
 LOADING = ("_main", IMPORTS, 185_000)  # from when the handlers are in place
+POINTS = {BATCH: 24, LIFE: 24, SHUTDOWN: 10, MERGE: 20, LOADING: 16}  # variants of each
 
 
 def _points(events: int, count: int) -> list[int]:
@@ -37,7 +53,10 @@ def _points(events: int, count: int) -> list[int]:
     return sorted({1 + int(events * (i * 0.6180339887 % 1)) for i in range(count)})
 
 
-def _run(args: list[str], folder: Path, where: tuple[str, list[str], int], index: int) -> tuple[int | None, str, bool]:
+Where = tuple[str, tuple[str, ...], int]
+
+
+def _run(args: list[str], folder: Path, where: Where, index: int) -> tuple[int | None, str, bool]:
     """Run merge-bn `args` in `folder` with the signal at the `index`-th event of `where`: exit code
     (None: not ended within SECONDS, then killed), stderr, whether the signal was delivered."""
     start, modules, _ = where
@@ -87,8 +106,8 @@ def expected(tmp_path_factory) -> dict[str, bytes]:
 
 @pytest.mark.parametrize(
     ("where", "index"),
-    [(BATCH, i) for i in _points(BATCH[2], 24)] + [(SHUTDOWN, i) for i in _points(SHUTDOWN[2], 10)],
-    ids=[f"run-{i}" for i in _points(BATCH[2], 24)] + [f"shutdown-{i}" for i in _points(SHUTDOWN[2], 10)],
+    [(where, i) for where in (BATCH, LIFE, SHUTDOWN) for i in _points(where[2], POINTS[where])],
+    ids=[f"{where[0]}-{i}" for where in (BATCH, LIFE, SHUTDOWN) for i in _points(where[2], POINTS[where])],
 )
 def test_batch_signal_inside_the_pool(where: tuple, index: int, tmp_path, expected) -> None:
     """`merge-bn batch --jobs 2`, the signal to the parent while it submits to and polls the
@@ -106,8 +125,8 @@ def test_batch_signal_inside_the_pool(where: tuple, index: int, tmp_path, expect
 
 @pytest.mark.parametrize(
     ("where", "index"),
-    [(MERGE, i) for i in _points(MERGE[2], 20)] + [(LOADING, i) for i in _points(LOADING[2], 16)],
-    ids=[f"merge-{i}" for i in _points(MERGE[2], 20)] + [f"loading-{i}" for i in _points(LOADING[2], 16)],
+    [(where, i) for where in (MERGE, LOADING) for i in _points(where[2], POINTS[where])],
+    ids=[f"{where[0]}-{i}" for where in (MERGE, LOADING) for i in _points(where[2], POINTS[where])],
 )
 def test_merge_signal_inside_threads_or_imports(where: tuple, index: int, tmp_path, expected) -> None:
     """`merge-bn`, the signal while it writes with its threads, or while a module loads."""

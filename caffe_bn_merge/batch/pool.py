@@ -379,13 +379,14 @@ def start_workers(jobs: int, settings: Settings) -> Workers:
     the termination signals blocked, held until their own handlers are in place (`_init_worker`):
     a signal while they load (to the process group) then ends them in one line, as later."""
     context = multiprocessing.get_context(START_METHOD)
-    _start_resource_tracker()
-    pool = Workers(jobs, context, opencv=settings.verify or settings.readiness.benchmark > 0)
     with ExitStack() as if_raised:
-        if_raised.push(pool)  # a signal raised here ends the workers started so far
-        with signals_blocked(), signals_held():  # blocked in the workers started now; held for submit
-            for _ in range(jobs):  # a pool that does not fork starts a process per task while none is idle
-                pool.submit(int)
+        with signals_held():  # a pool half made leaks semaphores and threads
+            _start_resource_tracker()
+            pool = Workers(jobs, context, opencv=settings.verify or settings.readiness.benchmark > 0)
+            if_raised.push(pool)  # a signal raised at the end of this block ends the workers started
+            with signals_blocked():  # and so in the workers started now
+                for _ in range(jobs):  # a pool that does not fork starts a process per task while none is idle
+                    pool.submit(int)
         if_raised.pop_all()
     return pool
 
@@ -483,23 +484,23 @@ def _ended(futures: Iterable[Future]) -> dict[Future, BaseException | None]:
 
 
 def _start_resource_tracker() -> None:
-    """Start multiprocessing's resource tracker with SIGHUP ignored, as it ignores SIGINT and
-    SIGTERM itself: a SIGHUP to the process group must not kill it (its restart forgets the
-    semaphores of the pool and prints tracebacks)."""
+    """Start multiprocessing's resource tracker with the termination signals blocked: it ignores
+    SIGINT and SIGTERM itself and unblocks only those, so a SIGHUP to the process group stays
+    pending there and does not kill it (its restart forgets the semaphores of the pool and prints
+    tracebacks). Blocked, not ignored, in this process: a SIGHUP meanwhile is delivered after."""
     from multiprocessing import resource_tracker
 
-    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # an ignored signal stays ignored across exec
-    try:
+    with signals_blocked():
         resource_tracker.ensure_running()
-    finally:
-        signal.signal(signal.SIGHUP, previous)
 
 
 def _end_workers() -> None:
-    """Send SIGTERM to every worker process still running and wait for it to end."""
-    workers = multiprocessing.active_children()
-    with signals_held():  # each one is sent its signal
+    """Send SIGTERM to every worker process still running and wait for it to end, with the
+    signals held back: a second signal leaves none running (one inside a long call of native
+    code ends when the call returns)."""
+    with signals_held():
+        workers = multiprocessing.active_children()
         for worker in workers:
             worker.terminate()
-    for worker in workers:
-        worker.join()
+        for worker in workers:
+            worker.join()

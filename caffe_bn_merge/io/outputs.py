@@ -290,15 +290,26 @@ class Interrupted(BaseException):
 
 
 _pending: int | None = None  # a signal held back, or whose Interrupted Python dropped: not raised yet
-_IMPORT_SYSTEM = ("importlib._bootstrap", "importlib._bootstrap_external")
+# Modules whose code runs at any moment (weakref callbacks, finalizers) and must finish: the import
+# system (its module locks) and multiprocessing's finalizers and resource tracker (a semaphore
+# unlinked but still registered, or the reverse: the tracker warns of it on stderr at the exit).
+_MUST_FINISH = frozenset(
+    {
+        "importlib._bootstrap",
+        "importlib._bootstrap_external",
+        "multiprocessing.util",
+        "multiprocessing.synchronize",
+        "multiprocessing.resource_tracker",
+    }
+)
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
     """`signals_raise`'s handler: raise Interrupted where the main thread is, unless it is within
-    `signals_held` or in the import system (whose module locks and weakref callbacks an exception
-    leaves held or drops): then the signal is noted and raised at the next check."""
+    `signals_held` or in one of `_MUST_FINISH`: then the signal is noted and raised at the next
+    check."""
     global _pending
-    if _HELD.depth or (frame is not None and frame.f_globals.get("__name__") in _IMPORT_SYSTEM):
+    if _HELD.depth or (frame is not None and frame.f_globals.get("__name__") in _MUST_FINISH):
         _pending = signum
         return
     raise Interrupted(signum)

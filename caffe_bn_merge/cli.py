@@ -6,6 +6,7 @@ further from the original than --tolerance.
 """
 
 import argparse
+import gc
 import logging
 import math
 import os
@@ -281,10 +282,15 @@ def run() -> None:
     rest (0-45 ms measured): every file written is closed by then, and the logs and standard streams
     are flushed first. atexit hooks do not run (a --layer-plugin's included). When a stream cannot
     be flushed (a closed pipe), Python's own exit reports it, as without this. A standard stream
-    closed when the command started (Python's None) writes to os.devnull."""
+    closed when the command started (Python's None) writes to os.devnull. After a failure or a
+    signal, what the error's traceback kept in reference cycles is collected first: a batch's
+    worker pool, whose semaphores multiprocessing's finalizers must unlink (else its resource
+    tracker warns of each on stderr)."""
     sys.stdout = sys.stdout or open(os.devnull, "w")  # noqa: SIM115 (open until the process ends)
     sys.stderr = sys.stderr or open(os.devnull, "w")  # noqa: SIM115
     code = main()
+    if code:
+        gc.collect()
     logging.shutdown()
     try:
         sys.stdout.flush()

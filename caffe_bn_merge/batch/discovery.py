@@ -254,13 +254,13 @@ def discover(root: Path, ignore: Iterable[Path] = ()) -> Discovery:
     return pair(walk(root, ignore))
 
 
-def walk(root: Path, ignore: Iterable[Path] = ()) -> Discovery:
+def walk(root: Path, ignore: Iterable[Path] = (), real: RealPaths | None = None) -> Discovery:
     """List `root` (recursively, not following folder links, skipping the folders in `ignore`,
     e.g. OUTDIR): the prototxts and caffemodels of each folder, reading no file. Never raises on
     what it finds: a folder it cannot list, and a .prototxt / .caffemodel it cannot reach (symlink
     loop, broken link), go to `unread`; one that is not a regular file (a FIFO...) to `notes`."""
     root = Path(root)
-    real = RealPaths()
+    real = real or RealPaths()
     ignored = {_resolved(Path(p), real) for p in ignore} - {None}
     found = Discovery(root)
 

@@ -54,12 +54,12 @@ def source_prefixes(roots: Sequence[Path]) -> list[str]:
     return prefixes
 
 
-def plan_discovered(discoveries: Sequence[Discovery], outdir: Path) -> list[WorkItem]:
+def plan_discovered(discoveries: Sequence[Discovery], outdir: Path, real: RealPaths | None = None) -> list[WorkItem]:
     """Work items for every caffemodel `walk` listed, mirroring each SRC tree under OUTDIR (prefixed
     by the SRC folder's name when there are several): `<folder>/<caffemodel stem>.{prototxt,caffemodel}`.
     A caffemodel found under several roots is kept once (first root). Sorted by key. Keys depend on
     paths alone: no prototxt is paired yet (`with_pairings` does that for the items kept)."""
-    items, seen, real = [], set(), RealPaths()
+    items, seen, real = [], set(), real or RealPaths()
     for found, prefix in zip(discoveries, source_prefixes([d.root for d in discoveries]), strict=True):
         for caffemodel in found.caffemodels:
             resolved = real.resolve(caffemodel)
@@ -104,12 +104,14 @@ def plan_manifest(entries: Sequence[ManifestEntry], manifest: Path, outdir: Path
     return sorted(items, key=lambda item: item.key)
 
 
-def check_outputs(items: Sequence[WorkItem], protected: Iterable[Path] = ()) -> set[tuple[object, ...]]:
+def check_outputs(
+    items: Sequence[WorkItem], protected: Iterable[Path] = (), real: RealPaths | None = None
+) -> set[tuple[object, ...]]:
     """Refuse (UsageError) two items writing the same file, and any output that is an input of
     an item or one of the `protected` source files (the same file by device and inode when it
     exists: hard links and bind mounts too), or that exists and is not a regular file; return the
     `file_key`s of those sources and of the outputs: what no other file of the run may be."""
-    real = RealPaths()
+    real = real or RealPaths()
     sources = {file_key(p, real) for p in protected}
     for item in items:
         sources.update(file_key(p, real) for p in (item.prototxt, item.caffemodel) if p is not None)
@@ -215,7 +217,7 @@ def build_work_list(
 ) -> WorkList:
     """Discover (or read the manifest), plan outputs and check them for the whole fleet; keep shard
     `part` (i, n) of it, if given, pairing only its caffemodels with their prototxts. Raises UsageError."""
-    outdir = Path(outdir)
+    outdir, real = Path(outdir), RealPaths()  # one for every path of the work list: each folder resolved once
     try:
         resolved_out = outdir.resolve()
     except RuntimeError:  # pathlib's "Symlink loop"
@@ -224,7 +226,7 @@ def build_work_list(
         if sources:
             raise UsageError("give SRC folders or --manifest, not both")
         every = plan_manifest(read_manifest(manifest), manifest, outdir)
-        taken = check_outputs(every, {Path(manifest).resolve()} | _inputs(every))
+        taken = check_outputs(every, {Path(manifest).resolve()} | _inputs(every, real), real)
         return WorkList(shard(every, *part) if part else every, [], total=len(every), taken=taken)
     if not sources:
         raise UsageError("no SRC folder given (or --manifest)")
@@ -234,18 +236,17 @@ def build_work_list(
         if Path(source).resolve() == resolved_out:
             raise UsageError(f"{source}: OUTDIR is a source folder; choose another --out")
     roots = list(dict.fromkeys(Path(s) for s in sources))
-    discoveries = [walk(root, ignore=[outdir]) for root in roots]
-    every = plan_discovered(discoveries, outdir)
+    discoveries = [walk(root, [outdir], real) for root in roots]
+    every = plan_discovered(discoveries, outdir, real)
     unread = [line for d in discoveries for line in d.unread]
     if not every:
         also = f" ({len(unread)} not read, e.g. {unread[0]})" if unread else ""
         raise UsageError(f"found no caffemodel under {', '.join(map(str, roots))}{also}")
-    taken = check_outputs(every, set().union(*(d.files for d in discoveries)))
+    taken = check_outputs(every, set().union(*(d.files for d in discoveries)), real)
     items = with_pairings(shard(every, *part) if part else every, discoveries)
     notes = [note for d in discoveries for note in d.notes]
     return WorkList(items, notes, unread, len(every), taken)
 
 
-def _inputs(items: Iterable[WorkItem]) -> set[Path]:
-    real = RealPaths()
+def _inputs(items: Iterable[WorkItem], real: RealPaths) -> set[Path]:
     return {real.resolve(p) for item in items for p in (item.prototxt, item.caffemodel) if p is not None}
